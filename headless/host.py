@@ -1,0 +1,295 @@
+"""Boot a ComfyUI host in this process, load the pack through the host's own custom-node
+loader, and execute API-format prompts with the host's executor.
+
+Two hosts are supported:
+  * an existing ComfyUI checkout (a folder with main.py, nodes.py, comfy/): what users run;
+  * the installable ComfyUI package (`pip install --no-deps comfyui==0.0.1`, module `comfy`),
+    which any fresh machine can have and the test suite uses.
+
+This module deliberately imports nothing from the pack: the pack is loaded by the host, exactly
+as ComfyUI loads it from `custom_nodes/`. It is used by `run.py` and by the tests.
+"""
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import uuid
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_FOLDER_NAME = "ComfyUI-MultiRef"
+log = logging.getLogger("multiref.headless")
+
+
+class HostError(RuntimeError):
+    """A host could not be booted or a prompt could not run; the message says what to do."""
+
+
+class ProgressPrinter:
+    """The executor's `server`: receives progress and execution events, prints a progress line."""
+
+    def __init__(self, stream=None, quiet=False):
+        self.client_id = str(uuid.uuid4())
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.receive_all_progress_notifications = True
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.events = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+        if self.quiet or not isinstance(data, dict):
+            return
+        if event == "executing" and data.get("node") is not None:
+            self.last_node_id = data["node"]
+            print(f"  running node {data['node']}", file=self.stream, flush=True)
+        elif event == "progress":
+            value, total = data.get("value", 0), data.get("max", 0) or 1
+            filled = int(20 * value / total)
+            print(f"\r    [{'#' * filled}{'.' * (20 - filled)}] {value}/{total}",
+                  end="\n" if value >= total else "", file=self.stream, flush=True)
+
+    def send_progress_text(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def _boot_argv(extra):
+    """The host parses sys.argv when imported: hand it only the options we mean."""
+    import torch
+    argv = [sys.argv[0] if sys.argv else "comfyui"]
+    if not torch.cuda.is_available():
+        argv.append("--cpu")
+    return argv + list(extra)
+
+
+class Host:
+    def __init__(self, kind, version, nodes, display_names, folder_paths, run_prompt):
+        self.kind = kind
+        self.version = version
+        self.nodes = nodes
+        self.display_names = display_names
+        self.folder_paths = folder_paths
+        self._run_prompt = run_prompt
+
+    def __repr__(self):
+        return f"<ComfyUI host: {self.kind} {self.version}>"
+
+    def execute(self, prompt, progress=None):
+        """Run an API-format prompt; returns {node_id: ui_output}. Raises HostError on failure."""
+        check_api_format(prompt)
+        missing = sorted({n.get("class_type") for n in prompt.values()} - set(self.nodes))
+        if missing:
+            raise HostError(
+                f"workflow uses node types this ComfyUI does not have: {', '.join(missing)}; "
+                "install the custom node packs that provide them (MultiRef nodes come from this "
+                "pack: check that it loaded without errors)")
+        return self._run_prompt(prompt, progress or ProgressPrinter(quiet=True))
+
+
+def check_api_format(prompt):
+    """A UI-format file (what the editor saves) has `nodes` and `links` lists; the executor
+    needs the API format: {id: {"class_type": ..., "inputs": {...}}}."""
+    if isinstance(prompt, dict) and "nodes" in prompt and "links" in prompt:
+        raise HostError("this is a UI-format workflow (editor save file); the headless runner "
+                        "needs the API format: in ComfyUI use 'Export (API)' / 'Save (API Format)' "
+                        "and pass that file, or use the *_api.json twin in workflows/")
+    if isinstance(prompt, dict) and "prompt" in prompt and isinstance(prompt["prompt"], dict):
+        raise HostError("this file wraps the workflow in a {'prompt': ...} request body; pass the "
+                        "inner API-format workflow (the value of 'prompt')")
+    if not isinstance(prompt, dict) or not prompt or not all(
+            isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+        raise HostError("not an API-format workflow: expected a JSON object mapping node ids to "
+                        "{'class_type': ..., 'inputs': {...}}")
+
+
+def _custom_nodes_dir(workdir):
+    """A custom_nodes folder holding only this pack (a link under its published folder name)."""
+    folder = os.path.join(workdir, "custom_nodes")
+    os.makedirs(folder, exist_ok=True)
+    link = os.path.join(folder, PACK_FOLDER_NAME)
+    if not os.path.exists(link):
+        os.symlink(PACK_ROOT, link, target_is_directory=True)
+    return folder
+
+
+def boot(comfyui_path=None, workdir=None, output_dir=None):
+    """Boot a host once per process. comfyui_path: a ComfyUI checkout, else the installed
+    package. workdir: where models/, input/ and output/ live (a temp folder by default)."""
+    global _BOOTED
+    if _BOOTED is not None:
+        return _BOOTED
+    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="multiref_host_"))
+    os.makedirs(workdir, exist_ok=True)
+    custom_nodes = _custom_nodes_dir(workdir)
+    # Our own folder must not be importable as top-level: the pack has a `nodes` package and
+    # ComfyUI has a top-level `nodes` module.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != PACK_ROOT]
+    if comfyui_path:
+        _BOOTED = _boot_checkout(os.path.abspath(comfyui_path), workdir, custom_nodes, output_dir)
+    else:
+        _BOOTED = _boot_installable(workdir, custom_nodes, output_dir)
+    return _BOOTED
+
+
+_BOOTED = None
+
+
+def _boot_installable(workdir, custom_nodes, output_dir):
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = _boot_argv(["--cwd", workdir])
+        os.chdir(workdir)
+        try:
+            import comfy.options
+        except ImportError as exc:
+            raise HostError("no ComfyUI found: pass --comfyui PATH (a ComfyUI checkout) or install "
+                            "the test host with `bash .ci/install-host.sh .venv`") from exc
+        comfy.options.enable_args_parsing()
+        from comfy.cmd import folder_paths
+        from comfy.cmd.execution import PromptExecutor, validate_prompt
+        from comfy.nodes.package import import_all_nodes_in_workspace
+        folder_paths.add_model_folder_path("custom_nodes", custom_nodes)
+        if output_dir:
+            folder_paths.set_output_directory(os.path.abspath(output_dir))
+        exported = import_all_nodes_in_workspace(vanilla_custom_nodes=True)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    import comfy.cmd.execution as execution
+
+    def run_prompt(prompt, progress):
+        valid, error, outputs, node_errors = validate_prompt(prompt)
+        if not valid:
+            raise HostError(_format_validation(error, node_errors))
+        executor = PromptExecutor(progress)
+        executor.execute(prompt, str(uuid.uuid4()), {"client_id": progress.client_id}, outputs)
+        if not executor.success:
+            raise HostError(_format_failure(executor.status_messages))
+        return executor.outputs_ui
+
+    # Node classes are looked up through the executor's own `nodes` module at run time.
+    assert execution.nodes is not None
+    return Host("installable comfyui", _dist_version("comfyui"), exported.NODE_CLASS_MAPPINGS,
+                exported.NODE_DISPLAY_NAME_MAPPINGS, folder_paths, run_prompt)
+
+
+def _boot_checkout(path, workdir, custom_nodes, output_dir):
+    if not os.path.isfile(os.path.join(path, "nodes.py")) or not os.path.isdir(
+            os.path.join(path, "comfy")):
+        raise HostError(f"--comfyui {path}: not a ComfyUI checkout (expected nodes.py and comfy/ "
+                        "inside); point it at the folder that holds ComfyUI's main.py")
+    sys.path.insert(0, path)
+    saved_argv = sys.argv
+    try:
+        sys.argv = _boot_argv(["--base-directory", workdir] if _accepts_base_dir(path) else [])
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import folder_paths
+        folder_paths.add_model_folder_path("custom_nodes", custom_nodes)
+        if output_dir:
+            folder_paths.set_output_directory(os.path.abspath(output_dir))
+        import execution
+        import nodes
+        result = nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False) \
+            if "init_api_nodes" in nodes.init_extra_nodes.__code__.co_varnames \
+            else nodes.init_extra_nodes(init_custom_nodes=True)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+    finally:
+        sys.argv = saved_argv
+    _install_progress_hook()
+
+    def run_prompt(prompt, progress):
+        prompt_id = str(uuid.uuid4())
+        checked = execution.validate_prompt(prompt_id, prompt, None) \
+            if execution.validate_prompt.__code__.co_argcount >= 3 else execution.validate_prompt(prompt)
+        if asyncio.iscoroutine(checked):
+            checked = asyncio.run(checked)
+        valid, error, outputs, node_errors = checked[:4]
+        if not valid:
+            raise HostError(_format_validation(error, node_errors))
+        executor = execution.PromptExecutor(progress)
+        _CURRENT_PROGRESS[0] = progress
+        executor.execute(prompt, prompt_id, {"client_id": progress.client_id}, outputs)
+        if not executor.success:
+            raise HostError(_format_failure(executor.status_messages))
+        return executor.history_result["outputs"] if hasattr(executor, "history_result") \
+            else executor.outputs_ui
+
+    version = "unknown"
+    try:
+        import comfyui_version
+        version = comfyui_version.__version__
+    except ImportError:
+        pass
+    return Host("ComfyUI checkout", version, nodes.NODE_CLASS_MAPPINGS,
+                nodes.NODE_DISPLAY_NAME_MAPPINGS, folder_paths, run_prompt)
+
+
+_CURRENT_PROGRESS = [None]
+
+
+def _install_progress_hook():
+    """Current ComfyUI reports ProgressBar updates through a global hook that its server sets."""
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if _CURRENT_PROGRESS[0] is not None:
+            _CURRENT_PROGRESS[0].send_sync("progress", {"value": value, "max": total})
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+
+
+def _accepts_base_dir(path):
+    with open(os.path.join(path, "comfy", "cli_args.py")) as f:
+        return "--base-directory" in f.read()
+
+
+def _dist_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# Where ComfyUI looks for the file that a loader input names.
+MODEL_INPUT_FOLDERS = {"ckpt_name": "models/checkpoints", "vae_name": "models/vae",
+                       "lora_name": "models/loras", "clip_name": "models/clip_vision or models/clip",
+                       "adapter_name": "models/multiref or models/ipadapter",
+                       "unet_name": "models/unet"}
+
+
+def _format_validation(error, node_errors):
+    lines = []
+    for node_id, info in (node_errors or {}).items():
+        for err in info.get("errors", []):
+            where = f"node {node_id} ({info.get('class_type')})"
+            extra = err.get("extra_info") or {}
+            name = extra.get("input_name")
+            if err.get("type") == "value_not_in_list" and name in MODEL_INPUT_FOLDERS:
+                lines.append(f"{where}: model file '{extra.get('received_value')}' for input "
+                             f"{name} is not installed; put it in {MODEL_INPUT_FOLDERS[name]} "
+                             "(see the README's model table) or pass --models DIR")
+            else:
+                lines.append(f"{where}: {err.get('details') or err.get('message')}")
+    if not lines:
+        lines.append(error.get("message", "invalid prompt") if isinstance(error, dict) else str(error))
+    return "; ".join(lines)
+
+
+def _format_failure(status_messages):
+    for event, data in status_messages:
+        if event == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                    f"{data.get('exception_type', '').split('.')[-1]}: "
+                    f"{str(data.get('exception_message', '')).strip()}")
+        if event == "execution_interrupted":
+            return f"interrupted at node {data.get('node_id')}"
+    return "the prompt did not run (no error was reported by the host)"

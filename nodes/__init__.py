@@ -1,0 +1,14 @@
+"""Node registration: every family module exports its own two mappings; they are merged here."""
+import logging
+
+from . import demo
+
+log = logging.getLogger("multiref")
+
+FAMILIES = (demo,)
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _family in FAMILIES:
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,60 @@
+"""Test session set-up: boot one ComfyUI host for the whole session and load the pack through
+the host's own custom-node loader.
+
+Host: the installable ComfyUI (comfyui==0.0.1) by default; a ComfyUI checkout when
+MULTIREF_TEST_HOST=checkout and COMFYUI_PATH points at it (see tests/test_current_host.py).
+After the boot, the pack is importable as `multiref` (the same module objects the host loaded).
+"""
+import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_headless_host():
+    spec = importlib.util.spec_from_file_location("multiref_headless_host",
+                                                  os.path.join(ROOT, "headless", "host.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+headless_host = _load_headless_host()
+_checkout = os.environ.get("COMFYUI_PATH") if os.environ.get("MULTIREF_TEST_HOST") == "checkout" else None
+HOST = headless_host.boot(comfyui_path=_checkout)
+_PACK = headless_host.PACK_FOLDER_NAME
+if _PACK not in sys.modules:
+    raise RuntimeError(f"the host did not load the pack; host: {HOST}")
+
+
+class _PackAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import multiref.x.y` gives the very module object the host loaded as
+    `<pack folder>.x.y` (importing it there first if needed), so tests never hold a second copy."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "multiref" or name.startswith("multiref."):
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(_PACK + spec.name[len("multiref"):])
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.insert(0, _PackAlias())
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {HOST.kind} {HOST.version}"
+
+
+@pytest.fixture(scope="session")
+def host():
+    return HOST

@@ -1,0 +1,187 @@
+"""Host-facing patch plumbing shared by routing, MSA and guidance.
+
+Three things every pack patch needs, kept here so they exist once:
+  * where the attention layers are (`attention_locations`) and how to put a replace on every one
+    of them without dropping a replace another node already put there (`set_attention_patch`);
+  * which batch row serves which guidance branch (`row_roles`): full (prompt + image condition),
+    image (negative text + image condition), uncond (no image condition), ref (reference rows);
+  * how to add rows to a UNet call and slice them off afterwards (`with_reference_rows`), so the
+    references of Masked Shared Attention ride in the same batched call as the target.
+Everything goes through a `model.clone()` and ComfyUI's classic ModelPatcher hooks.
+"""
+import torch
+
+import comfy.ldm.modules.attention as host_attention
+
+BRANCHES_KEY = "multiref_branches"
+ROLES_KEY = "multiref_roles"
+# The host's own CFG runs [positive, negative]: index 0 is the full branch, 1 the uncond one.
+DEFAULT_BRANCHES = ("full", "uncond")
+IMAGE_ROLES = frozenset({"full", "image"})
+ROLES = ("full", "image", "uncond", "ref")
+BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": ("output",),
+                "middle": ("middle",)}
+
+
+def attention_locations(model):
+    """Every transformer block of the UNet as ComfyUI's replace key
+    (block_name, block_id, index inside its SpatialTransformer), in execution order."""
+    unet = model.model.diffusion_model
+    groups = (("input", unet.input_blocks), ("middle", [unet.middle_block]),
+              ("output", unet.output_blocks))
+    locations = []
+    for block_name, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                for index, _ in enumerate(getattr(layer, "transformer_blocks", ())):
+                    locations.append((block_name, block_id, index))
+    if not locations:
+        raise ValueError("model: no transformer blocks found; MultiRef patches need a UNet with "
+                         "cross-attention (SD1.5 or SDXL family)")
+    return locations
+
+
+def host_attention_call(q, k, v, extra_options):
+    """Exactly what an unpatched attention layer computes with the host's attention kernel."""
+    return host_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                              attn_precision=extra_options.get("attn_precision"))
+
+
+def set_attention_patch(model, which, make_patch, blocks="all"):
+    """Put a replace on every `which` ("attn1" self-attention, "attn2" cross-attention) layer of
+    the clone `model`. make_patch(location, inner) returns fn(q, k, v, extra_options); `inner`
+    is what ran there before (another node's replace, or the host's attention), so patches
+    compose instead of overwriting each other."""
+    if which not in ("attn1", "attn2"):
+        raise ValueError(f"which must be 'attn1' or 'attn2', got {which!r}")
+    setter = {"attn1": model.set_model_attn1_replace, "attn2": model.set_model_attn2_replace}[which]
+    existing = model.model_options.get("transformer_options", {}).get(
+        "patches_replace", {}).get(which, {})
+    for location in attention_locations(model):
+        block_name, block_id, index = location
+        if block_name not in BLOCK_GROUPS[blocks]:
+            continue
+        # The host falls back from (name, id, index) to (name, id): honour both kinds of key.
+        inner = existing.get(location) or existing.get((block_name, block_id)) or host_attention_call
+        setter(make_patch(location, inner), block_name, block_id, index)
+
+
+def row_roles(extra_options, batch_size):
+    """One role per batch row of the current UNet call."""
+    roles = extra_options.get(ROLES_KEY)
+    if roles is None:
+        roles = roles_from_chunks(extra_options.get("cond_or_uncond"),
+                                  extra_options.get(BRANCHES_KEY, DEFAULT_BRANCHES), batch_size)
+    if len(roles) != batch_size:
+        raise RuntimeError(f"row roles ({len(roles)}) do not match the batch ({batch_size}); "
+                           "another node changed the batch inside the UNet call")
+    return roles
+
+
+def roles_from_chunks(cond_or_uncond, branches, batch_size):
+    """The host batches conds in chunks of equal size; cond_or_uncond holds each chunk's index
+    in the guider's cond list, and `branches` maps that index to a role."""
+    if not cond_or_uncond:
+        return ("full",) * batch_size
+    rows_per_chunk = batch_size // len(cond_or_uncond)
+    roles = []
+    for index in cond_or_uncond:
+        role = branches[index] if index < len(branches) else "uncond"
+        roles.extend([role] * rows_per_chunk)
+    return tuple(roles)
+
+
+def rows_with_role(roles, wanted):
+    """Indices of the rows whose role is in `wanted` (a set or a single role)."""
+    wanted = {wanted} if isinstance(wanted, str) else wanted
+    return [i for i, role in enumerate(roles) if role in wanted]
+
+
+def current_sigma(extra_options):
+    """The sigma of the current step (the host passes per-row sigmas as 'sigmas')."""
+    sigmas = extra_options.get("sigmas")
+    return None if sigmas is None else float(sigmas.reshape(-1)[0])
+
+
+def sigma_range(model, start_percent, end_percent):
+    """Sigma bounds of a start/end percent window (0 = first step, 1 = last)."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must "
+                         "satisfy 0 <= start <= end <= 1")
+    sampling = model.get_model_object("model_sampling")
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def in_sigma_range(sigma, bounds):
+    high, low = bounds
+    return sigma is None or low <= sigma <= high
+
+
+class ReferenceRowWrapper:
+    """A UNet function wrapper that tags every row with its role and lets row providers append
+    extra rows (reference rows) to the same call; the extra rows are sliced off the output.
+
+    A provider is provider(x, timestep, c, roles) -> None, or (x_extra, source_rows, tag): x_extra
+    (R, C, H, W) rows to add, source_rows the existing rows whose conditioning (text context,
+    adm vector, ...) each extra row reuses, and tag a name stored in transformer_options under
+    'multiref_rows' as {tag: (first_row, last_row_exclusive)} so patches can find them."""
+
+    def __init__(self, providers=(), previous=None):
+        self.providers = tuple(providers)
+        self.previous = previous
+
+    def with_provider(self, provider):
+        return ReferenceRowWrapper(self.providers + (provider,), self.previous)
+
+    def __call__(self, apply_model, args):
+        if self.previous is None:
+            return self._run(apply_model, args)
+        return self.previous(lambda input, timestep, **c: self._run(
+            apply_model, {"input": input, "timestep": timestep, "c": c,
+                          "cond_or_uncond": args["cond_or_uncond"]}), args)
+
+    def _run(self, apply_model, args):
+        x, timestep, c = args["input"], args["timestep"], dict(args["c"])
+        options = dict(c.get("transformer_options", {}))
+        batch = x.shape[0]
+        roles = roles_from_chunks(args["cond_or_uncond"],
+                                  options.get(BRANCHES_KEY, DEFAULT_BRANCHES), batch)
+        row_spans = {}
+        for provider in self.providers:
+            extra = provider(x, timestep, c, roles)
+            if extra is None:
+                continue
+            x_extra, source_rows, tag = extra
+            start = x.shape[0]
+            x = torch.cat([x, x_extra.to(x)], dim=0)
+            timestep = torch.cat([timestep, timestep[:1].expand(len(source_rows))], dim=0)
+            c = _extend_conditioning(c, source_rows, start)
+            roles = roles + ("ref",) * len(source_rows)
+            row_spans[tag] = (start, x.shape[0])
+        options[ROLES_KEY] = roles
+        options["multiref_rows"] = row_spans
+        c["transformer_options"] = options
+        return apply_model(x, timestep, **c)[:batch]
+
+
+def _extend_conditioning(c, source_rows, batch):
+    """Append, to every per-row conditioning tensor, copies of the source rows."""
+    index = torch.tensor(source_rows, dtype=torch.long)
+    extended = {}
+    for key, value in c.items():
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+            extended[key] = torch.cat([value, value[index.to(value.device)]], dim=0)
+        else:
+            extended[key] = value
+    return extended
+
+
+def add_row_provider(model, provider):
+    """Install (or extend) the pack's UNet wrapper on the clone `model`, keeping any wrapper
+    another node installed before."""
+    current = model.model_options.get("model_function_wrapper")
+    if isinstance(current, ReferenceRowWrapper):
+        wrapper = current.with_provider(provider)
+    else:
+        wrapper = ReferenceRowWrapper((provider,), previous=current)
+    model.set_model_unet_function_wrapper(wrapper)

@@ -1,0 +1,116 @@
+"""Masked Shared Attention (SynCD, DESIGN.md 3.3) with key compaction.
+
+A reading row attends to [its own tokens | the foreground tokens of every reference] of the same
+self-attention layer. The mask depends only on the key, so instead of a masked attention over
+all reference tokens (a bias of -inf on the background), the foreground keys/values are gathered
+once per layer call and one unmasked fused `scaled_dot_product_attention` runs over the shorter
+key sequence: the same softmax, at (1 + K x foreground fraction) x the cost of plain attention.
+Plain torch; no host import.
+"""
+import struct
+
+import torch
+import torch.nn.functional as F
+
+
+class MaskShapeError(ValueError):
+    """A mask cannot be placed on the grid it was given for; the message names the fix."""
+
+
+def layer_grid(tokens, height, width):
+    """(h, w) of the UNet level that has `tokens` positions, for a latent of height x width.
+    Every UNet level halves with a stride-2 convolution of padding 1, i.e. ceil(size / 2), so
+    odd sizes (any aspect ratio) are followed exactly, not assumed square."""
+    h, w = height, width
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != tokens:
+        raise MaskShapeError(f"{tokens} tokens are no UNet level of a {height}x{width} latent; "
+                             "the reference rows must have the target's latent size")
+    return h, w
+
+
+def resize_masks(masks, height, width):
+    """(R, H, W) masks (any dtype, 1 = foreground) -> (R, height * width) bool, nearest
+    resampling (a foreground token stays a whole token, as SynCD's per-layer downsampling)."""
+    if masks.ndim != 3:
+        raise MaskShapeError(f"masks must be (rows, height, width), got {tuple(masks.shape)}")
+    resized = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")
+    return resized[:, 0].flatten(1) > 0.5
+
+
+def foreground_index(fg):
+    """(R, N) bool foreground -> flat indices into the (R * N) reference tokens, reference after
+    reference. Computed once per mask and grid (it syncs the device), then reused every step."""
+    return fg.reshape(-1).nonzero().squeeze(1)
+
+
+def gather_foreground(x, index):
+    """(R, N, C) reference keys or values -> (M, C): the foreground tokens only."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
+def _split_heads(x, heads):
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def shared_attention(q, k, v, k_fg, v_fg, heads):
+    """Every row of q (B, N, C) attends to [its own k, v | k_fg, v_fg] with one unmasked fused
+    attention. k_fg, v_fg: (M, C) shared by all rows, or (B, M, C) one set per row."""
+    b, n, c = q.shape
+    if k_fg.ndim == 2:
+        k_fg, v_fg = k_fg.expand(b, -1, -1), v_fg.expand(b, -1, -1)
+    keys = torch.cat([k, k_fg.to(k.dtype)], dim=1)
+    values = torch.cat([v, v_fg.to(v.dtype)], dim=1)
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(keys, heads),
+                                         _split_heads(values, heads))
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def batch_shared_attention(q, k, v, fg, heads):
+    """The images of one batch share their foreground with each other (SynCD's consistent
+    multi-image generation): row i attends to [its own tokens | the foreground tokens of every
+    other row]. fg: (B, N) bool. Each row has its own key set, so rows run one by one."""
+    b = q.shape[0]
+    if b < 2:
+        return shared_attention(q, k, v, k[0, :0], v[0, :0], heads)
+    outs = []
+    for i in range(b):
+        others = [j for j in range(b) if j != i]
+        index = foreground_index(fg[others])
+        k_fg, v_fg = gather_foreground(k[others], index), gather_foreground(v[others], index)
+        outs.append(shared_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], k_fg, v_fg, heads))
+    return torch.cat(outs, dim=0)
+
+
+def blend(plain, shared, strength):
+    """Strength 0 returns the plain tensor itself (bit-identical), 1 the shared result; in
+    between a linear blend of the two attention outputs."""
+    if strength == 0.0:
+        return plain
+    if strength == 1.0:
+        return shared
+    return torch.lerp(plain, shared.to(plain.dtype), strength)
+
+
+def step_noise(shape, sigma, seed=0):
+    """Fresh noise for the reference latents at one step, reproducible: seeded by the step's
+    sigma, so every UNet call of the same step (the host may split cond and uncond into two
+    calls) re-noises the references identically and a rerun gives the same image."""
+    sigma_bits = struct.unpack("<q", struct.pack("<d", float(sigma)))[0]
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + sigma_bits) % (2 ** 63))
+    return torch.randn(shape, generator=generator)
+
+
+def fit_to_grid(latents, masks, height, width):
+    """Reference latents (V, C, h, w) and masks (V, h, w) brought to the target's latent grid, so
+    the reference rows can ride in the target's batch: latents bilinear (antialiased when
+    shrinking), masks nearest."""
+    if tuple(latents.shape[-2:]) == (height, width):
+        return latents, masks
+    latents = F.interpolate(latents.float(), size=(height, width), mode="bilinear",
+                            antialias=True, align_corners=False).to(latents.dtype)
+    if masks is not None:
+        masks = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0]
+    return latents, masks

@@ -1,0 +1,164 @@
+"""Weighted-merge object routing (MIP-Adapter), plain torch.
+
+In one cross-attention layer, with latent queries Q (B, L, heads*d) and references i = 1..N:
+  T      = the layer's text attention output (computed by the caller)
+  R_i(x) = mean over heads h and phrase tokens p of softmax_x(K_p . Q_x / sqrt(d))
+           (the softmax runs over the L spatial positions, not over tokens)
+  W_i(x) = R_i(x) / sum_j R_j(x)                                  mode "weighted"
+           (times sigmoid(T u)(x) / mean_x sigmoid(T u) when the adapter has text_to_weight u)
+  W_i(x) = reference i's region mask resized to the layer grid    mode "mask"
+  W_i(x) = 1                                                      mode "sum"
+  O_i    = softmax(Q K_ip,i^T / sqrt(d)) V_ip,i over reference i's own tokens only
+  out    = T + scale * sum_i w_i W_i(x) O_i       (w_i: per-reference weight, 0 when gated off)
+Shapes follow the real layer grid (H, W), never a square root of the token count.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("weighted", "mask", "sum")
+
+
+class RoutingInputError(ValueError):
+    """Routing inputs that cannot work together; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class PhraseKeys:
+    """The phrase tokens of every reference, projected by one layer's to_k.
+
+    keys: (P, heads*d) all references' phrase tokens, reference after reference.
+    average: (P, N) column i holds 1/P_i on reference i's tokens, 0 elsewhere (the token mean).
+    """
+    keys: torch.Tensor
+    average: torch.Tensor
+
+
+def phrase_keys(per_reference_keys):
+    """Stack the projected phrase tokens of each reference ((P_i, heads*d) each, P_i >= 1)."""
+    counts = [k.shape[0] for k in per_reference_keys]
+    if min(counts) < 1:
+        raise RoutingInputError("phrase: a reference has no phrase tokens; give every reference "
+                                "a phrase that names its object")
+    keys = torch.cat(list(per_reference_keys), dim=0)
+    average = torch.zeros(keys.shape[0], len(counts), dtype=torch.float32, device=keys.device)
+    start = 0
+    for i, count in enumerate(counts):
+        average[start:start + count, i] = 1.0 / count
+        start += count
+    return PhraseKeys(keys, average)
+
+
+def split_heads(x, heads):
+    """(B, L, heads*d) -> (B, heads, L, d)."""
+    b, length, width = x.shape
+    return x.view(b, length, heads, width // heads).transpose(1, 2)
+
+
+def relevance_maps(q, phrases, heads):
+    """R (B, L, N) float32: each reference's relevance at each position (sums to 1 over L)."""
+    qh = split_heads(q, heads)
+    kh = phrases.keys.to(q).view(-1, heads, q.shape[-1] // heads).transpose(0, 1)  # (heads, P, d)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(qh.shape[-1]))
+    spatial = torch.softmax(scores, dim=2, dtype=torch.float32)  # over positions: (B, heads, L, P)
+    return torch.matmul(spatial.mean(dim=1), phrases.average.to(spatial.device))
+
+
+def normalize_across_references(relevance):
+    """W_i(x) = R_i(x) / sum_j R_j(x)."""
+    # A position where every map underflowed gets no reference instead of 0/0.
+    total = relevance.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(relevance.dtype).tiny)
+    return relevance / total
+
+
+def text_modulation(text_out, text_to_weight):
+    """MIP's learned gate: sigmoid(T u) divided by its mean over positions, (B, L, 1).
+    text_to_weight: the (1, heads*d) weight of the layer's text_to_weight projection."""
+    gate = torch.sigmoid(F.linear(text_out, text_to_weight.to(text_out)))
+    return gate / gate.mean(dim=1, keepdim=True)
+
+
+def layer_grid(latent_hw, tokens):
+    """The (H, W) grid of a layer with `tokens` positions inside a latent of size latent_hw:
+    each UNet level halves both sides, rounding up (stride-2 convolution with padding 1)."""
+    height, width = latent_hw
+    while height * width > tokens:
+        height, width = (height + 1) // 2, (width + 1) // 2
+    if height * width != tokens:
+        raise RoutingInputError(f"latent {tuple(latent_hw)}: no UNet level has {tokens} positions; "
+                                "the latent size is not one the model's downsampling produces")
+    return height, width
+
+
+def region_weights(masks, grid):
+    """The user's region masks (N, h, w) resized to the layer grid: (L, N), 0 = off, 1 = full.
+    Area resizing: a cell gets the covered fraction, so all-zero and all-one masks stay exact."""
+    resized = F.interpolate(masks[:, None].float(), size=grid, mode="area")
+    return resized[:, 0].flatten(1).transpose(0, 1)
+
+
+def merged_reference_attention(q, ip_keys, ip_values, heads, position_weights, token_counts=None):
+    """sum_i position_weights[..., i] * softmax(Q K_i^T / sqrt(d)) V_i, in one pass over all
+    references: scores of every reference's tokens in one matmul, a softmax inside each
+    reference's own tokens, the weights folded in before the single value matmul.
+
+    q: (B, L, heads*d); ip_keys, ip_values: (B, N, n, heads*d), reference i's real tokens first
+    (token_counts[i] of them, the rest padding; None = all n are real); position_weights:
+    broadcastable to (B, L, N), or None (= all ones). Returns (B, L, heads*d)."""
+    b, n_refs, n_tokens, width = ip_keys.shape
+    qh = split_heads(q, heads)
+    kh = split_heads(ip_keys.reshape(b, n_refs * n_tokens, width), heads)
+    vh = split_heads(ip_values.reshape(b, n_refs * n_tokens, width), heads)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(qh.shape[-1]))
+    scores = scores.view(b, heads, q.shape[1], n_refs, n_tokens)
+    if token_counts is not None and min(token_counts) < n_tokens:
+        padding = torch.arange(n_tokens, device=q.device)[None] >= torch.tensor(
+            token_counts, device=q.device)[:, None]
+        scores = scores.masked_fill(padding, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if position_weights is not None:
+        weights = position_weights.to(probs.dtype)
+        weights = weights.reshape((1,) * (3 - weights.ndim) + tuple(weights.shape))
+        probs = probs * weights[:, None, :, :, None]
+    out = torch.matmul(probs.view(b, heads, q.shape[1], n_refs * n_tokens), vh)
+    return out.transpose(1, 2).reshape(b, q.shape[1], width)
+
+
+def routing_weights(mode, q, heads, text_out=None, phrases=None, masks=None, grid=None,
+                    text_to_weight=None, keep_grad=False):
+    """W broadcastable to (B, L, N) (None = all ones) before the per-reference weights, and the
+    map to show a user (what each reference gets at each position, without the learned gate)."""
+    if mode == "sum":
+        return None, None
+    if mode == "mask":
+        weights = region_weights(masks.to(q.device), grid)
+        return weights, weights
+    if mode != "weighted":
+        raise RoutingInputError(f"mode: unknown routing mode {mode!r}; use one of {MODES}")
+    with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
+        weights = normalize_across_references(relevance_maps(q, phrases, heads))
+    if not keep_grad:
+        weights = weights.detach()
+    shown = weights
+    if text_to_weight is not None:
+        weights = weights * text_modulation(text_out, text_to_weight).float()
+    return weights, shown
+
+
+def routed_cross_attention(q, text_out, heads, ip_keys, ip_values, reference_weights, scale,
+                           mode, phrases=None, masks=None, grid=None, text_to_weight=None,
+                           token_counts=None, keep_grad=False):
+    """out = T + scale * sum_i w_i W_i(x) O_i for every row of q; returns (out, shown map).
+
+    reference_weights: (N,) per-reference weights w_i (0 = reference off at this step).
+    phrases: PhraseKeys (mode weighted); masks: (N, h, w) region masks (mode mask); grid: the
+    layer's (H, W) (mode mask); text_to_weight: (1, heads*d) or None; keep_grad: let gradients
+    flow through the relevance maps (training asks; they are detached otherwise)."""
+    weights, shown = routing_weights(mode, q, heads, text_out, phrases, masks, grid,
+                                     text_to_weight, keep_grad)
+    w = reference_weights.to(device=q.device, dtype=torch.float32)
+    weights = w if weights is None else weights * w
+    merged = merged_reference_attention(q, ip_keys, ip_values, heads, weights, token_counts)
+    return text_out + scale * merged, shown

@@ -1,0 +1,368 @@
+"""IP-Adapter modules in the published h94 layout, and the loaded-adapter object the pack passes
+around (ComfyUI type MULTIREF_ADAPTER). Plain torch, no ComfyUI import.
+
+Module names mirror the published state-dict keys, so `state_dict()` of these modules gives the
+published names (`image_proj.latents`, `image_proj.layers.0.0.to_q.weight`, ...).
+"""
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Every published Plus Resampler uses 64-wide heads (SD1.5: 12 heads of 768; SDXL: 20 of 1280);
+# the head count is not stored in the files, so it is derived from this.
+RESAMPLER_DIM_HEAD = 64
+PLUS_INPUT = "penultimate_hidden_states"  # CLIP vision output a Plus adapter reads
+BASE_INPUT = "image_embeds"  # CLIP vision output a base adapter reads
+
+
+class AdapterMismatchError(ValueError):
+    """Two parts do not fit (adapter vs CLIP vision vs base model); names both sides."""
+
+
+class PerceiverAttention(nn.Module):
+    """Latent queries attend to [image features | latents] (IP-Adapter Plus layout)."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm1 = nn.LayerNorm(dim)  # image features
+        self.norm2 = nn.LayerNorm(dim)  # latents
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, features, latents):
+        x, lat = self.norm1(features), self.norm2(latents)
+        q = self.to_q(lat)
+        k, v = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)
+        b = q.shape[0]
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2)
+                   for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head))
+
+
+def feed_forward(dim, mult):
+    # Sequential indices 0, 1, 3 are the published key names `layers.{i}.1.{0,1,3}`.
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter Plus image projection: learned queries read CLIP penultimate hidden states.
+
+    Published configs: SD1.5 dim 768, 12 heads, output 768; SDXL dim 1280, 20 heads, output 2048;
+    both depth 4, 16 queries, input 1280 (CLIP ViT-H), ff_mult 4.
+    """
+    clip_input = PLUS_INPUT
+
+    def __init__(self, dim, depth, heads, num_queries, embedding_dim, output_dim, ff_mult=4,
+                 dim_head=RESAMPLER_DIM_HEAD):
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(1, num_queries, dim))
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
+            for _ in range(depth))
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Build from published keys (without the `image_proj.` prefix); dims read from shapes."""
+        depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+        dim = sd["latents"].shape[2]
+        inner = sd["layers.0.0.to_q.weight"].shape[0]
+        module = cls(dim=dim, depth=depth, heads=inner // RESAMPLER_DIM_HEAD,
+                     num_queries=sd["latents"].shape[1], embedding_dim=sd["proj_in.weight"].shape[1],
+                     output_dim=sd["proj_out.weight"].shape[0],
+                     ff_mult=sd["layers.0.1.1.weight"].shape[0] // dim)
+        module.to(sd["latents"].dtype).load_state_dict(sd)
+        return module
+
+    @property
+    def input_width(self):
+        return self.proj_in.in_features
+
+    @property
+    def output_dim(self):
+        return self.proj_out.out_features
+
+    @property
+    def tokens(self):
+        return self.latents.shape[1]
+
+    def forward(self, features):
+        latents = self.latents.expand(features.shape[0], -1, -1)
+        x = self.proj_in(features)
+        for attention, ff in self.layers:
+            latents = attention(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+class LinearProjection(nn.Module):
+    """Base IP-Adapter image projection: CLIP image_embeds -> T tokens (4 published)."""
+    clip_input = BASE_INPUT
+
+    def __init__(self, embedding_dim, output_dim, tokens=4):
+        super().__init__()
+        self.proj = nn.Linear(embedding_dim, tokens * output_dim)
+        self.norm = nn.LayerNorm(output_dim)
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        output_dim = sd["norm.weight"].shape[0]
+        module = cls(sd["proj.weight"].shape[1], output_dim, sd["proj.weight"].shape[0] // output_dim)
+        module.to(sd["proj.weight"].dtype).load_state_dict(sd)
+        return module
+
+    @property
+    def input_width(self):
+        return self.proj.in_features
+
+    @property
+    def output_dim(self):
+        return self.norm.normalized_shape[0]
+
+    @property
+    def tokens(self):
+        return self.proj.out_features // self.output_dim
+
+    def forward(self, embeds):
+        return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, self.output_dim))
+
+
+def image_projection_from_state_dict(sd):
+    """`sd` without the `image_proj.` prefix; the layout says which projection it is."""
+    return (Resampler if "latents" in sd else LinearProjection).from_state_dict(sd)
+
+
+class LoRAPair(nn.Module):
+    """A low-rank update of one projection: delta(x) = up(down(x)) * alpha / rank."""
+
+    def __init__(self, in_features, out_features, rank, alpha):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        self.alpha = float(alpha)
+
+    @property
+    def scale(self):
+        return self.alpha / self.down.out_features
+
+    def forward(self, x):
+        return self.up(self.down(x)) * self.scale
+
+
+SELF_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+
+
+class AdapterLayer(nn.Module):
+    """What one transformer block's cross-attention gets from the adapter.
+
+    to_k_ip, to_v_ip: Linear(C_ctx -> inner, no bias), project image tokens to keys / values.
+    text_to_weight: Linear(inner -> 1, no bias) of MIP-Adapter (routing gate on the text-attention
+        output before to_out), or None.
+    self_attn_lora: ModuleDict {to_q, to_k, to_v, to_out: LoRAPair} on the same block's
+        self-attention (SynCD), or None.
+    """
+
+    def __init__(self, to_k_ip, to_v_ip, text_to_weight=None, self_attn_lora=None):
+        super().__init__()
+        self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
+        self.text_to_weight = text_to_weight
+        self.self_attn_lora = self_attn_lora
+
+    @property
+    def context_dim(self):
+        return self.to_k_ip.in_features
+
+    @property
+    def inner_dim(self):
+        return self.to_k_ip.out_features
+
+
+def linear_from_weight(weight):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def fingerprint_of(named_tensors):
+    """Identifies a set of weights: names, shapes and a sample of each tensor's values (a digest
+    of every byte would cost seconds on a 1 GB file for no practical gain)."""
+    digest = hashlib.sha256()
+    for name in sorted(named_tensors):
+        t = named_tensors[name].detach()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A loaded adapter (ComfyUI type MULTIREF_ADAPTER). Treat it as immutable: patches read it.
+
+    kind: "ip_adapter" | "ip_adapter_plus" | "mip_adapter" | "mip_adapter_plus" | "syncd" |
+        "multiref" (trained by this pack), as detected from the keys or the pack's metadata.
+    family: base model family, "sd15" or "sdxl".
+    image_proj: Resampler (Plus: 16 tokens from CLIP penultimate hidden states) or
+        LinearProjection (base: 4 tokens from CLIP image_embeds).
+    layers: AdapterLayer per cross-attention layer, in the published order (diffusers attention
+        order: down blocks, up blocks, mid block); published key `ip_adapter.{2*i+1}` is layers[i].
+    locations: the ComfyUI attention location (block_name, block_id, transformer_index) of each
+        layer, same order; None until `bind` matched the adapter to a UNet.
+    source: the file it came from (for messages).
+    fingerprint: identifies the weights; encoded references carry it.
+    Weights keep the file's dtype (often fp16) on the CPU; callers cast them to their inputs'
+    device and dtype when they use them.
+    """
+    kind: str
+    family: str
+    image_proj: nn.Module
+    layers: tuple
+    source: str = ""
+    locations: Optional[tuple] = None
+    fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", fingerprint_of(self.state_dict()))
+
+    # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def tokens(self):
+        """Image tokens per view (16 Plus, 4 base)."""
+        return self.image_proj.tokens
+
+    @property
+    def context_dim(self):
+        """Width of the image tokens = the UNet's cross-attention context width it was made for."""
+        return self.image_proj.output_dim
+
+    @property
+    def clip_input(self):
+        """Which CLIP vision output it reads: 'penultimate_hidden_states' or 'image_embeds'."""
+        return self.image_proj.clip_input
+
+    @property
+    def clip_width(self):
+        return self.image_proj.input_width
+
+    @property
+    def has_text_to_weight(self):
+        return all(layer.text_to_weight is not None for layer in self.layers)
+
+    @property
+    def has_self_attn_lora(self):
+        return any(layer.self_attn_lora is not None for layer in self.layers)
+
+    def describe(self):
+        return (f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} "
+                f"layers, {self.tokens} tokens of width {self.context_dim})")
+
+    # -- use ------------------------------------------------------------------------------------
+    def project(self, clip_vision_output):
+        """CLIP vision output (a mapping with the host's keys) -> (B, T, C_ctx) image tokens."""
+        features = clip_vision_output[self.clip_input]
+        if features.shape[-1] != self.clip_width:
+            raise AdapterMismatchError(
+                f"CLIP vision gives {self.clip_input} of width {features.shape[-1]} but "
+                f"{self.describe()} expects width {self.clip_width}; load the CLIP vision model "
+                f"this adapter was trained with: {clip_model_hint(self.clip_input, self.clip_width)}")
+        param = next(self.image_proj.parameters())
+        with torch.no_grad():
+            return self.image_proj(features.to(param.device, param.dtype))
+
+    def bind(self, unet_locations, attention_dims=None):
+        """A copy whose layers are tied to a UNet's attention locations.
+
+        unet_locations: the UNet's transformer-block locations (any order). attention_dims:
+        optional {location: (context_dim, inner_dim)} of each block's cross-attention, checked
+        against the adapter before anything runs.
+        """
+        from .checkpoints import published_order
+        ordered = tuple(published_order(unet_locations))
+        if len(ordered) != len(self.layers):
+            raise AdapterMismatchError(
+                f"{self.describe()} has {len(self.layers)} cross-attention layers but the model "
+                f"has {len(ordered)}; use an adapter made for this base model")
+        for index, location in enumerate(ordered if attention_dims else ()):
+            context_dim, inner_dim = attention_dims[location]
+            layer = self.layers[index]
+            if (context_dim, inner_dim) != (layer.context_dim, layer.inner_dim):
+                raise AdapterMismatchError(
+                    f"layer ip_adapter.{2 * index + 1} of {self.describe()} maps context "
+                    f"{layer.context_dim} -> {layer.inner_dim} but the model's cross-attention at "
+                    f"{location} maps {context_dim} -> {inner_dim}; use an adapter made for this "
+                    "base model")
+        return replace(self, locations=ordered)
+
+    def layer(self, location):
+        """The AdapterLayer at a ComfyUI attention location (needs `bind` first)."""
+        if self.locations is None:
+            raise RuntimeError("LoadedAdapter.layer: bind the adapter to a model first "
+                               "(adapter.bind(locations))")
+        try:
+            return self.layers[self.locations.index(tuple(location))]
+        except ValueError:
+            raise KeyError(f"{self.describe()} has no layer at {location}") from None
+
+    def state_dict(self):
+        """Flat tensors under the published names (plus `self_attn_lora.{2*i}.*` for LoRA)."""
+        out = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
+        for i, layer in enumerate(self.layers):
+            number = 2 * i + 1
+            out[f"ip_adapter.{number}.to_k_ip.weight"] = layer.to_k_ip.weight
+            out[f"ip_adapter.{number}.to_v_ip.weight"] = layer.to_v_ip.weight
+            if layer.text_to_weight is not None:
+                out[f"ip_adapter.{number}.text_to_weight.weight"] = layer.text_to_weight.weight
+            for name, pair in (layer.self_attn_lora or {}).items():
+                out[f"self_attn_lora.{number - 1}.{name}.down.weight"] = pair.down.weight
+                out[f"self_attn_lora.{number - 1}.{name}.up.weight"] = pair.up.weight
+        return out
+
+    def lora_alpha(self):
+        alphas = {pair.alpha for layer in self.layers for pair in (layer.self_attn_lora or {}).values()}
+        return alphas.pop() if len(alphas) == 1 else None
+
+
+def clip_model_hint(clip_input, width):
+    known = {(PLUS_INPUT, 1280): "CLIP ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
+             (BASE_INPUT, 1024): "CLIP ViT-H/14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
+             (BASE_INPUT, 1280): "CLIP ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)"}
+    return known.get((clip_input, width), f"one whose {clip_input} are {width} wide")
+
+
+def build_adapter(kind, family, tensors, source="", lora_alpha=None):
+    """A LoadedAdapter from flat tensors under the names `state_dict()` writes."""
+    proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
+    count = len([k for k in tensors if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")])
+    layers = []
+    for i in range(count):
+        number = 2 * i + 1
+        gate = tensors.get(f"ip_adapter.{number}.text_to_weight.weight")
+        lora = None
+        if f"self_attn_lora.{number - 1}.to_q.down.weight" in tensors:
+            lora = nn.ModuleDict()
+            for name in SELF_ATTENTION_PROJECTIONS:
+                down = tensors[f"self_attn_lora.{number - 1}.{name}.down.weight"]
+                up = tensors[f"self_attn_lora.{number - 1}.{name}.up.weight"]
+                pair = LoRAPair(down.shape[1], up.shape[0], down.shape[0],
+                                down.shape[0] if lora_alpha is None else lora_alpha).to(down.dtype)
+                with torch.no_grad():
+                    pair.down.weight.copy_(down)
+                    pair.up.weight.copy_(up)
+                lora[name] = pair
+        layers.append(AdapterLayer(linear_from_weight(tensors[f"ip_adapter.{number}.to_k_ip.weight"]),
+                                   linear_from_weight(tensors[f"ip_adapter.{number}.to_v_ip.weight"]),
+                                   None if gate is None else linear_from_weight(gate), lora))
+    return LoadedAdapter(kind=kind, family=family, image_proj=image_projection_from_state_dict(proj),
+                         layers=tuple(layers), source=source)

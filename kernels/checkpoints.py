@@ -1,0 +1,317 @@
+"""Adapter checkpoint files: read them safely, detect the layout by keys, convert every supported
+layout to one set of tensor names, map the published layer numbering to ComfyUI attention
+locations, and write/read the pack's own safetensors format. Plain torch, no ComfyUI import.
+
+Canonical names (those of the h94 IP-Adapter files, plus LoRA):
+  image_proj.*                               image projection (Resampler or linear)
+  ip_adapter.{2i+1}.to_k_ip.weight / to_v_ip.weight / text_to_weight.weight (MIP only)
+  self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight   (SynCD / trained by the pack)
+i = index of the cross-attention layer in diffusers attention order: down blocks, up blocks, mid
+block (the order of `UNet2DConditionModel.attn_processors`, in which attn1 of block i is 2i and
+attn2 is 2i+1: hence the odd published numbers).
+"""
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .adapter import build_adapter
+
+PACK_FORMAT = "multiref-adapter"
+PACK_FORMAT_VERSION = "1"
+# Cross-attention context width -> base family. 16 / 48: the pack's tiny demo models
+# (nodes/tiny_models.py), so a machine without downloads can run the whole path.
+FAMILY_BY_CONTEXT_DIM = {768: "sd15", 2048: "sdxl", 16: "sd15", 48: "sdxl"}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+ADAPTER_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+# Where the published files come from (for "missing file" messages).
+DOWNLOADS = (
+    "h94/IP-Adapter (huggingface.co/h94/IP-Adapter): models/ip-adapter_sd15.bin, "
+    "models/ip-adapter-plus_sd15.bin, sdxl_models/ip-adapter_sdxl_vit-h.bin, "
+    "sdxl_models/ip-adapter-plus_sdxl_vit-h.bin (or their .safetensors)",
+    "MIP-Adapter (huggingface.co/hqhQAQ/MIP-Adapter): model_sdxl.bin, model_sdxl_plus.bin",
+    "SynCD (www.cs.cmu.edu/~syncd-project/assets/sdxl_finetuned_20k.ckpt): sdxl_finetuned_20k.ckpt",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer numbering <-> ComfyUI attention locations
+
+SECTION_ORDER = {"input": 0, "output": 1, "middle": 2}  # diffusers: down, up, mid
+
+
+def published_order(locations):
+    """ComfyUI locations (block_name, block_id, transformer_index) sorted into the published
+    layer order: input blocks (= diffusers down blocks), output blocks (= up), middle (= mid)."""
+    return sorted((tuple(loc) for loc in locations),
+                  key=lambda loc: (SECTION_ORDER[loc[0]], loc[1], loc[2]))
+
+
+def unet_transformer_blocks(diffusion_model):
+    """[(location, transformer_block)] of a ComfyUI UNetModel, in execution order (input,
+    middle, output), found by walking its structure: each SpatialTransformer's blocks."""
+    sections = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+                ("output", diffusion_model.output_blocks))
+    found = []
+    for section, blocks in sections:
+        for block_id, block in enumerate(blocks):
+            for layer in block:
+                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                    found.append(((section, block_id, index), transformer))
+    return found
+
+
+def cross_attention_dims(diffusion_model):
+    """{location: (context_dim, inner_dim)} of every cross-attention (attn2) of a UNet."""
+    return {loc: (block.attn2.to_k.in_features, block.attn2.to_k.out_features)
+            for loc, block in unet_transformer_blocks(diffusion_model)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+def read_checkpoint(path):
+    """(flat {name: tensor}, metadata dict) of a .safetensors or pickled file. Pickles load only
+    with torch.load(weights_only=True): a file that needs to run code is refused."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"adapter file {path} does not exist")
+    if path.lower().endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(path), metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(
+            f"refused to load {name}: it is a pickle that needs more than plain tensors and "
+            f"dicts to load ({str(exc).splitlines()[0][:200]}); pickles can run arbitrary code, so "
+            "only weights-only pickles are read. Use a .safetensors version of the file, or "
+            "convert it where you trust it") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a Lightning checkpoint: the module's weights are in here
+    return flatten(obj), {}
+
+
+def flatten(obj, prefix=""):
+    """Nested dicts of tensors -> {"a.b.c": tensor}; anything that is not a tensor is skipped."""
+    out = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout detection
+
+_PLUS_PROJ = ("image_proj.latents", "image_proj.proj_in.weight", "image_proj.proj_out.weight",
+              "image_proj.norm_out.weight", "image_proj.layers.{L}.0.norm1.weight",
+              "image_proj.layers.{L}.0.norm2.weight", "image_proj.layers.{L}.0.to_q.weight",
+              "image_proj.layers.{L}.0.to_kv.weight", "image_proj.layers.{L}.0.to_out.weight",
+              "image_proj.layers.{L}.1.0.weight", "image_proj.layers.{L}.1.1.weight",
+              "image_proj.layers.{L}.1.3.weight")
+_BASE_PROJ = ("image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight",
+              "image_proj.norm.bias")
+_IP = ("ip_adapter.{N}.to_k_ip.weight", "ip_adapter.{N}.to_v_ip.weight")
+_MIP = ("ip_adapter.{N}.text_to_weight.weight",)
+_SYNCD_BLOCK = "unet.{BLOCK}.attentions.{N}.transformer_blocks.{N}."
+_SYNCD_PROJ = "unet.encoder_hid_proj.image_projection_layers.0."
+_SYNCD = (_SYNCD_BLOCK + "attn2.processor.attn_op.to_k_ip.0.weight",
+          _SYNCD_BLOCK + "attn2.processor.attn_op.to_v_ip.0.weight",
+          _SYNCD_BLOCK + "attn1.to_q.lora_A.default.weight",
+          _SYNCD_BLOCK + "attn1.to_q.lora_B.default.weight",
+          _SYNCD_PROJ + "latents", _SYNCD_PROJ + "proj_in.weight",
+          _SYNCD_PROJ + "layers.{L}.attn.to_k.weight")
+
+LAYOUTS = {  # kind -> key patterns that must all be present
+    "ip_adapter": _BASE_PROJ + _IP,
+    "ip_adapter_plus": _PLUS_PROJ + _IP,
+    "mip_adapter": _BASE_PROJ + _IP + _MIP,
+    "mip_adapter_plus": _PLUS_PROJ + _IP + _MIP,
+    "syncd": _SYNCD,
+}
+
+
+def _pattern_regex(pattern):
+    regex = re.escape(pattern).replace(r"\{N\}", r"\d+").replace(r"\{L\}", r"\d+")
+    return re.compile("^" + regex.replace(r"\{BLOCK\}", r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)") + "$")
+
+
+def _matched(pattern, keys):
+    regex = _pattern_regex(pattern)
+    return any(regex.match(k) for k in keys)
+
+
+def detect_layout(keys, source="checkpoint"):
+    """The kind whose key patterns are all present (the most specific one); otherwise a
+    CheckpointError naming the closest layout and the patterns it misses."""
+    keys = list(keys)
+    scores = {}
+    for kind, patterns in LAYOUTS.items():
+        missing = [p for p in patterns if not _matched(p, keys)]
+        scores[kind] = (1 - len(missing) / len(patterns), len(patterns), missing)
+    complete = [kind for kind, (score, _, _) in scores.items() if score == 1]
+    if complete:
+        return max(complete, key=lambda kind: scores[kind][1])
+    closest = max(scores, key=lambda kind: scores[kind][:2])
+    sample = ", ".join(sorted(keys)[:5]) or "no tensors at all"
+    raise CheckpointError(
+        f"{source}: unknown key layout (first keys: {sample}). Closest known layout: {closest}, "
+        f"which also needs keys like: {', '.join(scores[closest][2][:4])}. Supported: h94 "
+        "IP-Adapter base/Plus (SD1.5, SDXL), MIP-Adapter, SynCD sdxl_finetuned_20k.ckpt, and files "
+        "saved by this pack")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion to canonical names
+
+_SYNCD_KEY = re.compile(r"^unet\.(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)"
+                        r"\.transformer_blocks\.(\d+)\.(.+)$")
+_SYNCD_LORA = re.compile(r"^attn1\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.default\.weight$")
+_SYNCD_IP = re.compile(r"^attn2\.processor\.attn_op\.(to_k_ip|to_v_ip)\.0\.weight$")
+
+
+def _syncd_block_order(match):
+    down, up = match.group(2), match.group(3)
+    section = (0, int(down)) if down is not None else (1, int(up)) if up is not None else (2, 0)
+    return section + (int(match.group(4)), int(match.group(5)))
+
+
+def _diffusers_resampler_to_published(sd):
+    """diffusers IPAdapterPlusImageProjection names -> published Resampler names."""
+    out = {}
+    renames = (("ln0.", "0.norm1."), ("ln1.", "0.norm2."), ("attn.to_q.", "0.to_q."),
+               ("attn.to_out.0.", "0.to_out."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
+               ("ff.1.net.2.", "1.3."))
+    for key, value in sd.items():
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest.startswith("attn.to_k."):
+            suffix = rest[len("attn.to_k."):]
+            out[f"layers.{index}.0.to_kv.{suffix}"] = torch.cat(
+                [value, sd[f"layers.{index}.attn.to_v.{suffix}"]], dim=0)
+            continue
+        if rest.startswith("attn.to_v."):
+            continue
+        for old, new in renames:
+            if rest.startswith(old):
+                out[f"layers.{index}.{new}{rest[len(old):]}"] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected image-projection key layers.{index}.{rest}")
+    return out
+
+
+def syncd_to_canonical(tensors):
+    """SynCD Lightning state dict (keys `unet.*`) -> canonical names. Its LoRA (PEFT, adapter
+    `default`) sits on attn1 of every block; alpha = rank as published (scale 1)."""
+    blocks = {}
+    for key, value in tensors.items():
+        match = _SYNCD_KEY.match(key)
+        if match:
+            blocks.setdefault(_syncd_block_order(match), {})[match.group(6)] = value
+    out = {}
+    for i, order in enumerate(sorted(b for b in blocks if any(_SYNCD_IP.match(k) for k in blocks[b]))):
+        for rest, value in blocks[order].items():
+            ip, lora = _SYNCD_IP.match(rest), _SYNCD_LORA.match(rest)
+            if ip:
+                out[f"ip_adapter.{2 * i + 1}.{ip.group(1)}.weight"] = value
+            elif lora:
+                name = lora.group(1).replace("to_out.0", "to_out")
+                out[f"self_attn_lora.{2 * i}.{name}.{'down' if lora.group(2) == 'A' else 'up'}.weight"] = value
+    proj = {k[len(_SYNCD_PROJ):]: v for k, v in tensors.items() if k.startswith(_SYNCD_PROJ)}
+    out.update({f"image_proj.{k}": v for k, v in _diffusers_resampler_to_published(proj).items()})
+    return out
+
+
+def _check_numbering(tensors, source):
+    numbers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("ip_adapter.")})
+    expected = list(range(1, 2 * len(numbers), 2))
+    if numbers != expected:
+        raise CheckpointError(f"{source}: ip_adapter layer numbers {numbers[:6]}... are not the "
+                              f"published 1, 3, 5, ...; the file is damaged or of another layout")
+    for n in numbers:
+        for part in ("to_k_ip", "to_v_ip"):
+            if f"ip_adapter.{n}.{part}.weight" not in tensors:
+                raise CheckpointError(f"{source}: layer ip_adapter.{n} has no {part}.weight; the "
+                                      "file is incomplete (download it again)")
+
+
+def family_of(tensors, source):
+    context_dim = tensors["ip_adapter.1.to_k_ip.weight"].shape[1]
+    proj_dim = (tensors.get("image_proj.proj_out.weight", tensors.get("image_proj.norm.weight"))).shape[0]
+    if context_dim != proj_dim:
+        raise CheckpointError(f"{source}: the image projection makes {proj_dim}-wide tokens but the "
+                              f"layers read {context_dim}-wide ones; the file is inconsistent")
+    if context_dim not in FAMILY_BY_CONTEXT_DIM:
+        raise CheckpointError(f"{source}: cross-attention width {context_dim} matches no supported "
+                              "base model (SD1.5: 768, SDXL: 2048)")
+    return FAMILY_BY_CONTEXT_DIM[context_dim]
+
+
+def load_adapter(path):
+    """Read, detect, convert and build a LoadedAdapter from any supported file."""
+    source = os.path.basename(path)
+    tensors, metadata = read_checkpoint(path)
+    if metadata.get("format") == PACK_FORMAT:
+        version = metadata.get("format_version")
+        if version != PACK_FORMAT_VERSION:
+            raise CheckpointError(f"{source}: pack adapter format version {version}; this version "
+                                  f"of the pack reads version {PACK_FORMAT_VERSION}: update the pack")
+        kind, canonical, alpha = metadata["kind"], tensors, metadata.get("lora_alpha")
+        alpha = float(alpha) if alpha else None
+    else:
+        kind = detect_layout(tensors.keys(), source)
+        canonical = syncd_to_canonical(tensors) if kind == "syncd" else {
+            k: v for k, v in tensors.items() if k.startswith(("image_proj.", "ip_adapter."))}
+        alpha = None  # published LoRA: alpha = rank
+    _check_numbering(canonical, source)
+    family = family_of(canonical, source)
+    if metadata.get("family") and metadata["family"] != family:
+        raise CheckpointError(f"{source}: metadata says family {metadata['family']} but the "
+                              f"tensors are shaped for {family}; the file is inconsistent")
+    return build_adapter(kind, family, canonical, source=source, lora_alpha=alpha)
+
+
+def contents_of(adapter):
+    parts = ["image_proj", "ip_adapter"]
+    if adapter.has_text_to_weight:
+        parts.append("text_to_weight")
+    if adapter.has_self_attn_lora:
+        parts.append("self_attn_lora")
+    return ",".join(parts)
+
+
+def save_adapter(adapter, path):
+    """Write the pack's own safetensors file (atomic: temp file + rename)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    metadata = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION,
+                "family": adapter.family, "kind": adapter.kind, "contents": contents_of(adapter),
+                "layers": str(len(adapter.layers))}
+    alpha = adapter.lora_alpha()
+    if alpha is not None:
+        metadata["lora_alpha"] = repr(alpha)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

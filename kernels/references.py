@@ -1,0 +1,87 @@
+"""What a reference is, before and after encoding. Plain data: no ComfyUI import, immutable.
+
+A reference is ONE object seen in one or several views (a batch of images of the same object).
+`Reference` holds what the user gave; `EncodedReference` holds what the patches consume.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class ReferenceInputError(ValueError):
+    """A reference input is unusable; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Raw user input for one object.
+
+    images: (V, H, W, 3) float in 0..1, V >= 1 views of the same object (ComfyUI IMAGE layout).
+    masks: (V, H, W) or (1, H, W) (one mask for every view) float foreground masks (1 = object),
+        or None = the whole image is the object.
+    phrase: the object's words as they appear in the prompt, e.g. "dog" (routing uses them).
+    weight: strength of this reference (multiplies its image-attention contribution).
+    start_percent, end_percent: the part of sampling (0 = first step, 1 = last) it is active in.
+    """
+    images: torch.Tensor
+    masks: Optional[torch.Tensor] = None
+    phrase: str = ""
+    weight: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+    def __post_init__(self):
+        check_reference(self)
+
+
+def check_reference(ref):
+    images, masks = ref.images, ref.masks
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ReferenceInputError(f"reference image: expected an IMAGE batch (views, height, width, 3), "
+                             f"got {shape}; connect an RGB image (convert RGBA/gray first)")
+    if images.shape[0] == 0:
+        raise ReferenceInputError("reference image: the image batch is empty (0 views); connect at "
+                             "least one image of the object")
+    if not torch.isfinite(images).all():
+        raise ReferenceInputError("reference image: contains NaN or infinite values; re-load or "
+                             "re-decode the image")
+    if masks is not None:
+        if masks.ndim != 3 or masks.shape[0] not in (1, images.shape[0]) or \
+                tuple(masks.shape[1:]) != tuple(images.shape[1:3]):
+            raise ReferenceInputError(
+                f"reference mask: size {tuple(masks.shape)} (views, height, width) does not match "
+                f"its image {tuple(images.shape[:3])}; resize the mask to the image (or give one "
+                "mask per view)")
+    if not 0.0 <= ref.start_percent <= ref.end_percent <= 1.0:
+        raise ReferenceInputError(f"reference start/end percent: need 0 <= start <= end <= 1, got "
+                             f"{ref.start_percent}..{ref.end_percent}")
+
+
+@dataclass(frozen=True)
+class EncodedReference:
+    """One reference ready for the patches.
+
+    image_tokens: (1, V*T, C_ctx) the adapter's projected tokens of all V views, concatenated
+        view after view (T = 16 for Plus adapters, 4 for base adapters; C_ctx = the UNet's
+        cross-attention context width). These go through each layer's to_k_ip / to_v_ip.
+    uncond_tokens: same shape, the projection of an all-black image (ComfyUI's IP-Adapter
+        convention), used for rows that must not see the reference.
+    latents: (V, 4, h, w) raw VAE latents of the views (not yet scaled by the model's latent
+        format), or None when no VAE was given (then Masked Shared Attention is unavailable).
+    masks: (V, h, w) binary {0, 1} float on the latent grid (h, w = latents' grid, or the image
+        size / 8 when there are no latents), or None = the whole image.
+    phrase, weight, start_percent, end_percent: copied from the Reference.
+    adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches
+        refuse tokens made by another adapter.
+    """
+    image_tokens: torch.Tensor
+    uncond_tokens: torch.Tensor
+    latents: Optional[torch.Tensor]
+    masks: Optional[torch.Tensor]
+    phrase: str
+    weight: float
+    start_percent: float
+    end_percent: float
+    adapter_fingerprint: str

@@ -1,0 +1,67 @@
+"""Every shipped workflow: its UI file and API twin describe the same graph, and the API file
+executes in the host with the downloadable models swapped for tiny ones of the same kind."""
+import copy
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, headless_host
+import workflow_models
+
+spec = importlib.util.spec_from_file_location("workflow_format",
+                                              os.path.join(ROOT, "headless", "workflow_format.py"))
+fmt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fmt)
+
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json")))
+NAMES = [os.path.basename(p)[: -len("_api.json")] for p in API_FILES]
+
+
+def _ui_path(api_path):
+    return api_path[: -len("_api.json")] + ".json"
+
+
+def test_every_capability_has_both_formats():
+    assert API_FILES
+    for api_path in API_FILES:
+        assert os.path.isfile(_ui_path(api_path)), f"no UI twin for {api_path}"
+
+
+@pytest.mark.parametrize("api_path", API_FILES, ids=NAMES)
+def test_ui_file_and_api_twin_are_the_same_graph(host, api_path):
+    api = fmt.load(api_path)
+    ui = fmt.load(_ui_path(api_path))
+    assert fmt.ui_to_api(ui, host.nodes) == api
+    # Links carry the type the source node really outputs.
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for link_id, src, slot, dst, dst_slot, link_type in ui["links"]:
+        assert host.nodes[by_id[src]["type"]].RETURN_TYPES[slot] == link_type
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+@pytest.mark.parametrize("api_path", API_FILES, ids=NAMES)
+def test_api_workflow_executes_in_the_host(host, api_path, tmp_path):
+    prompt = workflow_models.swap_in_tiny_models(fmt.load(api_path), host, tmp_path)
+    outputs = host.execute(prompt)
+    assert outputs, "the workflow produced no output"
+
+
+def test_a_workflow_out_of_step_with_its_nodes_fails(host):
+    """Renaming an input (what an incompatible node change does) must be caught."""
+    api = fmt.load(API_FILES[0])
+    ui = fmt.load(_ui_path(API_FILES[0]))
+    broken = copy.deepcopy(api)
+    node = next(n for n in broken.values() if n["class_type"] == "KSampler")
+    node["inputs"]["cfg_scale"] = node["inputs"].pop("cfg")
+    with pytest.raises(headless_host.HostError, match="cfg"):
+        host.execute(broken)
+    assert fmt.ui_to_api(ui, host.nodes) != broken
+    # A UI file with a widget value missing no longer maps onto the node definition.
+    short = copy.deepcopy(ui)
+    sampler = next(n for n in short["nodes"] if n["type"] == "KSampler")
+    sampler["widgets_values"].pop()
+    with pytest.raises(ValueError, match="widget value"):
+        fmt.ui_to_api(short, host.nodes)

@@ -78,11 +78,13 @@ class Resampler(nn.Module):
         depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
         dim = sd["latents"].shape[2]
         inner = sd["layers.0.0.to_q.weight"].shape[0]
-        module = cls(dim=dim, depth=depth, heads=inner // RESAMPLER_DIM_HEAD,
-                     num_queries=sd["latents"].shape[1], embedding_dim=sd["proj_in.weight"].shape[1],
-                     output_dim=sd["proj_out.weight"].shape[0],
-                     ff_mult=sd["layers.0.1.1.weight"].shape[0] // dim)
-        module.to(sd["latents"].dtype).load_state_dict(sd)
+        with torch.device("meta"):  # no random init: the file's tensors become the parameters
+            module = cls(dim=dim, depth=depth, heads=inner // RESAMPLER_DIM_HEAD,
+                         num_queries=sd["latents"].shape[1],
+                         embedding_dim=sd["proj_in.weight"].shape[1],
+                         output_dim=sd["proj_out.weight"].shape[0],
+                         ff_mult=sd["layers.0.1.1.weight"].shape[0] // dim)
+        module.load_state_dict(sd, assign=True)
         return module
 
     @property
@@ -118,8 +120,9 @@ class LinearProjection(nn.Module):
     @classmethod
     def from_state_dict(cls, sd):
         output_dim = sd["norm.weight"].shape[0]
-        module = cls(sd["proj.weight"].shape[1], output_dim, sd["proj.weight"].shape[0] // output_dim)
-        module.to(sd["proj.weight"].dtype).load_state_dict(sd)
+        with torch.device("meta"):
+            module = cls(sd["proj.weight"].shape[1], output_dim, sd["proj.weight"].shape[0] // output_dim)
+        module.load_state_dict(sd, assign=True)
         return module
 
     @property
@@ -189,9 +192,9 @@ class AdapterLayer(nn.Module):
 
 
 def linear_from_weight(weight):
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.load_state_dict({"weight": weight}, assign=True)
     return layer
 
 
@@ -271,7 +274,12 @@ class LoadedAdapter:
     # -- use ------------------------------------------------------------------------------------
     def project(self, clip_vision_output):
         """CLIP vision output (a mapping with the host's keys) -> (B, T, C_ctx) image tokens."""
-        features = clip_vision_output[self.clip_input]
+        try:
+            features = clip_vision_output[self.clip_input]
+        except (KeyError, AttributeError):
+            raise AdapterMismatchError(f"the CLIP vision output has no {self.clip_input}, which "
+                                       f"{self.describe()} reads; connect a CLIP vision model "
+                                       "(CLIP_VISION)") from None
         if features.shape[-1] != self.clip_width:
             raise AdapterMismatchError(
                 f"CLIP vision gives {self.clip_input} of width {features.shape[-1]} but "
@@ -355,11 +363,10 @@ def build_adapter(kind, family, tensors, source="", lora_alpha=None):
             for name in SELF_ATTENTION_PROJECTIONS:
                 down = tensors[f"self_attn_lora.{number - 1}.{name}.down.weight"]
                 up = tensors[f"self_attn_lora.{number - 1}.{name}.up.weight"]
-                pair = LoRAPair(down.shape[1], up.shape[0], down.shape[0],
-                                down.shape[0] if lora_alpha is None else lora_alpha).to(down.dtype)
-                with torch.no_grad():
-                    pair.down.weight.copy_(down)
-                    pair.up.weight.copy_(up)
+                with torch.device("meta"):
+                    pair = LoRAPair(down.shape[1], up.shape[0], down.shape[0],
+                                    down.shape[0] if lora_alpha is None else lora_alpha)
+                pair.load_state_dict({"down.weight": down, "up.weight": up}, assign=True)
                 lora[name] = pair
         layers.append(AdapterLayer(linear_from_weight(tensors[f"ip_adapter.{number}.to_k_ip.weight"]),
                                    linear_from_weight(tensors[f"ip_adapter.{number}.to_v_ip.weight"]),

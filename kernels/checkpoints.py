@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import build_adapter
+from .adapter import AdapterMismatchError, build_adapter
 
 PACK_FORMAT = "multiref-adapter"
 PACK_FORMAT_VERSION = "1"
@@ -74,6 +74,21 @@ def cross_attention_dims(diffusion_model):
     """{location: (context_dim, inner_dim)} of every cross-attention (attn2) of a UNet."""
     return {loc: (block.attn2.to_k.in_features, block.attn2.to_k.out_features)
             for loc, block in unet_transformer_blocks(diffusion_model)}
+
+
+def bind_to_unet(adapter, diffusion_model):
+    """The adapter tied to a UNet's attention locations, after checking base family, layer count
+    and every layer's widths (so no mismatch reaches a matmul)."""
+    dims = cross_attention_dims(diffusion_model)
+    contexts = sorted({context for context, _ in dims.values()})
+    model_family = FAMILY_BY_CONTEXT_DIM.get(contexts[0]) if len(contexts) == 1 else None
+    if model_family != adapter.family:
+        raise AdapterMismatchError(
+            f"{adapter.describe()} is made for {adapter.family.upper()} but the model is "
+            f"{(model_family or 'an unsupported base').upper()} (cross-attention context width "
+            f"{', '.join(map(str, contexts))}); use an adapter made for this model's base family, "
+            "or a model of the adapter's family")
+    return adapter.bind(dims.keys(), dims)
 
 
 # ---------------------------------------------------------------------------------------------

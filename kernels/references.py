@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 class ReferenceInputError(ValueError):
@@ -57,6 +58,26 @@ def check_reference(ref):
     if not 0.0 <= ref.start_percent <= ref.end_percent <= 1.0:
         raise ReferenceInputError(f"reference start/end percent: need 0 <= start <= end <= 1, got "
                              f"{ref.start_percent}..{ref.end_percent}")
+
+
+def latent_masks(masks, views, size, dilation=0):
+    """(1 or V, H, W) float masks -> (V, h, w) binary {0, 1} masks on the latent grid `size`.
+
+    Binarized at 0.5 on the image grid; a latent cell is foreground when at least half of its
+    pixels are (area resize); `dilation` then grows the foreground by that many cells (square
+    neighbourhood), as SynCD dilates its masks to keep object borders.
+    """
+    fg = (masks.float() > 0.5).float().unsqueeze(1)
+    fg = (F.interpolate(fg, size=tuple(size), mode="area") >= 0.5).float()
+    if dilation > 0:
+        fg = F.max_pool2d(fg, 2 * dilation + 1, stride=1, padding=dilation)
+    fg = fg[:, 0].expand(views, -1, -1).contiguous()
+    empty = [i for i in range(views) if fg[i].sum() == 0]
+    if empty:
+        raise ReferenceInputError(
+            f"reference mask: view(s) {empty} have no foreground at the latent resolution "
+            f"{tuple(size)}; draw a larger mask, raise mask_dilation, or leave the mask out")
+    return fg
 
 
 @dataclass(frozen=True)

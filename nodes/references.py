@@ -1,0 +1,122 @@
+"""MultiRefReference (one object, chainable) and MultiRefEncodeReferences (CLIP vision + adapter
++ VAE -> what the patches consume)."""
+import logging
+
+import torch
+
+from ..kernels.checkpoints import bind_to_unet
+from ..kernels.references import EncodedReference, Reference, ReferenceInputError, latent_masks
+
+log = logging.getLogger("multiref")
+
+LATENT_DOWNSCALE = 8  # SD1.5 / SDXL VAEs
+
+
+class MultiRefReference:
+    DESCRIPTION = ("One reference object: one image or a batch of images showing the SAME object "
+                   "from several views, an optional foreground mask, and the words for it in the "
+                   "prompt. Chain several through 'previous' to give several objects.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "make"
+    RETURN_TYPES = ("MULTIREF_REFERENCES",)
+    OUTPUT_TOOLTIPS = ("the list of references so far (this one last)",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Image(s) of the object; a batch = several views of "
+                                           "the same object."}),
+            "phrase": ("STRING", {"default": "", "tooltip":
+                       "The object's words as written in the prompt, e.g. 'dog' (routing sends "
+                       "this reference where these words are)."}),
+            "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+                       "Strength of this reference (1 = as trained)."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Sampling progress at which the reference starts acting."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Sampling progress at which it stops acting."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Foreground of the object (white = object), same size "
+                                         "as the image; one per view or one for all. None = "
+                                         "the whole image."}),
+            "previous": ("MULTIREF_REFERENCES", {"tooltip": "References made so far, to chain "
+                                                            "several objects."}),
+        }}
+
+    def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None):
+        if mask is not None and mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        ref = Reference(images=image, masks=mask, phrase=phrase.strip(), weight=float(weight),
+                        start_percent=float(start_percent), end_percent=float(end_percent))
+        return (tuple(previous or ()) + (ref,),)
+
+
+def center_crop(x, height, width):
+    """Crop (B, H, W, ...) to height x width around the centre, as the host's VAE encode does."""
+    top, left = (x.shape[1] - height) // 2, (x.shape[2] - width) // 2
+    return x[:, top:top + height, left:left + width]
+
+
+class MultiRefEncodeReferences:
+    DESCRIPTION = ("Encodes references once: CLIP vision -> the adapter's image tokens (all views "
+                   "of an object concatenated), black-image tokens for the unconditional branch, "
+                   "VAE latents (needed by Masked Shared Attention) and masks on the latent grid. "
+                   "Checks that adapter, CLIP vision and model fit together before anything runs.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("MULTIREF_ENCODED",)
+    OUTPUT_TOOLTIPS = ("the encoded references, for the MultiRef apply nodes",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "references": ("MULTIREF_REFERENCES", {"tooltip": "From MultiRef Reference."}),
+            "adapter": ("MULTIREF_ADAPTER", {"tooltip": "From MultiRef Adapter Loader."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was "
+                            "trained with (ViT-H for Plus and *_vit-h files, ViT-bigG for "
+                            "ip-adapter_sdxl / model_sdxl.bin)."}),
+            "model": ("MODEL", {"tooltip": "The model the references will be used with (checked "
+                                           "against the adapter's base family and layers)."}),
+            "mask_dilation": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip":
+                              "Grow each mask by this many latent pixels (8 image pixels each) to "
+                              "keep object borders; SynCD uses about 1."}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "Encodes the views to latents for Masked Shared "
+                                       "Attention; leave empty when only the adapter is used."}),
+        }}
+
+    def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None):
+        if not references:
+            raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
+        bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
+        encoded = []
+        for ref in references:
+            views, height, width = ref.images.shape[:3]
+            tokens = self.tokens(adapter, clip_vision, ref.images)
+            black = self.tokens(adapter, clip_vision, torch.zeros_like(ref.images[:1]))
+            latents = vae.encode(ref.images) if vae is not None else None
+            grid = tuple(latents.shape[-2:]) if latents is not None else (
+                height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
+            masks = None
+            if ref.masks is not None:
+                cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
+                masks = latent_masks(cropped, views, grid, mask_dilation)
+            encoded.append(EncodedReference(
+                image_tokens=tokens.reshape(1, -1, tokens.shape[-1]),
+                uncond_tokens=black.repeat(1, views, 1),
+                latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
+                start_percent=ref.start_percent, end_percent=ref.end_percent,
+                adapter_fingerprint=adapter.fingerprint))
+        log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
+                 ", ".join(f"{e.image_tokens.shape[1]} tokens" for e in encoded))
+        return (tuple(encoded),)
+
+    @staticmethod
+    def tokens(adapter, clip_vision, images):
+        return adapter.project(clip_vision.encode_image(images)).float()
+
+
+NODE_CLASS_MAPPINGS = {"MultiRefReference": MultiRefReference,
+                       "MultiRefEncodeReferences": MultiRefEncodeReferences}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefReference": "MultiRef Reference",
+                              "MultiRefEncodeReferences": "MultiRef Encode References"}

@@ -1,0 +1,177 @@
+"""Tiny adapter checkpoints written at test time with the exact key names, nesting and file
+formats of the published files, shrunk to the tiny host models (nodes/tiny_models.py):
+context width 16 (SD1.5-like) / 48 (SDXL-like), CLIP vision hidden 32 / projection 24, and the
+tiny UNet's seven transformer blocks. Only the weights are fake (random).
+
+Published layouts reproduced:
+  h94 IP-Adapter .bin: torch.save({"image_proj": {...}, "ip_adapter": {"1.to_k_ip.weight": ...}})
+  h94 IP-Adapter .safetensors: the same, flattened ("image_proj.latents", "ip_adapter.1....")
+  MIP-Adapter model_sdxl(_plus).bin: the h94 nesting plus "{N}.text_to_weight.weight" [1, inner]
+  SynCD sdxl_finetuned_20k.ckpt: a Lightning checkpoint {"state_dict": {"unet.<diffusers name>":
+    ...}, "epoch", "global_step", ...} with PEFT LoRA on attn1 (lora_A/lora_B.default, and the
+    wrapped base weights base_layer.weight), IP K/V under attn2.processor.attn_op.to_k_ip.0, and
+    the Resampler in diffusers' IPAdapterPlusImageProjection names.
+"""
+import os
+
+import torch
+from safetensors.torch import save_file
+
+CLIP_HIDDEN = 32  # tiny CLIP vision hidden width (Plus adapters read penultimate hidden states)
+CLIP_PROJECTION = 24  # tiny CLIP vision image_embeds width (base adapters)
+CONTEXT = {"sd15": 16, "sdxl": 48}
+RESAMPLER_DIM, RESAMPLER_DEPTH, RESAMPLER_QUERIES, FF_MULT = 128, 4, 16, 4  # 2 heads of 64
+LORA_RANK = 4
+
+# The tiny UNet's transformer blocks in published (diffusers) order, with the diffusers module
+# path of each and its attention width (model_channels 32, channel_mult [1, 2]).
+TINY_BLOCKS = (
+    ("down_blocks.0.attentions.0.transformer_blocks.0", ("input", 1, 0), 32),
+    ("down_blocks.1.attentions.0.transformer_blocks.0", ("input", 3, 0), 64),
+    ("up_blocks.0.attentions.0.transformer_blocks.0", ("output", 0, 0), 64),
+    ("up_blocks.0.attentions.1.transformer_blocks.0", ("output", 1, 0), 64),
+    ("up_blocks.1.attentions.0.transformer_blocks.0", ("output", 2, 0), 32),
+    ("up_blocks.1.attentions.1.transformer_blocks.0", ("output", 3, 0), 32),
+    ("mid_block.attentions.0.transformer_blocks.0", ("middle", 0, 0), 64),
+)
+
+PUBLISHED_NAMES = {
+    ("ip_adapter", "sd15"): "ip-adapter_sd15",
+    ("ip_adapter_plus", "sd15"): "ip-adapter-plus_sd15",
+    ("ip_adapter", "sdxl"): "ip-adapter_sdxl_vit-h",
+    ("ip_adapter_plus", "sdxl"): "ip-adapter-plus_sdxl_vit-h",
+    ("mip_adapter", "sdxl"): "model_sdxl",
+    ("mip_adapter_plus", "sdxl"): "model_sdxl_plus",
+    ("syncd", "sdxl"): "sdxl_finetuned_20k",
+}
+
+
+def _rand(gen, *shape, dtype=torch.float16):
+    return (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
+
+
+def resampler_weights(gen, context, dtype=torch.float16):
+    """Published Resampler names (no prefix)."""
+    d, inner = RESAMPLER_DIM, RESAMPLER_DIM
+    sd = {"latents": _rand(gen, 1, RESAMPLER_QUERIES, d, dtype=dtype),
+          "proj_in.weight": _rand(gen, d, CLIP_HIDDEN, dtype=dtype),
+          "proj_in.bias": _rand(gen, d, dtype=dtype),
+          "proj_out.weight": _rand(gen, context, d, dtype=dtype),
+          "proj_out.bias": _rand(gen, context, dtype=dtype),
+          "norm_out.weight": 1 + _rand(gen, context, dtype=dtype),
+          "norm_out.bias": _rand(gen, context, dtype=dtype)}
+    for i in range(RESAMPLER_DEPTH):
+        p = f"layers.{i}."
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            sd[f"{p}{norm}.weight"] = 1 + _rand(gen, d, dtype=dtype)
+            sd[f"{p}{norm}.bias"] = _rand(gen, d, dtype=dtype)
+        sd[f"{p}0.to_q.weight"] = _rand(gen, inner, d, dtype=dtype)
+        sd[f"{p}0.to_kv.weight"] = _rand(gen, 2 * inner, d, dtype=dtype)
+        sd[f"{p}0.to_out.weight"] = _rand(gen, d, inner, dtype=dtype)
+        sd[f"{p}1.1.weight"] = _rand(gen, d * FF_MULT, d, dtype=dtype)
+        sd[f"{p}1.3.weight"] = _rand(gen, d, d * FF_MULT, dtype=dtype)
+    return sd
+
+
+def linear_projection_weights(gen, context, tokens=4, dtype=torch.float16):
+    return {"proj.weight": _rand(gen, tokens * context, CLIP_PROJECTION, dtype=dtype),
+            "proj.bias": _rand(gen, tokens * context, dtype=dtype),
+            "norm.weight": 1 + _rand(gen, context, dtype=dtype),
+            "norm.bias": _rand(gen, context, dtype=dtype)}
+
+
+def ip_layer_weights(gen, context, inner_dims, text_to_weight, dtype=torch.float16):
+    """Published per-layer names without the `ip_adapter.` prefix ("1.to_k_ip.weight", ...)."""
+    sd = {}
+    for i, inner in enumerate(inner_dims):
+        n = 2 * i + 1
+        sd[f"{n}.to_k_ip.weight"] = _rand(gen, inner, context, dtype=dtype)
+        sd[f"{n}.to_v_ip.weight"] = _rand(gen, inner, context, dtype=dtype)
+        if text_to_weight:
+            sd[f"{n}.text_to_weight.weight"] = _rand(gen, 1, inner, dtype=dtype)
+    return sd
+
+
+def resampler_to_diffusers(sd):
+    """Published Resampler names -> diffusers IPAdapterPlusImageProjection names (as SynCD's
+    pipeline holds it after `load_ip_adapter`), written key by key."""
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[key] = value
+            continue
+        i, sub, rest = parts[1], ".".join(parts[2:4]), ".".join(parts[4:])
+        if sub == "0.to_kv":
+            k, v = value.chunk(2, dim=0)
+            out[f"layers.{i}.attn.to_k.{rest}"] = k
+            out[f"layers.{i}.attn.to_v.{rest}"] = v
+            continue
+        target = {"0.norm1": "ln0", "0.norm2": "ln1", "0.to_q": "attn.to_q",
+                  "0.to_out": "attn.to_out.0", "1.0": "ff.0", "1.1": "ff.1.net.0.proj",
+                  "1.3": "ff.1.net.2"}[sub]
+        out[f"layers.{i}.{target}.{rest}"] = value
+    return out
+
+
+def canonical(layout, family, seed=0, blocks=TINY_BLOCKS):
+    """The tensors of a tiny adapter under the pack's canonical flat names."""
+    gen = torch.Generator().manual_seed(seed)
+    context = CONTEXT[family]
+    plus = layout.endswith("plus") or layout == "syncd"
+    proj = resampler_weights(gen, context) if plus else linear_projection_weights(gen, context)
+    out = {f"image_proj.{k}": v for k, v in proj.items()}
+    inner_dims = [inner for _, _, inner in blocks]
+    layers = ip_layer_weights(gen, context, inner_dims, text_to_weight=layout.startswith("mip"))
+    out.update({f"ip_adapter.{k}": v for k, v in layers.items()})
+    if layout == "syncd":
+        for i, inner in enumerate(inner_dims):
+            for name in ("to_q", "to_k", "to_v", "to_out"):
+                out[f"self_attn_lora.{2 * i}.{name}.down.weight"] = _rand(gen, LORA_RANK, inner)
+                out[f"self_attn_lora.{2 * i}.{name}.up.weight"] = _rand(gen, inner, LORA_RANK)
+    return out
+
+
+def _published_nested(tensors):
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in tensors.items():
+        group, rest = key.split(".", 1)
+        nested[group][rest] = value
+    return nested
+
+
+def syncd_state_dict(tensors, blocks=TINY_BLOCKS, seed=1):
+    """The Lightning `state_dict` SynCD saves, from canonical tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {"vae.encoder.conv_in.weight": _rand(gen, 4, 3, 3, 3),  # other modules ride along
+          "unet.conv_in.weight": _rand(gen, 4, 4, 3, 3)}
+    for i, (path, _, inner) in enumerate(blocks):
+        base = f"unet.{path}."
+        for name, peft in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+            sd[f"{base}attn1.{peft}.base_layer.weight"] = _rand(gen, inner, inner)
+            sd[f"{base}attn1.{peft}.lora_A.default.weight"] = tensors[f"self_attn_lora.{2 * i}.{name}.down.weight"]
+            sd[f"{base}attn1.{peft}.lora_B.default.weight"] = tensors[f"self_attn_lora.{2 * i}.{name}.up.weight"]
+        for name in ("to_k_ip", "to_v_ip"):
+            sd[f"{base}attn2.processor.attn_op.{name}.0.weight"] = tensors[f"ip_adapter.{2 * i + 1}.{name}.weight"]
+        sd[f"{base}attn2.to_k.weight"] = _rand(gen, inner, CONTEXT["sdxl"])
+    proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
+    sd.update({f"unet.encoder_hid_proj.image_projection_layers.0.{k}": v
+               for k, v in resampler_to_diffusers(proj).items()})
+    return sd
+
+
+def write_checkpoint(folder, layout, family, file_format=None, seed=0, blocks=TINY_BLOCKS, name=None):
+    """Write one tiny published-layout file; returns (path, canonical tensors)."""
+    tensors = canonical(layout, family, seed, blocks)
+    file_format = file_format or ("ckpt" if layout == "syncd" else "bin")
+    name = name or f"{PUBLISHED_NAMES[(layout, family)]}.{file_format}"
+    path = os.path.join(folder, name)
+    if layout == "syncd":
+        torch.save({"epoch": 19, "global_step": 20000, "pytorch-lightning_version": "2.2.1",
+                    "state_dict": syncd_state_dict(tensors, blocks),
+                    "hyper_parameters": {"rank": 128, "trainkeys": "lora+to_k_ip+to_v_ip"}}, path)
+    elif file_format == "safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    else:
+        torch.save(_published_nested(tensors), path)
+    return path, tensors

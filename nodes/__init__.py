@@ -1,11 +1,11 @@
 """Node registration: every family module exports its own two mappings; they are merged here."""
 import logging
 
-from . import demo, loaders, references
+from . import demo, loaders, msa, references
 
 log = logging.getLogger("multiref")
 
-FAMILIES = (demo, loaders, references)
+FAMILIES = (demo, loaders, msa, references)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,300 @@
+"""MultiRefApplyMSA: Masked Shared Attention (SynCD, DESIGN.md 3.3) as a model patch.
+
+`references` mode, one batched UNet call per step: a row provider on the pack's UNet wrapper
+re-noises the clean reference latents to the step's sigma and appends them as `ref` rows; at
+every patched self-attention layer the `full` and `image` rows read [own | foreground keys/values
+of the ref rows of that same layer call]; `uncond` and `ref` rows attend only to themselves. The
+references never attend to the target, so this equals SynCD's reference pass + target pass.
+`batch` mode: the images of one batch share their foreground with each other.
+The math lives in kernels/msa.py; this module only routes rows and keeps per-step bookkeeping.
+"""
+import logging
+
+import torch
+
+from ..kernels import msa
+from ..kernels.references import EncodedReference
+from . import patching
+
+log = logging.getLogger("multiref")
+
+TAG = "msa"
+MODES = ("references", "batch")
+LAYERS = ("all", "down", "up")
+
+
+class _Call:
+    """What the attention patches need to know about the current UNet call: the latent grid,
+    which reference rows (or batch masks) give foreground, and whether the mask is off."""
+
+    def __init__(self, grid, key, masks, unmasked):
+        self.grid, self.key, self.masks, self.unmasked = grid, key, masks, unmasked
+
+
+class _StepState:
+    """Shared by the row provider and the attention patches of one patched model (deep copies
+    of the model options copy it once, so both sides keep pointing at the same object).
+    The host reuses the model options from run to run: a run starts when sigma goes up."""
+
+    def __init__(self):
+        self.run_first_sigma = None
+        self.last_sigma = None
+        self.call = None
+        self.foreground = {}  # (grid, key, unmasked, h, w, device) -> flat foreground index
+
+    def is_first_step(self, sigma):
+        if self.last_sigma is None or sigma > self.last_sigma:
+            self.run_first_sigma = sigma
+        self.last_sigma = sigma
+        return sigma == self.run_first_sigma
+
+    def foreground_index(self, h, w, device):
+        """Flat indices of the foreground tokens of the call's reference rows at an h x w layer;
+        cached: the masks only change when the set of active references does."""
+        call = self.call
+        cache_key = (call.grid, call.key, call.unmasked, h, w, str(device))
+        index = self.foreground.get(cache_key)
+        if index is None:
+            fg = msa.resize_masks(call.masks, h, w)
+            if call.unmasked:
+                fg = torch.ones_like(fg)
+            index = msa.foreground_index(fg).to(device)
+            self.foreground[cache_key] = index
+        return index
+
+    def batch_foreground(self, rows, h, w, device):
+        """(rows, h*w) bool foreground of the batch images (batch mode)."""
+        call = self.call
+        if call.masks is None or call.unmasked:
+            return torch.ones(rows, h * w, dtype=torch.bool, device=device)
+        if call.masks.shape[0] not in (1, rows):
+            raise ValueError(f"batch_masks: {call.masks.shape[0]} masks for a batch of {rows} "
+                             "images; give one mask per image or a single mask for all")
+        return msa.resize_masks(call.masks, h, w).to(device).expand(rows, -1)
+
+
+class _Reference:
+    """One reference's rows, ready to re-noise: latents after the model's process_latent_in."""
+
+    def __init__(self, latents, masks, bounds):
+        self.latents, self.masks, self.bounds = latents, masks, bounds
+
+
+class _ReferenceRows:
+    """Row provider (nodes.patching): appends the references re-noised to the step's sigma with
+    fresh noise; their text/adm conditioning is that of the first full row (else image row)."""
+
+    def __init__(self, references, bounds, sampling, state, first_step_unmasked):
+        self.references, self.bounds, self.sampling = references, bounds, sampling
+        self.state, self.first_step_unmasked = state, first_step_unmasked
+
+    def __call__(self, x, timestep, c, roles):
+        sigma = float(timestep.reshape(-1)[0])
+        first = self.state.is_first_step(sigma)
+        self.state.call = None
+        source = patching.rows_with_role(roles, "full") or patching.rows_with_role(roles, "image")
+        if not source or not patching.in_sigma_range(sigma, self.bounds):
+            return None
+        active = tuple(i for i, ref in enumerate(self.references)
+                       if patching.in_sigma_range(sigma, ref.bounds))
+        if not active:
+            return None
+        height, width = x.shape[-2:]
+        latents, masks = [], []
+        for i in active:
+            ref = self.references[i]
+            lat, mask = msa.fit_to_grid(ref.latents, ref.masks, height, width)
+            latents.append(lat)
+            masks.append(torch.ones(lat.shape[0], height, width) if mask is None else mask)
+        latents = torch.cat(latents).to(x.device, torch.float32)
+        noise = msa.step_noise(latents.shape, sigma).to(x.device)
+        sigmas = torch.full((latents.shape[0], 1, 1, 1), sigma, device=x.device)
+        rows = self.sampling.noise_scaling(sigmas, noise, latents)
+        self.state.call = _Call((height, width), active, torch.cat(masks),
+                                first and self.first_step_unmasked)
+        return rows, [source[0]] * rows.shape[0], TAG
+
+
+class _BatchCall:
+    """Row provider for batch mode: adds no rows, only tells the patches whether this call is in
+    the sigma range and whether it is the first (unmasked) step."""
+
+    def __init__(self, masks, bounds, state, first_step_unmasked):
+        self.masks, self.bounds = masks, bounds
+        self.state, self.first_step_unmasked = state, first_step_unmasked
+
+    def __call__(self, x, timestep, c, roles):
+        sigma = float(timestep.reshape(-1)[0])
+        first = self.state.is_first_step(sigma)
+        active = patching.in_sigma_range(sigma, self.bounds)
+        self.state.call = _Call(tuple(x.shape[-2:]), (), self.masks,
+                                first and self.first_step_unmasked) if active else None
+        return None
+
+
+class _SharedSelfAttention:
+    """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
+    ran there before: the host's attention or another node's replace)."""
+
+    def __init__(self, inner, state, strength, mode):
+        self.inner, self.state, self.strength, self.mode = inner, state, strength, mode
+
+    def __call__(self, q, k, v, extra_options):
+        call = self.state.call
+        if call is None:
+            return self.inner(q, k, v, extra_options)
+        roles = patching.row_roles(extra_options, q.shape[0])
+        readers = patching.rows_with_role(roles, patching.IMAGE_ROLES)
+        if not readers:
+            return self.inner(q, k, v, extra_options)
+        heads = extra_options["n_heads"]
+        h, w = msa.layer_grid(q.shape[1], *call.grid)
+        if self.mode == "references":
+            start, end = extra_options["multiref_rows"][TAG]
+            index = self.state.foreground_index(h, w, q.device)
+            k_fg, v_fg = msa.gather_foreground(k[start:end], index), msa.gather_foreground(v[start:end], index)
+            shared = msa.shared_attention(q[readers], k[readers], v[readers], k_fg, v_fg, heads)
+        else:
+            shared = torch.empty_like(q[readers])
+            for role in patching.IMAGE_ROLES:
+                group = patching.rows_with_role(roles, role)
+                if group:
+                    fg = self.state.batch_foreground(len(group), h, w, q.device)
+                    at = [readers.index(i) for i in group]
+                    shared[at] = msa.batch_shared_attention(q[group], k[group], v[group], fg, heads)
+        plain_rows = [i for i in range(q.shape[0]) if i not in readers or self.strength != 1.0]
+        out = torch.empty_like(q)
+        if plain_rows:
+            plain = self._inner_on_rows(q, k, v, extra_options, roles, plain_rows)
+            out[plain_rows] = plain
+        out[readers] = msa.blend(out[readers], shared, self.strength)  # at 1: `shared` as is
+        return out
+
+    def _inner_on_rows(self, q, k, v, extra_options, roles, rows):
+        if len(rows) == q.shape[0]:
+            return self.inner(q, k, v, extra_options)
+        # The inner patch sees a consistent batch: its rows' roles, and no reference-row spans.
+        options = dict(extra_options, **{patching.ROLES_KEY: tuple(roles[i] for i in rows),
+                                         "multiref_rows": {}})
+        return self.inner(q[rows], k[rows], v[rows], options)
+
+
+def _check_model(model):
+    unet = getattr(model.model, "diffusion_model", None)
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"model: Masked Shared Attention works on UNet models (SD1.5, SDXL "
+                         f"families); this model is {type(model.model).__name__}. Connect an "
+                         "SD1.5 or SDXL checkpoint")
+    return unet
+
+
+def _prepare_references(model, unet, references):
+    if not references:
+        raise ValueError("references: mode 'references' needs at least one encoded reference; "
+                         "connect MultiRefEncodeReferences (or use mode 'batch')")
+    prepared = []
+    for n, ref in enumerate(references, 1):
+        if not isinstance(ref, EncodedReference):
+            raise ValueError(f"references: item {n} is a {type(ref).__name__}, not an encoded "
+                             "reference; connect the output of MultiRefEncodeReferences")
+        if ref.latents is None:
+            raise ValueError(f"references: reference {n} ('{ref.phrase}') has no latents; "
+                             "Masked Shared Attention needs them: give a VAE to "
+                             "MultiRefEncodeReferences")
+        latents = ref.latents
+        if latents.ndim != 4 or latents.shape[1] != unet.in_channels:
+            raise ValueError(f"references: reference {n} latents {tuple(latents.shape)} do not fit "
+                             f"this model ({unet.in_channels} latent channels); encode the "
+                             "references with this model's VAE")
+        masks = ref.masks
+        if masks is not None and tuple(masks.shape) != (latents.shape[0],) + tuple(latents.shape[2:]):
+            raise ValueError(f"references: reference {n} masks {tuple(masks.shape)} do not match "
+                             f"its latent grid {(latents.shape[0],) + tuple(latents.shape[2:])} "
+                             "(views, h, w); re-encode the reference so mask and latents agree")
+        bounds = patching.sigma_range(model, ref.start_percent, ref.end_percent)
+        prepared.append(_Reference(model.model.process_latent_in(latents.float()).cpu(),
+                                   None if masks is None else masks.float().cpu(), bounds))
+    return prepared
+
+
+def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
+              layers, mode, batch_masks=None):
+    """A patched clone of `model` (the original is left untouched)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is unknown; use one of {MODES}")
+    if layers not in LAYERS:
+        raise ValueError(f"layers: {layers!r} is unknown; use one of {LAYERS}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength: {strength} is outside 0..1")
+    unet = _check_model(model)
+    bounds = patching.sigma_range(model, start_percent, end_percent)
+    patched = model.clone()
+    if strength == 0.0:
+        return patched
+    state = _StepState()
+    if mode == "references":
+        refs = _prepare_references(model, unet, references)
+        sampling = model.get_model_object("model_sampling")
+        provider = _ReferenceRows(refs, bounds, sampling, state, first_step_unmasked)
+    else:
+        if batch_masks is not None and batch_masks.ndim != 3:
+            raise ValueError(f"batch_masks: expected a MASK batch (images, height, width), got "
+                             f"{tuple(batch_masks.shape)}")
+        masks = None if batch_masks is None else batch_masks.float().cpu()
+        provider = _BatchCall(masks, bounds, state, first_step_unmasked)
+    patching.add_row_provider(patched, provider)
+    patching.set_attention_patch(
+        patched, "attn1", lambda location, inner: _SharedSelfAttention(inner, state, strength, mode),
+        blocks=layers)
+    return patched
+
+
+class MultiRefApplyMSA:
+    DESCRIPTION = ("Masked Shared Attention (SynCD): while sampling, the generated image's "
+                   "self-attention also reads the foreground of the reference images (re-noised "
+                   "to each step), so the object keeps its identity and details. Costs one "
+                   "larger batch per step, not a second pass. 'batch' mode makes the images of "
+                   "one batch share their foreground (consistent image sets).")
+    CATEGORY = "MultiRef"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("the model with Masked Shared Attention patched in (a clone; the input "
+                       "model is unchanged)",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model to patch."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                         "Blend between plain self-attention (0, exactly the unpatched model) and "
+                         "full shared attention (1, SynCD)."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Part of sampling where sharing starts (0 = first step)."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Part of sampling where sharing ends (1 = last step)."}),
+            "first_step_unmasked": ("BOOLEAN", {"default": False, "tooltip":
+                                    "On the first step read every reference token, not only the "
+                                    "foreground (SynCD's data generation does this)."}),
+            "layers": (list(LAYERS), {"default": "all", "tooltip":
+                       "Which self-attention layers share: all, down (input blocks) or up "
+                       "(output blocks)."}),
+            "mode": (list(MODES), {"default": "references", "tooltip":
+                     "references: the image reads the references' foreground. batch: the images "
+                     "of one batch read each other's foreground (consistent sets)."}),
+        }, "optional": {
+            "references": ("MULTIREF_ENCODED", {"tooltip":
+                           "Encoded references with latents (encode them with a VAE); their masks "
+                           "select the foreground. Needed in 'references' mode."}),
+            "batch_masks": ("MASK", {"tooltip":
+                            "batch mode: foreground mask per batch image (or one for all), any "
+                            "size; without it the whole images are shared."}),
+        }}
+
+    def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
+              mode, references=None, batch_masks=None):
+        return (apply_msa(model, references, strength, start_percent, end_percent,
+                          first_step_unmasked, layers, mode, batch_masks),)
+
+
+NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefApplyMSA": "MultiRef Apply Masked Shared Attention"}

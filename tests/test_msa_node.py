@@ -1,0 +1,269 @@
+"""MultiRefApplyMSA on the tiny real UNet through the host's sampler: identity when off, uncond
+rows untouched, one call per step equal to SynCD's two passes, clear errors."""
+import math
+
+import pytest
+import torch
+
+import comfy.model_patcher
+import comfy.sample
+import comfy.supported_models
+from comfy.ldm.modules.attention import optimized_attention
+from multiref.kernels import msa
+from multiref.kernels.references import EncodedReference
+from multiref.nodes import patching, tiny_models
+from multiref.nodes.msa import MultiRefApplyMSA, apply_msa
+
+STEPS = 3
+LATENT = (6, 8)  # 48 x 64 px
+
+
+@pytest.fixture(scope="module")
+def parts():
+    vae = tiny_models.tiny_vae()
+    clips = {family: tiny_models.tiny_text_encoder(family) for family in ("sd15", "sdxl")}
+    return vae, clips
+
+
+def _encoded(vae, count, masks="random", seed=10):
+    gen = torch.Generator().manual_seed(seed)
+    refs = []
+    for n in range(count):
+        images = torch.rand(1, 8 * LATENT[0], 8 * LATENT[1], 3, generator=gen)
+        if masks == "zero":
+            mask = torch.zeros(1, *LATENT)
+        elif masks == "none":
+            mask = None
+        else:
+            mask = (torch.rand(1, *LATENT, generator=gen) < 0.5).float()
+            mask[0, n % LATENT[0]] = 1  # never empty
+        refs.append(EncodedReference(
+            image_tokens=torch.zeros(1, 4, 16), uncond_tokens=torch.zeros(1, 4, 16),
+            latents=vae.encode(images), masks=mask, phrase=f"object {n}", weight=1.0,
+            start_percent=0.0, end_percent=1.0, adapter_fingerprint=""))
+    return tuple(refs)
+
+
+def _conds(clips, family):
+    clip = clips[family]
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a dog"), return_pooled=True)
+    extra = {"pooled_output": pooled, "width": 64, "height": 48} if family == "sdxl" else {}
+    return [[cond, extra]], [[torch.zeros_like(cond), dict(extra)]]
+
+
+def _sample(model, clips, family, batch=1, cfg=5.0):
+    positive, negative = _conds(clips, family)
+    noise = torch.randn(batch, 4, *LATENT, generator=torch.Generator().manual_seed(0))
+    return comfy.sample.sample(model, noise, STEPS, cfg, "euler", "normal", positive, negative,
+                               torch.zeros(batch, 4, *LATENT), seed=0, disable_pbar=True)
+
+
+def _msa(model, refs, **kw):
+    options = dict(strength=1.0, start_percent=0.0, end_percent=1.0, first_step_unmasked=False,
+                   layers="all", mode="references")
+    options.update(kw)
+    return apply_msa(model, refs, **options)
+
+
+def _diff(a, b):
+    """Largest difference relative to the output's scale (the random tiny UNet's samples reach
+    ~100, where float32 rounding alone is ~1e-5 absolute)."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _count_unet_calls(model):
+    """Batch size of every UNet forward (a forward pre-hook on the test's own tiny model)."""
+    sizes = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def test_off_is_bit_identical(parts):
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    plain = _sample(model, clips, "sd15")
+    refs = _encoded(vae, 2)
+    assert torch.equal(_sample(_msa(model, refs, strength=0.0), clips, "sd15"), plain)
+    # A sigma range that excludes every step (only sigma 0, which is never evaluated).
+    patched = _msa(model, refs, start_percent=1.0, end_percent=1.0)
+    assert "model_function_wrapper" in patched.model_options
+    sizes, handle = _count_unet_calls(model)
+    try:
+        assert torch.equal(_sample(patched, clips, "sd15"), plain)
+    finally:
+        handle.remove()
+    assert sizes == [2] * STEPS  # no reference rows were added
+    assert torch.equal(_sample(model, clips, "sd15"), plain)  # the input model is untouched
+
+
+def test_all_zero_masks_equal_the_unpatched_model(parts):
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    plain = _sample(model, clips, "sd15")
+    out = _sample(_msa(model, _encoded(vae, 2, masks="zero")), clips, "sd15")
+    assert _diff(out, plain) < 1e-5
+    # ...unless the first step reads the whole references.
+    out = _sample(_msa(model, _encoded(vae, 2, masks="zero"), first_step_unmasked=True),
+                  clips, "sd15")
+    assert _diff(out, plain) > 1e-3
+
+
+class TwoPass:
+    """SynCD's form, the slow reference: per step a separate reference pass banks every attn1
+    layer's keys/values, then the target pass; reading rows attend to [own | every reference
+    token] with a -inf bias on the background, in float64."""
+
+    def __init__(self, model, refs):
+        self.sampling = model.get_model_object("model_sampling")
+        self.latents = model.model.process_latent_in(torch.cat([r.latents for r in refs]))
+        self.masks = torch.cat([r.masks for r in refs])
+        self.bank, self.writing = {}, False
+
+    def wrapper(self, apply_model, args):
+        x, sigmas, c = args["input"], args["timestep"], args["c"]
+        roles = patching.roles_from_chunks(args["cond_or_uncond"], patching.DEFAULT_BRANCHES,
+                                           x.shape[0])
+        source = roles.index("full")
+        rows = self.latents.shape[0]
+        sigma = float(sigmas[0])
+        noisy = self.latents + msa.step_noise(self.latents.shape, sigma) * sigma  # EPS model
+        c_ref = {k: (v[[source] * rows] if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v)
+                 for k, v in c.items()}
+        self.writing = True
+        apply_model(noisy, sigmas[:1].expand(rows), **c_ref)
+        self.writing = False
+        self.roles = roles
+        return apply_model(x, sigmas, **c)
+
+    def patch(self, location):
+        def attn1(q, k, v, extra_options):
+            heads = extra_options["n_heads"]
+            if self.writing:
+                self.bank[location] = (k, v)
+                return optimized_attention(q, k, v, heads)
+            out = optimized_attention(q, k, v, heads)
+            height, width = extra_options["original_shape"][-2:]
+            scale = math.sqrt(height * width / q.shape[1])
+            h, w = round(height / scale), round(width / scale)
+            rows_y = (torch.arange(h) * self.masks.shape[1]) // h
+            rows_x = (torch.arange(w) * self.masks.shape[2]) // w
+            fg = self.masks[:, rows_y][:, :, rows_x].reshape(-1) > 0.5
+            k_ref, v_ref = self.bank[location]
+            d = q.shape[-1] // heads
+            for i, role in enumerate(self.roles):
+                if role != "full":
+                    continue
+                keys = torch.cat([k[i], k_ref.reshape(-1, k.shape[-1])]).double()
+                values = torch.cat([v[i], v_ref.reshape(-1, v.shape[-1])]).double()
+                bias = torch.cat([torch.zeros(q.shape[1]), torch.where(fg, 0.0, -math.inf)])
+                for hd in range(heads):
+                    sl = slice(hd * d, (hd + 1) * d)
+                    logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
+                    out[i, :, sl] = (logits.softmax(-1) @ values[:, sl]).float()
+            return out
+        return attn1
+
+    def install(self, model):
+        patched = model.clone()
+        patched.set_model_unet_function_wrapper(self.wrapper)
+        for location in patching.attention_locations(model):
+            patched.set_model_attn1_replace(self.patch(location), *location)
+        return patched
+
+
+@pytest.mark.parametrize("family,count", [("sd15", 1), ("sdxl", 3)])
+def test_one_call_equals_two_passes(parts, family, count):
+    vae, clips = parts
+    model = tiny_models.tiny_unet(family)
+    refs = _encoded(vae, count)
+    sizes, handle = _count_unet_calls(model)
+    try:
+        one_call = _sample(_msa(model, refs), clips, family)
+        assert sizes == [2 + count] * STEPS  # ONE UNet call per step: target + reference rows
+        two_pass = _sample(TwoPass(model, refs).install(model), clips, family)
+    finally:
+        handle.remove()
+    plain = _sample(model, clips, family)
+    assert _diff(one_call, plain) > 1e-3  # the references do change the image
+    assert _diff(one_call, two_pass) < 1e-5
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_uncond_rows_untouched(parts, count):
+    """The sampler follows the uncond prediction only (a cfg function returning it): with MSA
+    that trajectory must be the unpatched one, while the cond prediction does change."""
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    seen = {}
+
+    def follow_uncond(name):
+        def cfg(args):
+            seen.setdefault(name, []).append(args["cond_denoised"])
+            return args["uncond"]
+        return cfg
+
+    plain = model.clone()
+    plain.set_model_sampler_cfg_function(follow_uncond("plain"))
+    patched = _msa(model, _encoded(vae, count))
+    patched.set_model_sampler_cfg_function(follow_uncond("msa"))
+    out_plain = _sample(plain, clips, "sd15")
+    out_msa = _sample(patched, clips, "sd15")
+    assert _diff(out_msa, out_plain) < 1e-5
+    assert _diff(seen["msa"][0], seen["plain"][0]) > 1e-3
+
+
+def test_layers_and_strength_change_the_result(parts):
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    refs = _encoded(vae, 1)
+    full = _sample(_msa(model, refs), clips, "sd15")
+    down = _sample(_msa(model, refs, layers="down"), clips, "sd15")
+    half = _sample(_msa(model, refs, strength=0.5), clips, "sd15")
+    plain = _sample(model, clips, "sd15")
+    for out in (down, half):
+        assert _diff(out, full) > 1e-4 and _diff(out, plain) > 1e-4
+    # A rerun on the same patched model reproduces itself (fresh noise per step, seeded).
+    patched = _msa(model, refs, first_step_unmasked=True)
+    assert torch.equal(_sample(patched, clips, "sd15"), _sample(patched, clips, "sd15"))
+
+
+def test_batch_mode_shares_between_images(parts):
+    _, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    plain = _sample(model, clips, "sd15", batch=2)
+    zero = torch.zeros(1, 12, 16)
+    out = _sample(_msa(model, None, mode="batch", batch_masks=zero), clips, "sd15", batch=2)
+    assert _diff(out, plain) < 1e-5
+    shared = _sample(_msa(model, None, mode="batch"), clips, "sd15", batch=2)
+    assert _diff(shared, plain) > 1e-3
+    # One image alone has nobody to share with.
+    single = _sample(model, clips, "sd15")
+    assert _diff(_sample(_msa(model, None, mode="batch"), clips, "sd15"), single) < 1e-5
+
+
+class TinySD3(comfy.supported_models.SD3):
+    unet_config = {"in_channels": 16, "depth": 1, "pos_embed_scaling_factor": None,
+                   "pos_embed_max_size": 8, "num_patches": 64,
+                   "context_embedder_config": {"target": "torch.nn.Linear",
+                                               "params": {"in_features": 16, "out_features": 64}}}
+
+
+def test_bad_inputs_give_clear_errors(parts, host):
+    vae, _ = parts
+    model = tiny_models.tiny_unet("sd15")
+    ref = _encoded(vae, 1)[0]
+    no_latents = ref.__class__(**{**ref.__dict__, "latents": None})
+    with pytest.raises(ValueError, match="no latents.*VAE"):
+        _msa(model, (no_latents,))
+    wrong_mask = ref.__class__(**{**ref.__dict__, "masks": torch.ones(1, 3, 3)})
+    with pytest.raises(ValueError, match="masks .* do not match its latent grid"):
+        _msa(model, (wrong_mask,))
+    with pytest.raises(ValueError, match="at least one encoded reference"):
+        _msa(model, None)
+    sd3 = TinySD3(dict(TinySD3.unet_config)).get_model({})
+    sd3 = comfy.model_patcher.ModelPatcher(sd3, load_device=torch.device("cpu"),
+                                           offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="UNet models .*SD3"):
+        _msa(sd3, (ref,))
+    assert host.nodes["MultiRefApplyMSA"] is MultiRefApplyMSA

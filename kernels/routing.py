@@ -137,10 +137,14 @@ def routing_weights(mode, q, heads, text_out=None, phrases=None, masks=None, gri
         return weights, weights
     if mode != "weighted":
         raise RoutingInputError(f"mode: unknown routing mode {mode!r}; use one of {MODES}")
-    with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
-        weights = normalize_across_references(relevance_maps(q, phrases, heads))
-    if not keep_grad:
-        weights = weights.detach()
+    if phrases is None:
+        # One reference: normalized across references, its weight is 1 at every position.
+        weights = torch.ones(1, 1, 1, device=q.device)
+    else:
+        with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
+            weights = normalize_across_references(relevance_maps(q, phrases, heads))
+        if not keep_grad:
+            weights = weights.detach()
     shown = weights
     if text_to_weight is not None:
         weights = weights * text_modulation(text_out, text_to_weight).float()
@@ -153,9 +157,12 @@ def routed_cross_attention(q, text_out, heads, ip_keys, ip_values, reference_wei
     """out = T + scale * sum_i w_i W_i(x) O_i for every row of q; returns (out, shown map).
 
     reference_weights: (N,) per-reference weights w_i (0 = reference off at this step).
-    phrases: PhraseKeys (mode weighted); masks: (N, h, w) region masks (mode mask); grid: the
+    phrases: PhraseKeys (mode weighted; None only with one reference); masks: (N, h, w) region masks (mode mask); grid: the
     layer's (H, W) (mode mask); text_to_weight: (1, heads*d) or None; keep_grad: let gradients
     flow through the relevance maps (training asks; they are detached otherwise)."""
+    if mode == "weighted" and phrases is None and ip_keys.shape[1] > 1:
+        raise RoutingInputError("phrases: mode 'weighted' with several references needs a phrase "
+                                "for every reference")
     weights, shown = routing_weights(mode, q, heads, text_out, phrases, masks, grid,
                                      text_to_weight, keep_grad)
     w = reference_weights.to(device=q.device, dtype=torch.float32)

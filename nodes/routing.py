@@ -1,0 +1,335 @@
+"""Weighted-merge object routing nodes (MIP-Adapter): several references, each on its own object.
+
+MultiRefApplyAdapter patches every cross-attention of a model clone; the math is in
+kernels/routing.py. Phrases are encoded on their own, as MIP-Adapter does: each phrase goes
+through the text encoder alone and its tokens after BOS up to EOS are projected by each layer's
+own to_k (the phrase is not looked up inside the prompt). MultiRefRoutingMaps shows, after a
+sampler ran, where each reference went.
+"""
+import logging
+
+import torch
+
+from ..kernels import routing
+from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
+from . import patching
+
+log = logging.getLogger("multiref")
+
+RECORDER_KEY = "multiref_routing_recorder"
+ROUTED_ROLES = ("full", "image", "uncond")  # reference rows of MSA get no adapter contribution
+PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 0.15),
+           (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
+
+
+class RoutingRecorder:
+    """The routing maps of the prompt (`full`) rows of the last sampling run, summed per step,
+    layer group and layer resolution. Steps are counted by sigma: a lower sigma starts the next
+    step, a higher one a new run (samplers that evaluate twice per step count twice)."""
+
+    def __init__(self):
+        self.sigmas = []
+        self.sums = {}
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone deep-copies model_options: every later clone (LoRA loaders, other
+        # patches) must keep writing where MultiRefRoutingMaps reads.
+        return self
+
+    def record(self, sigma, block_name, grid, maps):
+        sigma = 0.0 if sigma is None else sigma
+        if not self.sigmas or sigma > self.sigmas[-1]:
+            self.sigmas, self.sums = [], {}
+        if not self.sigmas or sigma < self.sigmas[-1]:
+            self.sigmas.append(sigma)
+        key = (len(self.sigmas) - 1, block_name, grid)
+        maps = maps.detach().float()
+        entry = self.sums.get(key)
+        if entry is None or entry[0].shape != maps.shape:
+            self.sums[key] = [maps.clone(), 1]
+        else:
+            entry[0].add_(maps)
+            entry[1] += 1
+
+    def maps(self, step, block_names, size):
+        """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`."""
+        total, layers = None, 0
+        for (entry_step, block_name, grid), (summed, count) in self.sums.items():
+            if entry_step != step or block_name not in block_names:
+                continue
+            rows, _, refs = summed.shape
+            spatial = summed.transpose(1, 2).reshape(rows, refs, *grid)
+            resized = torch.nn.functional.interpolate(spatial.cpu(), size=size, mode="bilinear",
+                                                      align_corners=False)
+            total = resized if total is None else total + resized
+            layers += count
+        return None if total is None else total / layers
+
+
+def phrase_embeddings(clip, phrase, what):
+    """The text encoder's output for the phrase alone, tokens after BOS up to EOS: (P, C_ctx)."""
+    tokens = clip.tokenize(phrase)
+    key = next(iter(tokens))
+    end_token = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
+    if len(tokens[key]) > 1:
+        raise ValueError(f"{what}: phrase {phrase!r} is longer than one 75-token chunk; name the "
+                         "object in a few words")
+    ids = [t[0] for t in tokens[key][0]]
+    count = ids.index(end_token, 1) - 1
+    if count < 1:
+        raise ValueError(f"{what}: phrase {phrase!r} gives no tokens; write the object's words "
+                         "(e.g. 'dog') as they appear in the prompt")
+    cond = clip.encode_from_tokens(tokens)
+    return cond[0, 1:1 + count].detach().float().cpu()
+
+
+def _pad_tokens(token_list):
+    """(1, n_i, C) per reference -> (N, n_max, C) zero-padded, and the counts."""
+    counts = [t.shape[1] for t in token_list]
+    padded = token_list[0].new_zeros(len(counts), max(counts), token_list[0].shape[2])
+    for i, tokens in enumerate(token_list):
+        padded[i, :counts[i]] = tokens[0]
+    return padded, counts
+
+
+class _RoutedReferences:
+    """What every layer's patch shares: references, phrases, gating, the recorder."""
+
+    def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds):
+        self.adapter = adapter
+        self.mode, self.scale, self.bounds = mode, scale, bounds
+        self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
+        self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
+        self.embeddings = embeddings
+        self.masks = masks
+        self.weights = [r.weight for r in references]
+        self.reference_bounds = [patching.sigma_range(model, r.start_percent, r.end_percent)
+                                 for r in references]
+        self.recorder = RoutingRecorder()
+
+    def reference_weights(self, sigma):
+        return tuple(w if patching.in_sigma_range(sigma, b) else 0.0
+                     for w, b in zip(self.weights, self.reference_bounds))
+
+    def make_patch(self, location, inner, to_k):
+        layer = self.adapter.layer(location)
+        cache = {}
+
+        def tensors(device, dtype):
+            key = (device, dtype)
+            if key not in cache:
+                k_w, v_w = (layer.to_k_ip.weight.to(device, dtype), layer.to_v_ip.weight.to(device, dtype))
+                tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
+                gate = layer.text_to_weight
+                cache[key] = {"k": tokens @ k_w.T, "v": tokens @ v_w.T, "rows": {}, "weights": {},
+                              "gate": None if gate is None else gate.weight.to(device, dtype)}
+            return cache[key]
+
+        def phrase_keys(device, dtype):
+            # Cached per layer; a LoRA patching to_k puts a new weight tensor there: key on it.
+            key = ("phrases", device, dtype, to_k.weight.data_ptr())
+            if key not in cache:
+                with torch.no_grad():
+                    cache[key] = routing.phrase_keys(
+                        [to_k(e.to(device, dtype)) for e in self.embeddings])
+            return cache[key]
+
+        def patch(q, k, v, extra_options):
+            text_out = inner(q, k, v, extra_options)
+            sigma = patching.current_sigma(extra_options)
+            if not patching.in_sigma_range(sigma, self.bounds):
+                return text_out
+            weights = self.reference_weights(sigma)
+            roles = patching.row_roles(extra_options, q.shape[0])
+            rows = patching.rows_with_role(roles, ROUTED_ROLES)
+            if not rows or not any(weights):
+                return text_out
+            cached = tensors(q.device, q.dtype)
+            row_roles = tuple(roles[i] for i in rows)
+            if row_roles not in cached["rows"]:
+                # Image-conditioned rows read the image tokens, uncond rows the uncond tokens.
+                image = torch.tensor([r in patching.IMAGE_ROLES for r in row_roles], device=q.device)
+                pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
+                cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
+            if weights not in cached["weights"]:
+                cached["weights"][weights] = torch.tensor(weights, device=q.device)
+            ip_k, ip_v = cached["rows"][row_roles]
+            subset = len(rows) < q.shape[0]
+            q_rows = q[rows] if subset else q
+            text_rows = text_out[rows] if subset else text_out
+            grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
+            out, shown = routing.routed_cross_attention(
+                q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
+                cached["weights"][weights], self.scale, self.mode,
+                phrases=phrase_keys(q.device, q.dtype) if self.embeddings else None,
+                masks=self.masks, grid=grid, text_to_weight=cached["gate"],
+                token_counts=self.counts)
+            full = [i for i, r in enumerate(row_roles) if r == "full"]
+            if full:
+                if shown is None:
+                    shown = torch.ones(1, 1, len(weights), device=q.device)
+                shown = shown.expand(len(rows), q.shape[1], len(weights))
+                self.recorder.record(sigma, location[0], grid, shown[full])
+            if not subset:
+                return out
+            merged = text_out.clone()
+            merged[rows] = out
+            return merged
+
+        return patch
+
+
+class MultiRefApplyAdapter:
+    DESCRIPTION = ("Applies an IP-Adapter (or MIP-Adapter) with several references, each routed "
+                   "to its own object: in every cross-attention layer each reference's phrase "
+                   "finds where its object is, and the references' image attention is merged "
+                   "with those weights instead of blended everywhere. Returns a patched copy of "
+                   "the model; the input model is unchanged.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("the model with the references applied (connect it to a sampler)",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model to patch (other patches and LoRAs "
+                                           "applied before or after are kept)."}),
+            "adapter": ("MULTIREF_ADAPTER", {"tooltip": "From MultiRef Adapter Loader; must be the "
+                                                        "adapter the references were encoded with."}),
+            "references": ("MULTIREF_ENCODED", {"tooltip": "From MultiRef Encode References: one "
+                                                           "entry per object."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes each reference's "
+                                         "phrase on its own to find its object."}),
+            "mode": (list(routing.MODES), {"default": "weighted", "tooltip":
+                     "weighted: each reference goes where its phrase is (MIP-Adapter); mask: "
+                     "each reference goes where its region mask is; sum: every reference "
+                     "everywhere (plain IP-Adapter with the references added)."}),
+            "scale": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                      "Strength of the image attention (IP-Adapter weight); 0.6-0.8 is typical."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Sampling progress where the references start acting."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Sampling progress where the references stop acting."}),
+        }, "optional": {
+            "phrases": ("STRING", {"default": "", "tooltip":
+                        "Optional comma-separated phrases, one per reference in order, replacing "
+                        "the references' own phrases (e.g. 'dog, red hat'). Empty: use theirs."}),
+            "region_masks": ("MASK", {"tooltip": "Mode mask: one mask per reference (batch in "
+                                                 "reference order) over the output image; 0 = "
+                                                 "off, 1 = full strength."}),
+        }}
+
+    def apply(self, model, adapter, references, clip, mode, scale, start_percent, end_percent,
+              phrases="", region_masks=None):
+        references = tuple(references)
+        if not references:
+            raise ValueError("references: no encoded references; connect MultiRef Encode "
+                             "References with at least one reference")
+        for i, ref in enumerate(references):
+            if ref.adapter_fingerprint != adapter.fingerprint:
+                raise ValueError(f"references: reference {i + 1} was encoded with another adapter "
+                                 f"than {adapter.describe()}; encode the references with the same "
+                                 "adapter that is applied")
+        if mode not in routing.MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {routing.MODES}")
+        texts = _phrases(references, phrases)
+        unet = model.model.diffusion_model
+        blocks = dict(unet_transformer_blocks(unet))
+        adapter = adapter.bind(list(blocks), cross_attention_dims(unet))
+        embeddings = None
+        if mode == "weighted" and len(references) > 1:
+            embeddings = [phrase_embeddings(clip, text, f"phrase of reference {i + 1}")
+                          for i, text in enumerate(texts)]
+            context = adapter.context_dim
+            if embeddings[0].shape[-1] != context:
+                raise ValueError(f"clip: the text encoder gives width {embeddings[0].shape[-1]} "
+                                 f"but the model's cross-attention reads width {context}; "
+                                 "connect the text encoder of this model's checkpoint")
+        masks = _region_masks(region_masks, len(references)) if mode == "mask" else None
+        state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
+                                  patching.sigma_range(model, start_percent, end_percent))
+        patched = model.clone()
+        patching.set_attention_patch(
+            patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
+        patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = state.recorder
+        log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
+                 mode, scale)
+        return (patched,)
+
+
+def _phrases(references, phrases):
+    given = [p.strip() for p in phrases.split(",")] if phrases.strip() else []
+    if len(given) > len(references):
+        raise ValueError(f"phrases: {len(given)} phrases for {len(references)} references; give "
+                         "at most one phrase per reference (comma-separated) or connect more "
+                         "references")
+    return given + [r.phrase for r in references[len(given):]]
+
+
+def _region_masks(region_masks, count):
+    if region_masks is None:
+        raise ValueError("region_masks: mode 'mask' needs one mask per reference; connect a MASK "
+                         "batch or choose mode 'weighted'")
+    masks = region_masks if region_masks.ndim == 3 else region_masks[None]
+    if masks.shape[0] != count:
+        raise ValueError(f"region_masks: {masks.shape[0]} masks for {count} references; give one "
+                         "mask per reference, in reference order")
+    return masks.float().clamp(0, 1)
+
+
+class MultiRefRoutingMaps:
+    DESCRIPTION = ("Shows where each reference went: the routing weights of one sampling step and "
+                   "layer group, one colour per reference, over the output. Connect the MODEL from "
+                   "MultiRef Apply Adapter and the LATENT its sampler produced.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "show"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("one picture per generated image: reference i's share in colour i",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model from MultiRef Apply Adapter that the sampler "
+                                           "used."}),
+            "samples": ("LATENT", {"tooltip": "The sampler's output (makes this run after it and "
+                                              "gives the picture size)."}),
+            "step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
+                     "Sampling step to show (0 = first); past the last step shows the last."}),
+            "layers": (list(patching.BLOCK_GROUPS), {"default": "all", "tooltip":
+                       "Which cross-attention layers to average: all, down (input blocks), "
+                       "middle, or up (output blocks)."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Optional decoded output to draw the colours over."}),
+        }}
+
+    def show(self, model, samples, step, layers, image=None):
+        recorder = model.model_options.get("transformer_options", {}).get(RECORDER_KEY)
+        if recorder is None:
+            raise ValueError("model: carries no routing; connect the MODEL output of MultiRef "
+                             "Apply Adapter (the one the sampler used)")
+        if not recorder.sigmas:
+            raise ValueError("samples: no routing was recorded; run a sampler with this model "
+                             "and connect its LATENT output here")
+        if step >= len(recorder.sigmas):
+            log.warning("MultiRefRoutingMaps: step %d not recorded, showing the last step (%d)",
+                        step, len(recorder.sigmas) - 1)
+            step = len(recorder.sigmas) - 1
+        latent = samples["samples"]
+        size = tuple(image.shape[1:3]) if image is not None else (latent.shape[-2] * 8,
+                                                                 latent.shape[-1] * 8)
+        maps = recorder.maps(step, patching.BLOCK_GROUPS[layers], size)
+        if maps is None:
+            raise ValueError(f"layers: no routed layer in group '{layers}'; choose 'all'")
+        colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(maps.shape[1])])
+        picture = torch.einsum("bnhw,nc->bhwc", maps, colours)
+        picture = picture / maps.sum(1)[..., None].clamp_min(1.0)
+        if image is not None:
+            picture = 0.5 * image[:, :, :, :3].float().cpu() + 0.5 * picture[:image.shape[0]]
+        return (picture.clamp(0, 1),)
+
+
+NODE_CLASS_MAPPINGS = {"MultiRefApplyAdapter": MultiRefApplyAdapter,
+                       "MultiRefRoutingMaps": MultiRefRoutingMaps}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefApplyAdapter": "MultiRef Apply Adapter (routing)",
+                              "MultiRefRoutingMaps": "MultiRef Routing Maps"}

@@ -1,0 +1,202 @@
+"""MultiRefApplyAdapter / MultiRefRoutingMaps on the tiny real UNet through the host's sampler."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import comfy.sample
+from multiref.kernels.adapter import build_adapter
+from multiref.kernels.checkpoints import cross_attention_dims, published_order
+from multiref.kernels.references import EncodedReference
+from multiref.nodes import patching, tiny_models
+from multiref.nodes.routing import RECORDER_KEY, MultiRefApplyAdapter, MultiRefRoutingMaps
+
+TOKENS = 4
+
+
+def tiny_adapter(model, seed=0, text_to_weight=False):
+    """Random weights with the published key layout, sized for the tiny UNet's cross-attentions."""
+    g = torch.Generator().manual_seed(seed)
+    dims = cross_attention_dims(model.model.diffusion_model)
+    context = next(iter(dims.values()))[0]
+    tensors = {"image_proj.proj.weight": torch.randn(TOKENS * context, 24, generator=g) * 0.2,
+               "image_proj.proj.bias": torch.zeros(TOKENS * context),
+               "image_proj.norm.weight": torch.ones(context),
+               "image_proj.norm.bias": torch.zeros(context)}
+    for i, location in enumerate(published_order(dims)):
+        ctx, inner = dims[location]
+        for name in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * i + 1}.{name}.weight"] = torch.randn(inner, ctx, generator=g) / ctx ** 0.5
+        if text_to_weight:
+            tensors[f"ip_adapter.{2 * i + 1}.text_to_weight.weight"] = torch.randn(1, inner, generator=g)
+    kind = "mip_adapter" if text_to_weight else "ip_adapter"
+    family = "sdxl" if context == tiny_models.SDXL_CONTEXT else "sd15"
+    return build_adapter(kind, family, tensors, source="tiny")
+
+
+def encoded(adapter, phrase, seed, views=1, weight=1.0, start=0.0, end=1.0):
+    g = torch.Generator().manual_seed(100 + seed)
+    shape = (1, views * TOKENS, adapter.context_dim)
+    return EncodedReference(image_tokens=torch.randn(shape, generator=g),
+                            uncond_tokens=torch.randn(shape, generator=g) * 0.1, latents=None,
+                            masks=None, phrase=phrase, weight=weight, start_percent=start,
+                            end_percent=end, adapter_fingerprint=adapter.fingerprint)
+
+
+def sample(model, clip, family="sd15", height=6, width=10, steps=2, batch=1):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a dog and a cat"), return_pooled=True)
+    extra = ({"pooled_output": pooled, "width": width * 8, "height": height * 8}
+             if family == "sdxl" else {})
+    noise = torch.randn(batch, 4, height, width, generator=torch.Generator().manual_seed(0))
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", [[cond, extra]],
+                               [[torch.zeros_like(cond), dict(extra)]],
+                               torch.zeros(batch, 4, height, width), seed=0, disable_pbar=True)
+
+
+def plain_ip_adapter(model, adapter, references, scale):
+    """Plain IP-Adapter, written independently: at each cross-attention, text attention plus
+    scale * SDPA over each reference's projected tokens (image tokens on prompt rows, uncond tokens
+    on negative rows), every reference added."""
+    patched = model.clone()
+    adapter = adapter.bind(cross_attention_dims(model.model.diffusion_model))
+
+    def make(location, inner):
+        layer = adapter.layer(location)
+
+        def attention(q, k, v, extra_options):
+            out = inner(q, k, v, extra_options)
+            heads = extra_options["n_heads"]
+            roles = patching.row_roles(extra_options, q.shape[0])
+            for ref in references:
+                for row, role in enumerate(roles):
+                    tokens = ref.image_tokens if role == "full" else ref.uncond_tokens
+                    ik = layer.to_k_ip(tokens.to(q)).view(1, -1, heads, q.shape[-1] // heads)
+                    iv = layer.to_v_ip(tokens.to(q)).view(1, -1, heads, q.shape[-1] // heads)
+                    qr = q[row:row + 1].view(1, -1, heads, q.shape[-1] // heads)
+                    o = F.scaled_dot_product_attention(qr.transpose(1, 2), ik.transpose(1, 2),
+                                                       iv.transpose(1, 2))
+                    out[row] = out[row] + scale * ref.weight * o.transpose(1, 2).reshape(q.shape[1:])
+            return out
+        return attention
+
+    patching.set_attention_patch(patched, "attn2", make)
+    return patched
+
+
+def apply(model, adapter, refs, clip, mode="weighted", scale=0.8, **kw):
+    return MultiRefApplyAdapter().apply(model, adapter, refs, clip, mode, scale, 0.0, 1.0, **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    model = tiny_models.tiny_unet("sd15")
+    clip = tiny_models.tiny_text_encoder("sd15")
+    adapter = tiny_adapter(model)
+    three = tuple(encoded(adapter, p, i, views=1 + i % 2, weight=w)
+                  for i, (p, w) in enumerate([("dog", 1.0), ("cat", 0.5), ("hat", 0.8)]))
+    # Samples several tests compare with (each sample costs seconds on a shared CPU).
+    shared = {"unpatched": sample(model, clip),
+              "sum": sample(apply(model, adapter, three, clip, "sum"), clip)}
+    return model, clip, adapter, three, shared
+
+
+def test_one_reference_weighted_and_sum_equal_plain_ip_adapter(sd15):
+    model, clip, adapter, three, shared = sd15
+    one = (encoded(adapter, "dog", 0),)
+    routed = sample(apply(model, adapter, one, clip, "weighted"), clip)
+    plain = sample(plain_ip_adapter(model, adapter, one, 0.8), clip)
+    assert (routed - shared["unpatched"]).abs().max() > 1e-3  # the adapter does act
+    torch.testing.assert_close(routed, plain, atol=1e-4, rtol=1e-4)
+    plain = sample(plain_ip_adapter(model, adapter, three, 0.8), clip)
+    torch.testing.assert_close(shared["sum"], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_mode_zero_is_no_adapter_one_is_full_strength(sd15):
+    model, clip, adapter, three, shared = sd15
+    off = sample(apply(model, adapter, three, clip, "mask", region_masks=torch.zeros(3, 48, 80)), clip)
+    assert torch.equal(off, shared["unpatched"])
+    full = sample(apply(model, adapter, three, clip, "mask", region_masks=torch.ones(3, 48, 80)), clip)
+    assert torch.equal(full, shared["sum"])
+
+
+def test_three_references_sample_non_square_with_maps(sd15, host):
+    model, clip, adapter, _, _ = sd15
+    refs = tuple(encoded(adapter, p, i, views=1 + i % 2, start=0.0 if i < 2 else 0.5)
+                 for i, p in enumerate(["dog", "cat", "red hat"]))
+    patched = apply(model, adapter, refs, clip, "weighted")
+    out = sample(patched, clip, height=6, width=10, steps=3, batch=2)
+    assert out.shape == (2, 4, 6, 10) and torch.isfinite(out).all()
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+    recorder = patched.model_options["transformer_options"][RECORDER_KEY]
+    assert len(recorder.sigmas) == 3
+    images, = MultiRefRoutingMaps().show(patched, {"samples": out}, 1, "all")
+    assert images.shape == (2, 48, 80, 3)
+    # weighted maps sum to one over the references: each pixel is a convex mix of the colours
+    maps = recorder.maps(1, patching.BLOCK_GROUPS["all"], (48, 80))
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 48, 80), atol=1e-4, rtol=0)
+    assert set(patching.BLOCK_GROUPS) == {"all", "down", "up", "middle"}
+    down, = MultiRefRoutingMaps().show(patched, {"samples": out}, 99, "down")
+    assert down.shape == images.shape and not torch.equal(down, images)
+    assert {"MultiRefApplyAdapter", "MultiRefRoutingMaps"} <= set(host.nodes)
+
+
+def test_sdxl_weighted_with_learned_gate_samples():
+    model = tiny_models.tiny_unet("sdxl")
+    clip = tiny_models.tiny_text_encoder("sdxl")
+    adapter = tiny_adapter(model, seed=3, text_to_weight=True)
+    refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat", "hat"]))
+    out = sample(apply(model, adapter, refs, clip, "weighted"), clip, "sdxl", height=8, width=6)
+    assert out.shape == (1, 4, 8, 6) and torch.isfinite(out).all()
+    assert (out - sample(model, clip, "sdxl", height=8, width=6)).abs().max() > 1e-3
+
+
+def test_patch_rows_by_role_and_composition(sd15):
+    """full/image rows read image tokens, uncond rows uncond tokens, ref rows nothing; an attn2
+    replace put before keeps running underneath."""
+    model, clip, adapter, _, _ = sd15
+    seen = []
+
+    def earlier(q, k, v, extra_options):
+        seen.append(extra_options["block"])
+        return patching.host_attention_call(q, k, v, extra_options)
+
+    base = model.clone()
+    base.set_model_attn2_replace(earlier, "input", 1, 0)
+    refs = (encoded(adapter, "dog", 0),)
+    patch = apply(base, adapter, refs, clip, "sum").model_options["transformer_options"][
+        "patches_replace"]["attn2"][("input", 1, 0)]
+    heads, width = 4, 32
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 12, width, generator=g) for _ in range(3))
+    options = {"n_heads": heads, "original_shape": [4, 4, 6, 8], "block": ("input", 1),
+               "sigmas": torch.ones(4), patching.ROLES_KEY: ("full", "image", "uncond", "ref")}
+    out = patch(q, k, v, options)
+    text = patching.host_attention_call(q, k, v, options)
+    assert seen == [("input", 1)]
+    bound = adapter.bind(cross_attention_dims(model.model.diffusion_model)).layer(("input", 1, 0))
+    for row, tokens in ((0, refs[0].image_tokens), (1, refs[0].image_tokens), (2, refs[0].uncond_tokens)):
+        ik, iv = bound.to_k_ip(tokens), bound.to_v_ip(tokens)
+        split = lambda t: t.view(1, -1, heads, width // heads).transpose(1, 2)
+        o = F.scaled_dot_product_attention(split(q[row:row + 1]), split(ik), split(iv))
+        torch.testing.assert_close(out[row], text[row] + 0.8 * o.transpose(1, 2).reshape(12, width),
+                                   atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[3], text[3])
+
+
+def test_bad_inputs_are_refused_with_clear_errors(sd15):
+    model, clip, adapter, _, _ = sd15
+    refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat"]))
+    with pytest.raises(ValueError, match="phrases: 3 phrases for 2 references"):
+        apply(model, adapter, refs, clip, phrases="dog, cat, hat")
+    with pytest.raises(ValueError, match="phrase of reference 2.*gives no tokens"):
+        apply(model, adapter, refs, clip, phrases="dog,   ")
+    other = tiny_adapter(model, seed=9)
+    with pytest.raises(ValueError, match="reference 1 was encoded with another adapter"):
+        apply(model, other, refs, clip)
+    with pytest.raises(ValueError, match="region_masks: 1 masks for 2 references"):
+        apply(model, adapter, refs, clip, "mask", region_masks=torch.ones(1, 48, 80))
+    with pytest.raises(ValueError, match="clip: the text encoder gives width 48"):
+        apply(model, adapter, refs, tiny_models.tiny_text_encoder("sdxl"))
+    with pytest.raises(ValueError, match="model: carries no routing"):
+        MultiRefRoutingMaps().show(model, {"samples": torch.zeros(1, 4, 6, 8)}, 0, "all")

@@ -1,11 +1,11 @@
 """Node registration: every family module exports its own two mappings; they are merged here."""
 import logging
 
-from . import demo, loaders, msa, references, routing
+from . import demo, guidance, loaders, msa, references, routing
 
 log = logging.getLogger("multiref")
 
-FAMILIES = (demo, loaders, msa, references, routing)
+FAMILIES = (demo, guidance, loaders, msa, references, routing)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,215 @@
+"""Normalized text/image guidance as a GUIDER for the core SamplerCustomAdvanced, and an
+all-in-one sampler node built on the same guider (DESIGN.md 3.4; the math is kernels/guidance.py).
+
+All branches of a step run in ONE batched model call (`calc_cond_batch` with the conds
+[positive, negative, negative]); `transformer_options["multiref_branches"]` tells the pack's
+patches which chunk is the full, image-only and uncond branch (docs/CONTRACTS.md), so the adapter
+and MSA patches put the image condition on the full and image-only rows only.
+"""
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..kernels import guidance
+from .patching import BRANCHES_KEY
+
+log = logging.getLogger("multiref")
+
+THREE_BRANCH = "three-branch"
+TWO_BRANCH = "two-branch"
+MODES = (THREE_BRANCH, TWO_BRANCH)
+# Roles of the guider's cond list, by index (see docs/CONTRACTS.md).
+THREE_BRANCHES = ("full", "image", "uncond")
+TWO_BRANCHES = ("full", "uncond")
+
+
+class MultiRefGuider(comfy.samplers.CFGGuider):
+    """u / i / f guidance with the min-norm rescale; the two-branch form when the image scale is
+    0 (at that step or for the whole run) or in two-branch mode. Only predict_noise and sample
+    are overridden, with the host's signatures passed through, so every ComfyUI version that
+    has CFGGuider runs it."""
+
+    def __init__(self, model_patcher, text_scale, image_scale, image_scale_ramp, normalize, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        super().__init__(model_patcher)
+        self.set_cfg(text_scale)
+        self.image_scale = image_scale
+        self.image_scale_ramp = image_scale_ramp
+        self.normalize = normalize
+        self.mode = mode
+        self.schedule = None
+        self.warned_no_image = False
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        # The image scale ramps over this sampling's schedule; the host hands the schedule in here.
+        self.schedule = sigmas
+        self.warned_no_image = False
+        return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def image_scale_now(self, sigma):
+        if self.mode == TWO_BRANCH:
+            return 0.0
+        progress = 0.0 if self.schedule is None else guidance.sampling_progress(sigma, self.schedule)
+        return guidance.image_scale_at(progress, self.image_scale, self.image_scale_ramp)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.reshape(-1)[0])
+        image_scale = self.image_scale_now(sigma)
+        positive, negative = self.conds.get("positive"), self.conds.get("negative")
+        if image_scale == 0.0:
+            full, uncond = self.run_branches(x, timestep, model_options, [positive, negative],
+                                             TWO_BRANCHES)
+            return guidance.two_branch_guidance(uncond, full, self.cfg, self.normalize)
+        full, image, uncond = self.run_branches(x, timestep, model_options,
+                                                [positive, negative, negative], THREE_BRANCHES)
+        combine = guidance.normalized_guidance if self.normalize else guidance.plain_three_branch_guidance
+        guided = combine(uncond, image, full, self.cfg, image_scale)
+        # A row whose image-only prediction equals uncond has no image condition at this step
+        # (no adapter/MSA on the model, or one limited to a sigma range). Eq. 4 would then
+        # cancel the text guidance too (d_img = 0 makes m = 0); text-only CFG is what is meant.
+        no_image = guidance.per_sample_norm(image - uncond) == 0
+        if bool(no_image.any()):
+            self.warn_no_image(sigma)
+            text_only = guidance.two_branch_guidance(uncond, full, self.cfg, self.normalize)
+            guided = torch.where(no_image, text_only, guided)
+        return guided
+
+    def run_branches(self, x, timestep, model_options, conds, branches):
+        options = dict(model_options)
+        options["transformer_options"] = dict(options.get("transformer_options", {}))
+        options["transformer_options"][BRANCHES_KEY] = branches
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, options)
+
+    def warn_no_image(self, sigma):
+        if not self.warned_no_image:
+            self.warned_no_image = True
+            log.warning("MultiRef guidance: the image-only branch equals the uncond branch at "
+                        "sigma %.4g: the model carries no image condition there (apply a MultiRef "
+                        "adapter or MSA first); text-only CFG is used where that happens", sigma)
+
+
+def _guidance_inputs():
+    return {
+        "text_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                       "round": 0.01, "tooltip":
+                       "s_T: strength of the prompt (text) guidance. In two-branch mode it is the "
+                       "ordinary CFG scale."}),
+        "image_scale": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                        "round": 0.01, "tooltip":
+                        "s_I0: strength of the image (reference) guidance at the first step. 0 "
+                        "with ramp 0 runs plain two-branch CFG (no image-only branch)."}),
+        "image_scale_ramp": ("FLOAT", {"default": 5.0, "min": -100.0, "max": 100.0, "step": 0.1,
+                             "round": 0.01, "tooltip":
+                             "a: the image scale grows linearly from image_scale at the first "
+                             "step to image_scale + ramp at the last one (never below 0)."}),
+        "normalize": ("BOOLEAN", {"default": True, "tooltip":
+                      "On: the image and text guidance vectors are shrunk to the smaller one's "
+                      "norm per sample (SynCD eq. 4), which keeps high scales from burning "
+                      "colors; two-branch: the guided prediction's norm is capped at the "
+                      "prompt prediction's. Off: plain (unnormalized) guidance."}),
+        "mode": (list(MODES), {"default": THREE_BRANCH, "tooltip":
+                 "three-branch: uncond / image-only / full predictions, for a model patched with "
+                 "a MultiRef adapter or MSA. two-branch: uncond / full (ordinary CFG), for any "
+                 "model."}),
+    }
+
+
+_CONDITIONING_TOOLTIPS = {
+    "positive": "The prompt (full branch: prompt + image condition).",
+    "negative": "The negative prompt (used by the image-only and uncond branches).",
+}
+
+
+class MultiRefNormalizedCFGGuider:
+    DESCRIPTION = ("Normalized text/image guidance (SynCD eq. 4) as a GUIDER for the core "
+                   "SamplerCustomAdvanced. Each step predicts uncond (negative text, no image), "
+                   "image-only (negative text + references) and full (prompt + references) in one "
+                   "batched model call and combines them with the image and text guidance "
+                   "rescaled to the same norm. It replaces CFG, so model-level CFG hooks "
+                   "(pre/post-CFG functions) are not run.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "get_guider"
+    RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("Guider for SamplerCustomAdvanced.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model, usually after a MultiRef adapter and/or MSA "
+                                "node (they tell the branches apart)."}),
+            "positive": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["positive"]}),
+            "negative": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["negative"]}),
+            **_guidance_inputs(),
+        }}
+
+    def get_guider(self, model, positive, negative, text_scale, image_scale, image_scale_ramp,
+                   normalize, mode):
+        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode)
+        guider.set_conds(positive, negative)
+        return (guider,)
+
+
+class MultiRefSampler:
+    DESCRIPTION = ("All-in-one sampler with MultiRef's normalized text/image guidance, for simple "
+                   "graphs (the same guidance as MultiRefNormalizedCFGGuider + "
+                   "SamplerCustomAdvanced).")
+    CATEGORY = "MultiRef"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model, usually after a MultiRef adapter and/or MSA "
+                                "node."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
+                     "Seed of the initial noise."}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip":
+                      "Number of sampling steps."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampling algorithm."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule."}),
+            "positive": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["positive"]}),
+            "negative": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["negative"]}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent (text-to-image) or an encoded "
+                                        "image to denoise partially."}),
+            **_guidance_inputs(),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "How much of the schedule to run: 1 from pure noise, less keeps more of "
+                        "the input latent."}),
+        }}
+
+    def sample(self, model, seed, steps, sampler_name, scheduler, positive, negative,
+               latent_image, text_scale, image_scale, image_scale_ramp, normalize,
+               mode, denoise):
+        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode)
+        guider.set_conds(positive, negative)
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device,
+                                         sampler=sampler_name, scheduler=scheduler,
+                                         denoise=denoise, model_options=model.model_options).sigmas
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        progress = comfy.utils.ProgressBar(max(len(sigmas) - 1, 1))
+        samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                denoise_mask=latent_image.get("noise_mask"),
+                                callback=lambda step, x0, x, total: progress.update_absolute(step + 1, total),
+                                disable_pbar=True, seed=seed)
+        out = dict(latent_image)
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MultiRefNormalizedCFGGuider": MultiRefNormalizedCFGGuider,
+    "MultiRefSampler": MultiRefSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MultiRefNormalizedCFGGuider": "MultiRef Normalized CFG Guider",
+    "MultiRefSampler": "MultiRef Sampler (normalized guidance)",
+}

@@ -1,0 +1,276 @@
+"""The normalized-guidance GUIDER on the tiny real UNet, through the host's real sampler
+(`guider.sample(noise, latent, sampler, sigmas, ...)`, exactly as SamplerCustomAdvanced calls it)."""
+import math
+import os
+
+import torch
+
+import comfy.samplers
+from multiref.kernels import guidance
+from multiref.nodes import guidance as guidance_nodes
+from multiref.nodes import patching, tiny_models
+
+STEPS = 3
+SHAPE = (1, 4, 6, 10)
+
+
+def _conds():
+    clip = tiny_models.tiny_text_encoder("sd15")
+    positive = clip.encode_from_tokens(clip.tokenize("a photo of a dog"))
+    negative = clip.encode_from_tokens(clip.tokenize("blurry"))
+    return positive, negative
+
+
+POSITIVE, NEGATIVE = _conds()
+
+
+class ImageCondition:
+    """A stand-in for the adapter: image-conditioned rows (full, image) also attend to a few
+    fixed 'image tokens' in every cross-attention; uncond rows do not. Records what it saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def install(self, model):
+        self.widths = {}
+        unet = model.model.diffusion_model
+        for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
+                             ("output", unet.output_blocks)):
+            for block_id, block in enumerate(blocks):
+                for layer in block:
+                    for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                        self.widths[(name, block_id, index)] = transformer.attn2.to_q.out_features
+        patching.set_attention_patch(model, "attn2", self.make_patch)
+
+    def width(self, location):
+        return self.widths[location]
+
+    def make_patch(self, location, inner):
+        gen = torch.Generator().manual_seed(len(location[0]) + 10 * location[1])
+        tokens = torch.randn((1, 4, self.width(location)), generator=gen)
+
+        def patch(q, k, v, extra_options):
+            roles = patching.row_roles(extra_options, q.shape[0])
+            self.seen.append({"location": location, "roles": roles, "batch": q.shape[0],
+                              "cond_or_uncond": list(extra_options["cond_or_uncond"]),
+                              "branches": extra_options.get(patching.BRANCHES_KEY)})
+            out = inner(q, k, v, extra_options)
+            rows = patching.rows_with_role(roles, patching.IMAGE_ROLES)
+            if rows:
+                image = tokens.to(q).expand(len(rows), -1, -1)
+                extra = patching.host_attention_call(q[rows], image, image, extra_options)
+                out = out.clone()
+                out[rows] += extra
+            return out
+        return patch
+
+
+class CallRecorder:
+    """A UNet function wrapper that keeps every model call: its chunks, contexts and outputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        self.calls.append({"sigma": float(args["timestep"][0]), "batch": out.shape[0],
+                           "cond_or_uncond": list(args["cond_or_uncond"]),
+                           "context": args["c"]["c_crossattn"].clone(), "out": out.clone()})
+        return out
+
+    def branch_outputs(self, call):
+        """{cond index: prediction} of one call."""
+        chunks = call["out"].chunk(len(call["cond_or_uncond"]))
+        return dict(zip(call["cond_or_uncond"], chunks))
+
+
+def _model(image_condition=None, recorder=None, seed=0):
+    model = tiny_models.tiny_unet("sd15", seed).clone()
+    if image_condition is not None:
+        image_condition.install(model)
+    if recorder is not None:
+        model.set_model_unet_function_wrapper(recorder)
+    return model
+
+
+def _sigmas(model, steps=STEPS):
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+
+
+def _sample(guider, model, sampler="euler", steps=STEPS):
+    denoised = []
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    out = guider.sample(noise, torch.zeros(SHAPE), comfy.samplers.sampler_object(sampler),
+                        _sigmas(model, steps), callback=lambda i, x0, x, total: denoised.append(x0),
+                        disable_pbar=True, seed=0)
+    return out, denoised
+
+
+def _guider(model, text_scale=5.0, image_scale=3.0, ramp=0.0, normalize=True,
+            mode=guidance_nodes.THREE_BRANCH):
+    guider = guidance_nodes.MultiRefNormalizedCFGGuider().get_guider(
+        model, [[POSITIVE, {}]], [[NEGATIVE, {}]], text_scale, image_scale, ramp, normalize, mode)[0]
+    assert isinstance(guider, comfy.samplers.CFGGuider)
+    return guider
+
+
+def test_one_call_per_step_with_full_image_uncond_rows():
+    condition, recorder = ImageCondition(), CallRecorder()
+    model = _model(condition, recorder)
+    _sample(_guider(model), model)
+    assert len(recorder.calls) == STEPS  # euler: one model call per step carries all branches
+    for call in recorder.calls:
+        assert call["batch"] == 3 and sorted(call["cond_or_uncond"]) == [0, 1, 2]
+        # The rows carry the right text: full = prompt, image-only and uncond = negative prompt.
+        for index, context in zip(call["cond_or_uncond"], call["context"].chunk(3)):
+            expected = POSITIVE if index == 0 else NEGATIVE
+            assert torch.equal(context, expected.to(context))
+    assert {s["location"] for s in condition.seen} == set(patching.attention_locations(model))
+    for seen in condition.seen:
+        assert seen["branches"] == ("full", "image", "uncond")
+        role_of = {0: "full", 1: "image", 2: "uncond"}
+        assert seen["roles"] == tuple(role_of[i] for i in seen["cond_or_uncond"])
+    # The image condition really reaches the image-only branch and not the uncond one.
+    outputs = recorder.branch_outputs(recorder.calls[0])
+    assert not torch.equal(outputs[1], outputs[2])
+
+
+def test_reference_rows_ride_in_the_same_call():
+    condition, recorder = ImageCondition(), CallRecorder()
+    model = _model(condition, recorder)
+
+    def two_references(x, timestep, c, roles):
+        full = patching.rows_with_role(roles, "full")
+        return torch.zeros(2, *x.shape[1:]), [full[0], full[0]], "refs"
+
+    patching.add_row_provider(model, two_references)
+    _sample(_guider(model), model)
+    assert len(recorder.calls) == STEPS
+    assert all(call["batch"] == 3 for call in recorder.calls)  # reference rows sliced off again
+    inside = [s for s in condition.seen if s["location"] == ("middle", 0, 0)]
+    assert len(inside) == STEPS
+    for seen in inside:
+        assert seen["batch"] == 5
+        assert sorted(seen["roles"][:3]) == ["full", "image", "uncond"]
+        assert seen["roles"][3:] == ("ref", "ref")
+
+
+def _solve_image_scale(u, i, f, text_scale, result):
+    """The s_I that makes `result` eq. 4 of (u, i, f), by least squares along the rescaled d_img
+    (written out here, independently of the kernel)."""
+    d_img, d_txt = (i - u).double(), (f - i).double()
+    n_img, n_txt = d_img.norm().item(), d_txt.norm().item()
+    m = min(n_img, n_txt)
+    d_img = d_img * min(1.0, m / n_img)
+    d_txt = d_txt * min(1.0, m / n_txt)
+    rest = result.double() - i.double() - text_scale * d_txt
+    return float((rest * d_img).sum() / (d_img * d_img).sum())
+
+
+def test_image_scale_follows_the_ramp_step_by_step():
+    """Ramp from 0: the first step has image scale 0 and runs two branches only; every later
+    step's output is eq. 4 at the scheduled image scale, read back from the output."""
+    recorder = CallRecorder()
+    model = _model(ImageCondition(), recorder)
+    text_scale, start, ramp = 4.0, 0.0, 6.0
+    _, denoised = _sample(_guider(model, text_scale, start, ramp), model)
+    assert [call["batch"] for call in recorder.calls] == [2] + [3] * (STEPS - 1)
+    assert len(denoised) == STEPS
+    first = recorder.branch_outputs(recorder.calls[0])
+    torch.testing.assert_close(denoised[0], guidance.two_branch_guidance(
+        first[1], first[0], text_scale, normalize=True))
+    for step in range(1, STEPS):
+        out, result = recorder.branch_outputs(recorder.calls[step]), denoised[step]
+        scheduled = start + ramp * step / (STEPS - 1)
+        used = _solve_image_scale(out[2], out[1], out[0], text_scale, result)
+        assert math.isclose(used, scheduled, rel_tol=1e-3, abs_tol=1e-3)
+        torch.testing.assert_close(result, guidance.normalized_guidance(
+            out[2], out[1], out[0], text_scale, scheduled))
+
+
+def _host_cfg(model, cfg):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[POSITIVE, {}]], [[NEGATIVE, {}]])
+    guider.set_cfg(cfg)
+    return guider
+
+
+def test_image_scale_zero_and_two_branch_mode_are_the_host_cfg():
+    model = _model(ImageCondition())
+    expected, _ = _sample(_host_cfg(model, 6.0), model)
+    for guider in (_guider(model, 6.0, 0.0, 0.0, normalize=False),
+                   _guider(model, 6.0, 5.0, 2.0, normalize=False, mode=guidance_nodes.TWO_BRANCH)):
+        out, _ = _sample(guider, model)
+        assert torch.equal(out, expected)
+
+
+def test_two_branch_normalized_is_the_capped_cfg():
+    recorder = CallRecorder()
+    model = _model(ImageCondition(), recorder)
+    _, denoised = _sample(_guider(model, 9.0, normalize=True, mode=guidance_nodes.TWO_BRANCH), model)
+    for call, result in zip(recorder.calls, denoised):
+        out = recorder.branch_outputs(call)
+        guided = out[1] + 9.0 * (out[0] - out[1])
+        expected = guided * min(1.0, (out[0].norm() / guided.norm()).item())
+        torch.testing.assert_close(result, expected)
+
+
+def test_without_image_condition_text_guidance_survives():
+    """No adapter/MSA on the model: i == u, and eq. 4 would cancel the text guidance; the
+    guider falls back to text-only CFG (warning once) instead of returning the uncond."""
+    model = _model()
+    expected, _ = _sample(_host_cfg(model, 6.0), model)
+    out, _ = _sample(_guider(model, 6.0, 4.0, normalize=False), model)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mode_is_checked():
+    try:
+        guidance_nodes.MultiRefGuider(_model(), 5.0, 3.0, 0.0, True, "three")
+    except ValueError as error:
+        assert "mode" in str(error) and "two-branch" in str(error)
+    else:
+        raise AssertionError("an unknown mode was accepted")
+
+
+def _saved_latent(host, ui):
+    import safetensors.torch
+    entry = ui["latents"][0]
+    path = os.path.join(host.folder_paths.get_output_directory(), entry["subfolder"], entry["filename"])
+    return safetensors.torch.load_file(path)["latent_tensor"]
+
+
+def test_nodes_run_in_a_prompt_and_the_all_in_one_sampler_matches_the_guider(host):
+    """API prompt through the host's executor: guider + core SamplerCustomAdvanced and the
+    all-in-one MultiRefSampler give the same latent for the same seed and settings."""
+    scales = {"text_scale": 5.0, "image_scale": 3.0, "image_scale_ramp": 2.0, "normalize": True,
+              "mode": "three-branch"}
+    prompt = {
+        "models": {"class_type": "MultiRefTinyDemoModels", "inputs": {"family": "sd15", "seed": 0}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["models", 1], "text": "a dog"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["models", 1], "text": ""}},
+        "latent": {"class_type": "EmptyLatentImage",
+                   "inputs": {"width": 64, "height": 48, "batch_size": 1}},
+        "guider": {"class_type": "MultiRefNormalizedCFGGuider", "inputs": dict(
+            model=["models", 0], positive=["pos", 0], negative=["neg", 0], **scales)},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {
+            "model": ["models", 0], "scheduler": "normal", "steps": STEPS, "denoise": 1.0}},
+        "custom": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+            "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}},
+        "simple": {"class_type": "MultiRefSampler", "inputs": dict(
+            model=["models", 0], seed=7, steps=STEPS, sampler_name="euler", scheduler="normal",
+            positive=["pos", 0], negative=["neg", 0], latent_image=["latent", 0], denoise=1.0,
+            **scales)},
+        "save_custom": {"class_type": "SaveLatent", "inputs": {
+            "samples": ["custom", 0], "filename_prefix": "guidance_test/custom"}},
+        "save_simple": {"class_type": "SaveLatent", "inputs": {
+            "samples": ["simple", 0], "filename_prefix": "guidance_test/simple"}},
+    }
+    outputs = host.execute(prompt)
+    custom = _saved_latent(host, outputs["save_custom"])
+    simple = _saved_latent(host, outputs["save_simple"])
+    assert custom.shape == (1, 4, 6, 8) and torch.isfinite(custom).all()
+    assert torch.equal(custom, simple)

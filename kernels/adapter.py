@@ -287,7 +287,11 @@ class LoadedAdapter:
                 f"this adapter was trained with: {clip_model_hint(self.clip_input, self.clip_width)}")
         param = next(self.image_proj.parameters())
         with torch.no_grad():
-            return self.image_proj(features.to(param.device, param.dtype))
+            if param.device.type != "cpu" or param.dtype == torch.float32:
+                return self.image_proj(features.to(param.device, param.dtype))
+            # Half-precision files on the CPU: run in float32 (CPU fp16 is slow and less exact).
+            weights = {k: v.float() for k, v in self.image_proj.state_dict().items()}
+            return torch.func.functional_call(self.image_proj, weights, (features.float(),))
 
     def bind(self, unet_locations, attention_dims=None):
         """A copy whose layers are tied to a UNet's attention locations.

@@ -89,27 +89,32 @@ class MultiRefEncodeReferences:
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
-        encoded = []
-        for ref in references:
-            views, height, width = ref.images.shape[:3]
-            tokens = self.tokens(adapter, clip_vision, ref.images)
-            black = self.tokens(adapter, clip_vision, torch.zeros_like(ref.images[:1]))
-            latents = vae.encode(ref.images) if vae is not None else None
-            grid = tuple(latents.shape[-2:]) if latents is not None else (
-                height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
-            masks = None
-            if ref.masks is not None:
-                cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
-                masks = latent_masks(cropped, views, grid, mask_dilation)
-            encoded.append(EncodedReference(
-                image_tokens=tokens.reshape(1, -1, tokens.shape[-1]),
-                uncond_tokens=black.repeat(1, views, 1),
-                latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
-                start_percent=ref.start_percent, end_percent=ref.end_percent,
-                adapter_fingerprint=adapter.fingerprint))
+        with torch.no_grad():
+            encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation)
+                            for ref in references)
         log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
                  ", ".join(f"{e.image_tokens.shape[1]} tokens" for e in encoded))
-        return (tuple(encoded),)
+        return (encoded,)
+
+    def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation):
+        views, height, width = ref.images.shape[:3]
+        grid = (height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
+        masks = None
+        if ref.masks is not None:  # first, so a bad mask fails before any encoding
+            cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
+            masks = latent_masks(cropped, views, grid, mask_dilation)
+        tokens = self.tokens(adapter, clip_vision, ref.images)
+        black = self.tokens(adapter, clip_vision, torch.zeros_like(ref.images[:1]))
+        latents = vae.encode(ref.images) if vae is not None else None
+        if latents is not None and tuple(latents.shape[-2:]) != grid:
+            raise ReferenceInputError(f"vae: latents of {tuple(latents.shape[-2:])} for images of "
+                                      f"{(height, width)}; connect an SD1.5/SDXL VAE (8x downscale)")
+        return EncodedReference(
+            image_tokens=tokens.reshape(1, -1, tokens.shape[-1]),
+            uncond_tokens=black.repeat(1, views, 1),
+            latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
+            start_percent=ref.start_percent, end_percent=ref.end_percent,
+            adapter_fingerprint=adapter.fingerprint)
 
     @staticmethod
     def tokens(adapter, clip_vision, images):

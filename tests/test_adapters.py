@@ -168,8 +168,9 @@ def test_syncd_resampler_conversion_is_exact(tmp_path):
     proj = {k[len("image_proj."):]: v.float() for k, v in written.items() if k.startswith("image_proj.")}
     features = torch.randn(1, 50, 32)
     reference = adapter_mod.Resampler.from_state_dict(proj)(features)
-    got = adapter.project({"penultimate_hidden_states": features}).float()
-    assert (got - reference).abs().max() < 2e-2  # fp16 weights run in fp16 vs float32
+    got = adapter.project({"penultimate_hidden_states": features})
+    assert got.dtype == torch.float32  # fp16 file weights are computed in float32 on the CPU
+    assert (got - reference).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def fingerprint_of(named_tensors):
     return digest.hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: compare fields explicitly
 class LoadedAdapter:
     """A loaded adapter (ComfyUI type MULTIREF_ADAPTER). Treat it as immutable: patches read it.
 

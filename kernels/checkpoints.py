@@ -105,7 +105,7 @@ def read_checkpoint(path):
             metadata = dict(f.metadata() or {})
         return load_file(path), metadata
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(
             f"refused to load {name}: it is a pickle that needs more than plain tensors and "
@@ -115,6 +115,17 @@ def read_checkpoint(path):
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a Lightning checkpoint: the module's weights are in here
     return flatten(obj), {}
+
+
+def _torch_load(path):
+    # Memory-mapped where the file allows it (zip format): a Lightning checkpoint holding a whole
+    # model and optimizer state then costs only the tensors that are kept.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def flatten(obj, prefix=""):

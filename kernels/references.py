@@ -14,7 +14,7 @@ class ReferenceInputError(ValueError):
     """A reference input is unusable; the message names the input and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: compare fields explicitly
 class Reference:
     """Raw user input for one object.
 
@@ -80,7 +80,7 @@ def latent_masks(masks, views, size, dilation=0):
     return fg
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: compare fields explicitly
 class EncodedReference:
     """One reference ready for the patches.
 

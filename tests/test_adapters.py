@@ -345,3 +345,13 @@ def test_damaged_numbering(tmp_path):
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     with pytest.raises(checkpoints.CheckpointError, match="not the published 1, 3, 5"):
         checkpoints.load_adapter(path)
+
+
+def test_legacy_pickle_format_loads(tmp_path):
+    """Files saved by old torch (not zip): read without memory-mapping, still weights-only."""
+    _, written = tc.write_checkpoint(str(tmp_path), "ip_adapter", "sd15")
+    path = str(tmp_path / "legacy.bin")
+    torch.save(tc.published_nested(written), path, _use_new_zipfile_serialization=False)
+    adapter = checkpoints.load_adapter(path)
+    assert adapter.kind == "ip_adapter" and adapter.family == "sd15"
+    assert all(torch.equal(v, written[k]) for k, v in adapter.state_dict().items())

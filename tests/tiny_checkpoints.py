@@ -132,7 +132,7 @@ def canonical(layout, family, seed=0, blocks=TINY_BLOCKS):
     return out
 
 
-def _published_nested(tensors):
+def published_nested(tensors):
     nested = {"image_proj": {}, "ip_adapter": {}}
     for key, value in tensors.items():
         group, rest = key.split(".", 1)
@@ -173,5 +173,5 @@ def write_checkpoint(folder, layout, family, file_format=None, seed=0, blocks=TI
     elif file_format == "safetensors":
         save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     else:
-        torch.save(_published_nested(tensors), path)
+        torch.save(published_nested(tensors), path)
     return path, tensors

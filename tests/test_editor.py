@@ -1,0 +1,188 @@
+"""The shipped UI workflows in the real ComfyUI editor: the installable host's bundled web
+frontend, served by its own server with the pack in custom_nodes, in headless Chromium.
+Each UI file loads with every node known, the editor would save it back unchanged, and the
+editor's own API export (app.graphToPrompt) equals the file's API twin."""
+import glob
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from comfy_server import running_server
+from conftest import ROOT
+from headless_browser import Browser, find_browser
+
+spec = importlib.util.spec_from_file_location("workflow_format",
+                                              os.path.join(ROOT, "headless", "workflow_format.py"))
+fmt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fmt)
+
+UI_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))
+                  if not p.endswith("_api.json"))
+NAMES = [os.path.basename(p)[: -len(".json")] for p in UI_FILES]
+# Set to a path to (re)write the README picture of a loaded workflow from the screenshot test.
+SCREENSHOT_ENV = "MULTIREF_EDITOR_SCREENSHOT"
+
+# Core-node graph for what the shipped workflows may not use yet: LoadImage's upload button
+# (exported as "upload"), a widget input fed by a link (seed, width), a forceInput input linked
+# and unlinked, a multiline STRING, a seed control.
+EDITOR_PROBE_API = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "reference.png", "upload": "image"}},
+    "2": {"class_type": "IntAdd", "inputs": {"value0": 40, "value1": 24, "value2": 0,
+                                             "value3": 0, "value4": 0}},
+    "3": {"class_type": "EmptyLatentImage", "inputs": {"width": ["2", 0], "height": 64,
+                                                       "batch_size": 1}},
+    "4": {"class_type": "TextDiffuserPrepareInstructPrompt",
+          "inputs": {"text": "a cat\nholding a sign", "text_to_render": "hello"}},
+    "5": {"class_type": "PreviewString", "inputs": {"value": ["4", 0]}},
+    "6": {"class_type": "PreviewString", "inputs": {}},
+    "7": {"class_type": "KSampler", "inputs": {"seed": ["2", 0], "steps": 3, "cfg": 6.5,
+                                               "sampler_name": "euler", "scheduler": "normal",
+                                               "latent_image": ["3", 0], "denoise": 0.75}},
+}
+
+LOAD_JS = """(async (workflow) => {
+  app.ui.dialog.close();
+  await app.loadGraphData(workflow);
+  const saved = app.graph.serialize();
+  return {
+    nodes: app.graph._nodes.map(n => ({id: n.id, type: n.type, comfyClass: n.comfyClass || null,
+                                       registered: n.type in LiteGraph.registered_node_types})),
+    saved: saved.nodes.map(n => ({id: n.id, widgets_values: n.widgets_values || [],
+      inputs: (n.inputs || []).map(i => [i.name, i.link ?? null, i.widget?.name ?? null])})),
+    dialog: app.ui.dialog.element.style.display === "none" ? null
+            : app.ui.dialog.textElement.innerText,
+    output: (await app.graphToPrompt()).output,
+  };
+})(%s)"""
+
+LAYOUT_JS = """((types) => Object.fromEntries(types.map(type => {
+  const node = LiteGraph.createNode(type);
+  return [type, {
+    widgets: (node.widgets || []).map(w => [w.name, w.options?.serialize !== false]),
+    inputs: (node.inputs || []).map(i => [i.name, i.widget?.name ?? null]),
+  }];
+})))(%s)"""
+
+
+@pytest.fixture(scope="module")
+def host_nodes(host):
+    return host.nodes
+
+
+@pytest.fixture(scope="module")
+def editor(tmp_path_factory):
+    executable = find_browser()
+    if executable is None:
+        pytest.skip("no chromium on PATH: the editor tests drive a headless Chromium "
+                    "(install it with `bash .ci/install-browser.sh`)")
+    with running_server(tmp_path_factory.mktemp("editor_server")) as url:
+        browser = Browser(executable)
+        try:
+            browser.call("Emulation.setDeviceMetricsOverride", session=True, width=1600,
+                         height=900, deviceScaleFactor=1, mobile=False)
+            browser.open(url)
+            browser.wait_for("!!window.app", timeout=90)  # set once app.setup() has finished
+            yield browser
+        finally:
+            browser.close()
+
+
+def _load(editor, ui):
+    editor.events.clear()  # page_errors() then reports this load only
+    return editor.evaluate(LOAD_JS % json.dumps(ui))
+
+
+def _assert_loads_as_saved(loaded, ui):
+    assert loaded["dialog"] is None, f"the editor showed a dialog: {loaded['dialog']}"
+    expected = sorted((n["id"], n["type"]) for n in ui["nodes"])
+    assert sorted((n["id"], n["type"]) for n in loaded["nodes"]) == expected
+    for node in loaded["nodes"]:  # a missing type would load as a bare placeholder node
+        assert node["registered"] and node["comfyClass"] == node["type"], node
+    # What the editor would save back: the same widget values and input sockets.
+    saved = {n["id"]: n for n in loaded["saved"]}
+    for node in ui["nodes"]:
+        assert saved[node["id"]]["widgets_values"] == node["widgets_values"], node["type"]
+        sockets = [[i["name"], i["link"], i.get("widget", {}).get("name")] for i in node["inputs"]]
+        assert saved[node["id"]]["inputs"] == sockets, node["type"]
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=NAMES)
+def test_ui_workflow_loads_and_exports_its_api_twin(editor, ui_path):
+    ui = fmt.load(ui_path)
+    loaded = _load(editor, ui)
+    _assert_loads_as_saved(loaded, ui)
+    # Python's == treats 5 and 5.0 alike, as JSON (and the editor) do.
+    assert loaded["output"] == fmt.load(ui_path[: -len(".json")] + "_api.json")
+    assert editor.page_errors() == []
+
+
+def test_uploads_converted_and_forced_inputs_round_trip_through_the_editor(editor, host_nodes):
+    ui = fmt.api_to_ui(EDITOR_PROBE_API, host_nodes)
+    loaded = _load(editor, ui)
+    _assert_loads_as_saved(loaded, ui)
+    assert loaded["output"] == EDITOR_PROBE_API
+    assert fmt.ui_to_api(ui, host_nodes) == EDITOR_PROBE_API
+
+
+def test_a_missing_node_type_is_caught(editor, host_nodes):
+    """The check above fails when the editor does not know a node (proof it can fail)."""
+    ui = fmt.api_to_ui(EDITOR_PROBE_API, host_nodes)
+    ui["nodes"][0]["type"] = "MultiRefNoSuchNode"
+    loaded = _load(editor, ui)
+    assert "MultiRefNoSuchNode" in (loaded["dialog"] or "")
+    with pytest.raises(AssertionError):
+        _assert_loads_as_saved(loaded, ui)
+
+
+def test_editor_widget_layout_matches_the_format_module(editor, host_nodes):
+    """Every pack node and every node a shipped workflow uses gets exactly the widgets and
+    sockets that headless/workflow_format.py assumes when it writes and reads UI files."""
+    pack = {name for name, cls in host_nodes.items()
+            if str(getattr(cls, "CATEGORY", "")).startswith("MultiRef")}
+    used = {n["type"] for path in UI_FILES for n in fmt.load(path)["nodes"]}
+    types = sorted(pack | used | {n["class_type"] for n in EDITOR_PROBE_API.values()})
+    assert pack, "the host registered no MultiRef nodes"
+    layouts = editor.evaluate(LAYOUT_JS % json.dumps(types))
+    for name in types:
+        widgets = fmt.editor_widgets(host_nodes[name])
+        expected_widgets = [[w.name, w.role in (fmt.INPUT, fmt.UPLOAD)] for w in widgets]
+        expected_inputs = [[socket, None] for socket, _ in fmt.editor_sockets(host_nodes[name])]
+        expected_inputs += [[w.name, w.name] for w in widgets if w.converted]
+        assert layouts[name] == {"widgets": expected_widgets, "inputs": expected_inputs}, name
+
+
+def test_screenshot_of_a_loaded_workflow(editor, host_nodes, tmp_path):
+    def pack_nodes(path):
+        return sum(str(getattr(host_nodes[n["type"]], "CATEGORY", "")).startswith("MultiRef")
+                   for n in fmt.load(path)["nodes"])
+
+    ui_path = max(UI_FILES, key=pack_nodes)
+    _assert_loads_as_saved(_load(editor, fmt.load(ui_path)), fmt.load(ui_path))
+    editor.evaluate("""(() => {
+      document.querySelector(".comfy-menu").style.display = "none";
+      const nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT, margin = 30;
+      const left = Math.min(...nodes.map(n => n.pos[0]));
+      const top = Math.min(...nodes.map(n => n.pos[1] - title));
+      const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
+      const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+      const rect = app.canvasEl.getBoundingClientRect();
+      const scale = Math.min((rect.width - 2 * margin) / (right - left),
+                             (rect.height - 2 * margin) / (bottom - top), 1.25);
+      app.canvas.ds.scale = scale;
+      app.canvas.ds.offset = [margin / scale - left, margin / scale - top];
+      app.canvas.draw(true, true);
+    })()""")
+    png = editor.screenshot_png()
+    image = Image.open(io.BytesIO(png)).convert("L")
+    assert image.size == (1600, 900)
+    # A drawn graph has node bodies, text and links: many distinct grey levels, not a blank page.
+    assert len(image.getcolors(256)) > 50
+    target = os.environ.get(SCREENSHOT_ENV)
+    if target:
+        with open(target + ".tmp", "wb") as f:
+            f.write(png)
+        os.replace(target + ".tmp", target)

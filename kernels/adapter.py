@@ -5,7 +5,7 @@ Module names mirror the published state-dict keys, so `state_dict()` of these mo
 published names (`image_proj.latents`, `image_proj.layers.0.0.to_q.weight`, ...).
 """
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -233,7 +233,7 @@ class LoadedAdapter:
     layers: tuple
     source: str = ""
     locations: Optional[tuple] = None
-    fingerprint: str = field(default="")
+    fingerprint: str = ""
 
     def __post_init__(self):
         if not self.fingerprint:

@@ -16,7 +16,7 @@ import re
 import tempfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapter import AdapterMismatchError, build_adapter
@@ -100,18 +100,21 @@ def read_checkpoint(path):
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"adapter file {path} does not exist")
-    if path.lower().endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(path), metadata
     try:
+        if path.lower().endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(path), metadata
         obj = _torch_load(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {name}: it is a pickle that needs more than plain tensors and "
             f"dicts to load ({str(exc).splitlines()[0][:200]}); pickles can run arbitrary code, so "
             "only weights-only pickles are read. Use a .safetensors version of the file, or "
             "convert it where you trust it") from None
+    except (RuntimeError, EOFError, OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {name} ({str(exc).splitlines()[0][:200]}); the file "
+                              "is damaged or incompletely downloaded: download it again") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a Lightning checkpoint: the module's weights are in here
     return flatten(obj), {}

@@ -355,3 +355,13 @@ def test_legacy_pickle_format_loads(tmp_path):
     adapter = checkpoints.load_adapter(path)
     assert adapter.kind == "ip_adapter" and adapter.family == "sd15"
     assert all(torch.equal(v, written[k]) for k, v in adapter.state_dict().items())
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_truncated_file(tmp_path, suffix):
+    path, _ = tc.write_checkpoint(str(tmp_path), "ip_adapter", "sd15", "safetensors" if suffix ==
+                                  ".safetensors" else "bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(checkpoints.CheckpointError, match="damaged or incompletely downloaded"):
+        checkpoints.load_adapter(path)

@@ -38,6 +38,12 @@ DOWNLOADS = (
     "SynCD (www.cs.cmu.edu/~syncd-project/assets/sdxl_finetuned_20k.ckpt): sdxl_finetuned_20k.ckpt",
 )
 
+FILES_BY_FAMILY = {
+    "sd15": "ip-adapter-plus_sd15.bin or ip-adapter_sd15.bin (h94/IP-Adapter, models/)",
+    "sdxl": "ip-adapter-plus_sdxl_vit-h.bin (h94/IP-Adapter, sdxl_models/), model_sdxl_plus.bin "
+            "(hqhQAQ/MIP-Adapter) or sdxl_finetuned_20k.ckpt (SynCD)",
+}
+
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message names the file and what to do."""
@@ -86,8 +92,9 @@ def bind_to_unet(adapter, diffusion_model):
         raise AdapterMismatchError(
             f"{adapter.describe()} is made for {adapter.family.upper()} but the model is "
             f"{(model_family or 'an unsupported base').upper()} (cross-attention context width "
-            f"{', '.join(map(str, contexts))}); use an adapter made for this model's base family, "
-            "or a model of the adapter's family")
+            f"{', '.join(map(str, contexts))}); use an adapter made for this model's base family"
+            f"{' such as ' + FILES_BY_FAMILY[model_family] if model_family in FILES_BY_FAMILY else ''}"
+            ", or a model of the adapter's family")
     return adapter.bind(dims.keys(), dims)
 
 

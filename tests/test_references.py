@@ -110,7 +110,8 @@ def test_sdxl_adapter_on_sd15_model(host, parts, tmp_path):
         encode_node(host, reference_node(host, images(1)), adapter, parts, "sd15")
     message = str(err.value)
     assert "made for SDXL" in message and "the model is SD15" in message
-    assert "model_sdxl_plus.bin" in message
+    assert "model_sdxl_plus.bin (" in message  # the file itself
+    assert "such as ip-adapter-plus_sd15.bin" in message  # what to download instead
 
 
 def test_clip_vision_width_mismatch(host, parts, tmp_path):

@@ -132,6 +132,14 @@ class _BatchCall:
         return None
 
 
+def _take(x, rows):
+    """Rows of x: a view when they are contiguous (the usual case: the host batches each branch
+    as one chunk), saving a copy of q, k and v per layer."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]:rows[0] + len(rows)]
+    return x[rows]
+
+
 class _SharedSelfAttention:
     """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
     ran there before: the host's attention or another node's replace)."""
@@ -152,22 +160,26 @@ class _SharedSelfAttention:
         if self.mode == "references":
             start, end = extra_options["multiref_rows"][TAG]
             index = self.state.foreground_index(h, w, q.device)
-            k_fg, v_fg = msa.gather_foreground(k[start:end], index), msa.gather_foreground(v[start:end], index)
-            shared = msa.shared_attention(q[readers], k[readers], v[readers], k_fg, v_fg, heads)
+            k_fg = msa.gather_foreground(k[start:end], index)
+            v_fg = msa.gather_foreground(v[start:end], index)
+            shared = msa.shared_attention(_take(q, readers), _take(k, readers), _take(v, readers),
+                                          k_fg, v_fg, heads)
         else:
-            shared = torch.empty_like(q[readers])
+            shared = q.new_empty((len(readers),) + q.shape[1:])
             for role in patching.IMAGE_ROLES:
                 group = patching.rows_with_role(roles, role)
                 if group:
                     fg = self.state.batch_foreground(len(group), h, w, q.device)
                     at = [readers.index(i) for i in group]
-                    shared[at] = msa.batch_shared_attention(q[group], k[group], v[group], fg, heads)
+                    shared[at] = msa.batch_shared_attention(_take(q, group), _take(k, group),
+                                                            _take(v, group), fg, heads)
         plain_rows = [i for i in range(q.shape[0]) if i not in readers or self.strength != 1.0]
         out = torch.empty_like(q)
         if plain_rows:
             plain = self._inner_on_rows(q, k, v, extra_options, roles, plain_rows)
             out[plain_rows] = plain
-        out[readers] = msa.blend(out[readers], shared, self.strength)  # at 1: `shared` as is
+        out[readers] = shared if self.strength == 1.0 else msa.blend(out[readers], shared,
+                                                                      self.strength)
         return out
 
     def _inner_on_rows(self, q, k, v, extra_options, roles, rows):
@@ -176,7 +188,7 @@ class _SharedSelfAttention:
         # The inner patch sees a consistent batch: its rows' roles, and no reference-row spans.
         options = dict(extra_options, **{patching.ROLES_KEY: tuple(roles[i] for i in rows),
                                          "multiref_rows": {}})
-        return self.inner(q[rows], k[rows], v[rows], options)
+        return self.inner(_take(q, rows), _take(k, rows), _take(v, rows), options)
 
 
 def _check_model(model):
@@ -206,10 +218,10 @@ def _prepare_references(model, unet, references):
             raise ValueError(f"references: reference {n} latents {tuple(latents.shape)} do not fit "
                              f"this model ({unet.in_channels} latent channels); encode the "
                              "references with this model's VAE")
-        masks = ref.masks
-        if masks is not None and tuple(masks.shape) != (latents.shape[0],) + tuple(latents.shape[2:]):
+        masks, grid = ref.masks, (latents.shape[0],) + tuple(latents.shape[2:])
+        if masks is not None and tuple(masks.shape) != grid:
             raise ValueError(f"references: reference {n} masks {tuple(masks.shape)} do not match "
-                             f"its latent grid {(latents.shape[0],) + tuple(latents.shape[2:])} "
+                             f"its latent grid {grid} "
                              "(views, h, w); re-encode the reference so mask and latents agree")
         bounds = patching.sigma_range(model, ref.start_percent, ref.end_percent)
         prepared.append(_Reference(model.model.process_latent_in(latents.float()).cpu(),
@@ -230,6 +242,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
     bounds = patching.sigma_range(model, start_percent, end_percent)
     patched = model.clone()
     if strength == 0.0:
+        log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
         return patched
     state = _StepState()
     if mode == "references":
@@ -243,9 +256,8 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         masks = None if batch_masks is None else batch_masks.float().cpu()
         provider = _BatchCall(masks, bounds, state, first_step_unmasked)
     patching.add_row_provider(patched, provider)
-    patching.set_attention_patch(
-        patched, "attn1", lambda location, inner: _SharedSelfAttention(inner, state, strength, mode),
-        blocks=layers)
+    make_patch = lambda location, inner: _SharedSelfAttention(inner, state, strength, mode)
+    patching.set_attention_patch(patched, "attn1", make_patch, blocks=layers)
     return patched
 
 
@@ -269,7 +281,8 @@ class MultiRefApplyMSA:
                          "Blend between plain self-attention (0, exactly the unpatched model) and "
                          "full shared attention (1, SynCD)."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "Part of sampling where sharing starts (0 = first step)."}),
+                              "tooltip": "Part of sampling where sharing starts (0 = first "
+                                         "step)."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Part of sampling where sharing ends (1 = last step)."}),
             "first_step_unmasked": ("BOOLEAN", {"default": False, "tooltip":

@@ -1,0 +1,246 @@
+"""Masked Shared Attention benchmark: prints, in one run,
+
+1. attention alone: masked SDPA (SynCD's form: every reference token, additive bias on the
+   background) vs. compacted (foreground gathered, unmasked fused SDPA) vs. plain attention,
+   for 1 and 3 references at 30% and 60% foreground, with the ratio of compacted to the FLOPs
+   floor (1 + K x foreground) x plain, and the largest difference masked vs. compacted;
+2. sampling: per-step time of a sample without MSA, with one-call MSA (reference rows in the
+   same UNet call) and with the two-pass form (separate reference pass), 1 and 3 references.
+
+CUDA: SDXL 1024px shapes in fp16 (2 target rows, 10 heads x 64, 4096 tokens at the 64x64 level;
+sampling on the host's UNetModel with the SDXL configuration, random weights, 1024x1024).
+CPU: tiny shapes (and the tiny SDXL-like UNet) so it runs in seconds; its ratios mean little.
+
+Run from the pack folder:  python -m bench.msa_attention  [--attention-only]
+"""
+import argparse
+import datetime
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.float16 if CUDA else torch.float32
+# (target rows, heads, head width, level height, level width)
+SHAPES = (2, 10, 64, 64, 64) if CUDA else (2, 4, 32, 16, 16)
+
+
+def _load_kernel():
+    """kernels/msa.py imports only torch: load it by path, no host needed for part 1."""
+    spec = importlib.util.spec_from_file_location("multiref_bench_msa",
+                                                  os.path.join(ROOT, "kernels", "msa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(fn, repeats):
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _masked_sdpa(q, k, v, k_refs, v_refs, bias, heads):
+    """SynCD's form: keys [own | all reference tokens], background reference keys biased to
+    -inf through an additive mask, one masked fused attention."""
+    b, n, c = q.shape
+    keys = torch.cat([k, k_refs.reshape(1, -1, c).expand(b, -1, -1)], 1)
+    values = torch.cat([v, v_refs.reshape(1, -1, c).expand(b, -1, -1)], 1)
+    split = lambda x: x.view(b, -1, heads, c // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=bias)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def bench_attention(kernel, repeats):
+    rows, heads, width, h, w = SHAPES
+    n, c = h * w, heads * width
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=DTYPE)
+    q, k, v = rand(rows, n, c), rand(rows, n, c), rand(rows, n, c)
+    split = lambda x: x.view(rows, n, heads, width).transpose(1, 2)
+    plain = _timed(lambda: F.scaled_dot_product_attention(split(q), split(k), split(v)), repeats)
+    print(f"attention, {rows} target rows, {heads} heads x {width}, {n} tokens ({h}x{w}), "
+          f"{DTYPE}: plain {plain * 1e3:.3f} ms")
+    print(f"{'refs':>4} {'fg':>5} {'masked ms':>10} {'compact ms':>10} {'floor ms':>9} "
+          f"{'compact/floor':>13} {'masked/compact':>14} {'max |diff|':>10}")
+    for refs in (1, 3):
+        k_refs, v_refs = rand(refs, n, c), rand(refs, n, c)
+        for fraction in (0.3, 0.6):
+            fg = torch.rand(refs, n, generator=gen, device=DEVICE) < fraction
+            bias = torch.zeros(1, 1, n, n * (1 + refs), device=DEVICE, dtype=DTYPE)
+            bias[..., n:] = torch.where(fg.reshape(-1), 0.0, float("-inf")).to(DTYPE)
+            bias = bias.expand(rows, 1, n, -1)
+            index = kernel.foreground_index(fg)  # once per layer shape, cached by the node
+            masked_fn = lambda: _masked_sdpa(q, k, v, k_refs, v_refs, bias, heads)
+            compact_fn = lambda: kernel.shared_attention(
+                q, k, v, kernel.gather_foreground(k_refs, index),
+                kernel.gather_foreground(v_refs, index), heads)
+            masked, compact = _timed(masked_fn, repeats), _timed(compact_fn, repeats)
+            floor = (1 + refs * index.numel() / (refs * n)) * plain
+            diff = (masked_fn().float() - compact_fn().float()).abs().max().item()
+            print(f"{refs:>4} {fraction:>5.0%} {masked * 1e3:>10.3f} {compact * 1e3:>10.3f} "
+                  f"{floor * 1e3:>9.3f} {compact / floor:>13.2f} {masked / compact:>14.2f} "
+                  f"{diff:>10.1e}")
+
+
+class TwoPass:
+    """SynCD's two passes per step, for timing: a reference pass banks every attn1 layer's
+    keys/values, then the target pass reads their foreground (compacted, as the one-call form)."""
+
+    def __init__(self, kernel, patching, latents, masks, sampling):
+        self.kernel, self.patching, self.sampling = kernel, patching, sampling
+        self.latents, self.masks = latents, masks
+        self.bank, self.writing, self.grid, self.roles = {}, False, None, ()
+        self.foreground = {}  # (h, w) -> flat foreground index, as the one-call form caches
+
+    def wrapper(self, apply_model, args):
+        x, sigmas, c = args["input"], args["timestep"], args["c"]
+        self.roles = self.patching.roles_from_chunks(args["cond_or_uncond"],
+                                                     self.patching.DEFAULT_BRANCHES, x.shape[0])
+        self.grid = tuple(x.shape[-2:])
+        rows = self.latents.shape[0]
+        sigma = float(sigmas[0])
+        noise = self.kernel.step_noise(self.latents.shape, sigma).to(x)
+        noisy = self.sampling.noise_scaling(sigmas[:1].reshape(1, 1, 1, 1), noise,
+                                            self.latents.to(x))
+        source = self.roles.index("full")
+        c_ref = {key: (val[[source] * rows] if torch.is_tensor(val) and val.shape[0] == x.shape[0]
+                       else val) for key, val in c.items()}
+        self.writing = True
+        apply_model(noisy, sigmas[:1].expand(rows), **c_ref)
+        self.writing = False
+        return apply_model(x, sigmas, **c)
+
+    def make_patch(self, location, inner):
+        def attn1(q, k, v, extra_options):
+            if self.writing:
+                self.bank[location] = (k, v)
+                return inner(q, k, v, extra_options)
+            readers = self.patching.rows_with_role(self.roles, self.patching.IMAGE_ROLES)
+            out = inner(q, k, v, extra_options)
+            h, w = self.kernel.layer_grid(q.shape[1], *self.grid)
+            index = self.foreground.get((h, w))
+            if index is None:
+                fg = self.kernel.resize_masks(self.masks, h, w)
+                index = self.foreground[(h, w)] = self.kernel.foreground_index(fg).to(q.device)
+            k_ref, v_ref = self.bank[location]
+            out[readers] = self.kernel.shared_attention(
+                q[readers], k[readers], v[readers], self.kernel.gather_foreground(k_ref, index),
+                self.kernel.gather_foreground(v_ref, index), extra_options["n_heads"])
+            return out
+        return attn1
+
+
+# The published SDXL UNet architecture (the host's detection dict for SDXL checkpoints).
+SDXL_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+             "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "num_head_channels": 64,
+             "num_heads": -1, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+             "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def _sdxl_shaped_unet(device):
+    """The host's SDXL model class with the real SDXL UNet configuration, random fp16 weights
+    (the host's layers skip initialization, so every weight is drawn here)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config.set_inference_dtype(torch.float16, None)
+    model = config.get_model({}, device=device)
+    with torch.no_grad():
+        for name, param in model.diffusion_model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+            else:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def bench_sampling(steps):
+    sys.path.insert(0, ROOT)
+    from headless import host as headless_host
+    headless_host.boot()
+    pack = lambda name: importlib.import_module(f"{headless_host.PACK_FOLDER_NAME}.{name}")
+    kernel, patching, node = pack("kernels.msa"), pack("nodes.patching"), pack("nodes.msa")
+    references = pack("kernels.references")
+    import comfy.sample
+    if CUDA:
+        model, latent, context, pooled = _sdxl_shaped_unet(DEVICE), (128, 128), 2048, 1280
+    else:
+        tiny = pack("nodes.tiny_models")
+        model, latent = tiny.tiny_unet("sdxl"), (16, 16)
+        context, pooled = tiny.SDXL_CONTEXT, tiny.TEXT_G_WIDTH
+    gen = torch.Generator().manual_seed(0)
+    extra = {"pooled_output": torch.randn(1, pooled, generator=gen), "width": 8 * latent[1],
+             "height": 8 * latent[0]}
+    positive = [[torch.randn(1, 77, context, generator=gen), extra]]
+    negative = [[torch.zeros(1, 77, context), dict(extra)]]
+    noise = torch.randn(1, 4, *latent, generator=gen)
+
+    def per_step(patched):
+        run = lambda n: comfy.sample.sample(patched, noise, n, 5.0, "euler", "normal", positive,
+                                            negative, torch.zeros_like(noise), seed=0,
+                                            disable_pbar=True)
+        run(2)  # warm-up (model load, kernels)
+        if CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(steps)
+        if CUDA:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+    plain = per_step(model)
+    print(f"\nsampling, {'SDXL-shaped UNet fp16' if CUDA else 'tiny SDXL-like UNet fp32'}, "
+          f"latent {latent[0]}x{latent[1]}, euler, CFG (batch 2), {steps} steps: "
+          f"plain {plain * 1e3:.1f} ms/step")
+    for refs in (1, 3):
+        latents = torch.randn(refs, 4, *latent, generator=gen)
+        masks = (torch.rand(refs, *latent, generator=gen) < 0.3).float()
+        encoded = tuple(references.EncodedReference(
+            image_tokens=torch.zeros(1, 4, context), uncond_tokens=torch.zeros(1, 4, context),
+            latents=latents[i:i + 1], masks=masks[i:i + 1], phrase="object", weight=1.0,
+            start_percent=0.0, end_percent=1.0, adapter_fingerprint="") for i in range(refs))
+        one_call = per_step(node.apply_msa(model, encoded, 1.0, 0.0, 1.0, False, "all",
+                                           "references"))
+        two = TwoPass(kernel, patching, model.model.process_latent_in(latents), masks,
+                      model.get_model_object("model_sampling"))
+        two_model = model.clone()
+        two_model.set_model_unet_function_wrapper(two.wrapper)
+        patching.set_attention_patch(two_model, "attn1", two.make_patch)
+        two_pass = per_step(two_model)
+        print(f"  {refs} reference(s), 30% foreground: one-call {one_call * 1e3:.1f} ms/step "
+              f"({one_call / plain:.2f}x plain), two-pass {two_pass * 1e3:.1f} ms/step "
+              f"({two_pass / plain:.2f}x plain)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attention-only", action="store_true", help="skip the sampling part")
+    parser.add_argument("--steps", type=int, default=8 if CUDA else 4)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    print(f"MSA benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    bench_attention(_load_kernel(), repeats=50 if CUDA else 10)
+    if not args.attention_only:
+        bench_sampling(args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,21 +47,27 @@ class Browser:
 
         # close_fds=False keeps fds 3 and 4; every other descriptor of this process is
         # non-inheritable (Python's default), so nothing else leaks into the browser.
-        self._proc = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={self._profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=False, preexec_fn=wire_pipe_fds)
+        self._log_path = os.path.join(self._profile, "browser.log")
+        with open(self._log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [executable, *FLAGS, f"--user-data-dir={self._profile}",
+                 f"--window-size={width},{height}", "about:blank"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                close_fds=False, preexec_fn=wire_pipe_fds)
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
         self._next_id = 0
         self.events = []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self._session = self.call("Target.attachToTarget", targetId=target,
-                                  flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime"):
-            self.call(f"{domain}.enable", session=True)
+        try:
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self._session = self.call("Target.attachToTarget", targetId=target,
+                                      flatten=True)["sessionId"]
+            for domain in ("Page", "Runtime"):
+                self.call(f"{domain}.enable", session=True)
+        except BrowserError:
+            self.close()
+            raise
 
     def call(self, method, session=False, timeout=30, **params):
         """Send one command (to the page when `session`) and return its result."""
@@ -69,7 +75,10 @@ class Browser:
         message = {"id": self._next_id, "method": method, "params": params}
         if session:
             message["sessionId"] = self._session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise self._exited(method) from None
         deadline = time.time() + timeout
         while True:
             reply = self._read(deadline, method)
@@ -87,10 +96,15 @@ class Browser:
                 raise BrowserError(f"no answer from the browser to {waiting_for}")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise BrowserError(f"the browser exited while waiting for {waiting_for}")
+                raise self._exited(waiting_for)
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
+
+    def _exited(self, waiting_for):
+        with open(self._log_path, errors="replace") as log:
+            return BrowserError(f"the browser exited while waiting for {waiting_for}; its log: "
+                                + log.read()[-3000:])
 
     def evaluate(self, expression, timeout=30):
         """Evaluate JavaScript in the page (awaiting a promise) and return its JSON value."""
@@ -103,10 +117,19 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression, timeout=60, poll=0.25):
+        """Poll until `expression` is truthy; errors count as not yet (a page that is still
+        loading has no context to evaluate in) and the last one is reported on timeout."""
         deadline = time.time() + timeout
-        while not self.evaluate(expression):
+        last_error = None
+        while True:
+            try:
+                if self.evaluate(expression):
+                    return
+            except BrowserError as exc:
+                last_error = exc
             if time.time() > deadline:
-                raise BrowserError(f"timed out waiting for {expression}")
+                raise BrowserError(f"timed out waiting for {expression}; last error: "
+                                   f"{last_error}; page errors: {self.page_errors()}")
             time.sleep(poll)
 
     def open(self, url):

@@ -33,6 +33,7 @@ class ProgressPrinter:
         self.last_node_id = None
         self.last_prompt_id = None
         self.receive_all_progress_notifications = True
+        self.sockets_metadata = {}  # no websocket clients: previews use the plain event
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.events = []
@@ -130,6 +131,7 @@ def boot(comfyui_path=None, workdir=None, output_dir=None):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != PACK_ROOT]
     if comfyui_path:
         _BOOTED = _boot_checkout(os.path.abspath(comfyui_path), workdir, custom_nodes, output_dir)
+        _name_pack_by_folder()
     else:
         _BOOTED = _boot_installable(workdir, custom_nodes, output_dir)
     return _BOOTED
@@ -178,43 +180,57 @@ def _boot_installable(workdir, custom_nodes, output_dir):
 
 
 def _boot_checkout(path, workdir, custom_nodes, output_dir):
+    """Boot a ComfyUI checkout the way its main.py does, minus the web server: the user's
+    models/, input/ and custom_nodes/ (plus this pack), outputs to output_dir (or the workdir)."""
     if not os.path.isfile(os.path.join(path, "nodes.py")) or not os.path.isdir(
             os.path.join(path, "comfy")):
         raise HostError(f"--comfyui {path}: not a ComfyUI checkout (expected nodes.py and comfy/ "
                         "inside); point it at the folder that holds ComfyUI's main.py")
     sys.path.insert(0, path)
+    output_dir = os.path.abspath(output_dir or os.path.join(workdir, "output"))
     saved_argv = sys.argv
     try:
-        sys.argv = _boot_argv(["--base-directory", workdir] if _accepts_base_dir(path) else [])
-        import comfy.options
+        sys.argv = _boot_argv(["--output-directory", output_dir,
+                               "--temp-directory", os.path.join(workdir, "temp")])
+        try:
+            import comfy.options
+        except ImportError as exc:
+            raise HostError(f"--comfyui {path}: its modules do not import with this Python "
+                            f"({exc}); run with the Python of that ComfyUI's environment") from exc
         comfy.options.enable_args_parsing()
+        # main.py imports the checkout's `utils` package before `nodes` puts comfy/ (which has
+        # a utils.py) on sys.path; built-in nodes that import the server need the package.
+        if os.path.isfile(os.path.join(path, "utils", "__init__.py")):
+            import utils  # noqa: F401
         import folder_paths
-        folder_paths.add_model_folder_path("custom_nodes", custom_nodes)
-        if output_dir:
-            folder_paths.set_output_directory(os.path.abspath(output_dir))
+        folder_paths.set_output_directory(output_dir)
+        folder_paths.set_temp_directory(os.path.join(workdir, "temp"))
+        _load_extra_model_paths(path)
+        if not _pack_already_in(folder_paths.get_folder_paths("custom_nodes")):
+            folder_paths.add_model_folder_path("custom_nodes", custom_nodes)
         import execution
         import nodes
-        result = nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False) \
-            if "init_api_nodes" in nodes.init_extra_nodes.__code__.co_varnames \
-            else nodes.init_extra_nodes(init_custom_nodes=True)
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
+        _run_maybe_async(_init_nodes(nodes))
+    except ImportError as exc:
+        raise HostError(f"--comfyui {path}: a module it needs is missing ({exc}); install that "
+                        "ComfyUI's requirements.txt into this Python") from exc
     finally:
         sys.argv = saved_argv
     _install_progress_hook()
 
     def run_prompt(prompt, progress):
         prompt_id = str(uuid.uuid4())
-        checked = execution.validate_prompt(prompt_id, prompt, None) \
-            if execution.validate_prompt.__code__.co_argcount >= 3 else execution.validate_prompt(prompt)
-        if asyncio.iscoroutine(checked):
-            checked = asyncio.run(checked)
-        valid, error, outputs, node_errors = checked[:4]
+        valid, error, outputs, node_errors = _run_maybe_async(
+            _call_by_name(execution.validate_prompt, prompt_id=prompt_id, prompt=prompt,
+                          partial_execution_list=None))[:4]
         if not valid:
             raise HostError(_format_validation(error, node_errors))
         executor = execution.PromptExecutor(progress)
         _CURRENT_PROGRESS[0] = progress
-        executor.execute(prompt, prompt_id, {"client_id": progress.client_id}, outputs)
+        try:
+            executor.execute(prompt, prompt_id, {"client_id": progress.client_id}, outputs)
+        finally:
+            _CURRENT_PROGRESS[0] = None
         if not executor.success:
             raise HostError(_format_failure(executor.status_messages))
         return executor.history_result["outputs"] if hasattr(executor, "history_result") \
@@ -230,25 +246,101 @@ def _boot_checkout(path, workdir, custom_nodes, output_dir):
                 nodes.NODE_DISPLAY_NAME_MAPPINGS, folder_paths, run_prompt)
 
 
+def _init_nodes(nodes):
+    """Built-in extra nodes and custom nodes, without the API nodes (they call web services).
+    Like main.py, undo any host function a custom node replaced while loading."""
+    try:
+        import hook_breaker_ac10a0 as hook_breaker
+    except ImportError:
+        hook_breaker = None
+    if hook_breaker:
+        hook_breaker.save_functions()
+    try:
+        return _run_maybe_async(_call_by_name(nodes.init_extra_nodes, init_custom_nodes=True,
+                                              init_api_nodes=False))
+    finally:
+        if hook_breaker:
+            hook_breaker.restore_functions()
+
+
+def _call_by_name(function, **candidates):
+    """Call a host function with the arguments its version declares (names are stable across
+    versions, positions and counts are not)."""
+    import inspect
+    params = inspect.signature(function).parameters
+    return function(**{k: v for k, v in candidates.items() if k in params})
+
+
+def _run_maybe_async(result):
+    """Recent hosts made loading and validation coroutines; older ones return plain values."""
+    return asyncio.run(result) if asyncio.iscoroutine(result) else result
+
+
+def _load_extra_model_paths(path):
+    """The checkout's extra_model_paths.yaml, as its main.py applies it."""
+    config = os.path.join(path, "extra_model_paths.yaml")
+    if not os.path.isfile(config):
+        return
+    try:
+        from utils.extra_config import load_extra_path_config
+    except ImportError:  # before 2025 the loader lived in main.py, which starts the server
+        log.warning("%s is not applied with this ComfyUI version; use --models DIR", config)
+        return
+    load_extra_path_config(config)
+
+
+def _pack_already_in(custom_node_folders):
+    """True when this very folder is already installed in one of the host's custom_nodes."""
+    for folder in custom_node_folders:
+        if os.path.isdir(folder) and any(
+                os.path.realpath(os.path.join(folder, entry)) == os.path.realpath(PACK_ROOT)
+                for entry in os.listdir(folder)):
+            return True
+    return False
+
+
+def _name_pack_by_folder():
+    """A checkout registers the pack in sys.modules under its full path (dots replaced); the
+    installable host under its folder name. Give the modules the checkout loaded the folder
+    name too, so tests and tools address the pack one way (the same module objects)."""
+    init = os.path.realpath(os.path.join(PACK_ROOT, "__init__.py"))
+    loaded = [name for name, module in list(sys.modules.items())
+              if os.path.realpath(getattr(module, "__file__", None) or "-") == init
+              and hasattr(module, "NODE_CLASS_MAPPINGS")]
+    if not loaded:
+        raise HostError("ComfyUI did not load this pack (see the warnings above for the import "
+                        "error); install requirements.txt into ComfyUI's Python")
+    for name, module in list(sys.modules.items()):
+        if name == loaded[0] or name.startswith(loaded[0] + "."):
+            sys.modules.setdefault(PACK_FOLDER_NAME + name[len(loaded[0]):], module)
+
+
 _CURRENT_PROGRESS = [None]
 
 
 def _install_progress_hook():
-    """Current ComfyUI reports ProgressBar updates through a global hook that its server sets."""
+    """Current ComfyUI reports ProgressBar updates through a global hook that its main.py sets
+    for its server; the headless host sets it for the ProgressPrinter of the running prompt.
+    The host calls it with (value, total, preview) and, since 2025, prompt_id and node_id."""
     import comfy.model_management
     import comfy.utils
+    try:
+        from comfy_execution.progress import get_progress_state
+    except ImportError:
+        get_progress_state = None
 
     def hook(value, total, preview_image, prompt_id=None, node_id=None):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if _CURRENT_PROGRESS[0] is not None:
-            _CURRENT_PROGRESS[0].send_sync("progress", {"value": value, "max": total})
+        printer = _CURRENT_PROGRESS[0]
+        if printer is None:
+            return
+        node_id = node_id or printer.last_node_id
+        if get_progress_state is not None and node_id is not None:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+        printer.send_sync("progress", {"value": value, "max": total, "node": node_id,
+                                       "prompt_id": prompt_id or printer.last_prompt_id})
 
     comfy.utils.set_progress_bar_global_hook(hook)
-
-
-def _accepts_base_dir(path):
-    with open(os.path.join(path, "comfy", "cli_args.py")) as f:
-        return "--base-directory" in f.read()
 
 
 def _dist_version(name):

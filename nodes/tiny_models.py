@@ -104,7 +104,16 @@ def _host_kwargs(cls, kwargs):
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
+# Current ComfyUI (since late 2024) builds its text encoders from the stock config with per-
+# encoder overrides read from model_options ("clip_l_model_config", ...), and its wrappers no
+# longer pass a config file down; the installable host (June 2024) takes a config file instead.
+_HOST_TAKES_CONFIG_OVERRIDES = "model_options" in inspect.signature(
+    comfy.sd1_clip.SDClipModel.__init__).parameters
+
+
 class _TinySD1Text(comfy.sd1_clip.SD1ClipModel):
+    """For hosts that take a config file: the stock SD1.5 text encoder with a tiny config."""
+
     def __init__(self, **kwargs):
         config = _write_json("text_l.json", _text_config(TEXT_L_WIDTH, TEXT_L_WIDTH))
         super().__init__(textmodel_json_config=config,
@@ -112,6 +121,8 @@ class _TinySD1Text(comfy.sd1_clip.SD1ClipModel):
 
 
 class _TinySDXLText(comfy.sdxl_clip.SDXLClipModel):
+    """For hosts that take a config file: SDXL's two text encoders (L and G), tiny configs."""
+
     def __init__(self, **kwargs):
         torch.nn.Module.__init__(self)
         sd_kwargs = _host_kwargs(comfy.sd1_clip.SDClipModel, kwargs)
@@ -127,13 +138,18 @@ class _TinySDXLText(comfy.sdxl_clip.SDXLClipModel):
 
 def tiny_text_encoder(family="sd15", seed=1):
     """The host's CLIP wrapper (real tokenizer, real text transformer class) with tiny widths."""
-    tokenizer, model = {
-        "sd15": (comfy.sd1_clip.SD1Tokenizer, _TinySD1Text),
-        "sdxl": (comfy.sdxl_clip.SDXLTokenizer, _TinySDXLText),
-    }[family]
-    target = comfy.supported_models_base.ClipTarget(tokenizer, model)
+    tokenizer = {"sd15": comfy.sd1_clip.SD1Tokenizer, "sdxl": comfy.sdxl_clip.SDXLTokenizer}[family]
     with torch.no_grad():  # the host's text model writes its projection in place when built
-        clip = comfy.sd.CLIP(target)
+        if _HOST_TAKES_CONFIG_OVERRIDES:
+            model = {"sd15": comfy.sd1_clip.SD1ClipModel,
+                     "sdxl": comfy.sdxl_clip.SDXLClipModel}[family]
+            overrides = {"clip_l_model_config": _text_config(TEXT_L_WIDTH, TEXT_L_WIDTH),
+                         "clip_g_model_config": _text_config(TEXT_G_WIDTH, TEXT_G_WIDTH)}
+            clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model),
+                                 model_options=overrides)
+        else:
+            model = {"sd15": _TinySD1Text, "sdxl": _TinySDXLText}[family]
+            clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model))
     randomize_(clip.cond_stage_model, seed)
     return clip
 

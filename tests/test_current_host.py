@@ -1,0 +1,83 @@
+"""The current-ComfyUI tier: the host-facing tests again, against a ComfyUI checkout.
+
+Users run a current ComfyUI (a git checkout), the rest of the suite runs on the installable
+package. With COMFYUI_PATH pointing at a checkout (and COMFYUI_PYTHON at the Python of its
+environment, default: this one), the tests in HOST_TESTS run in a subprocess whose session
+host is that checkout (tests/conftest.py boots it when MULTIREF_TEST_HOST=checkout), and the
+headless runner runs its demo there. Without COMFYUI_PATH they skip and say why (-rs).
+`bash .ci/install-checkout-deps.sh VENV` installs what a checkout needs into a separate venv.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HOST, ROOT
+
+# Test files that exercise the host; extend it when a test file depends on host behaviour.
+HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/test_runner.py")
+# test_runner's demo test runs run.py without --comfyui (the installable host); the checkout's
+# runner path is test_runner_demo_writes_a_png_on_the_checkout below.
+HOST_TESTS_DESELECTED = ("tests/test_runner.py::test_demo_workflow_writes_a_png",)
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+SKIP_REASON = ("current-ComfyUI tier not run: COMFYUI_PATH is not set (set COMFYUI_PATH to a "
+               "ComfyUI checkout and COMFYUI_PYTHON to a Python that can import it, e.g. one "
+               "made by `bash .ci/install-checkout-deps.sh VENV`)")
+
+
+def _checkout():
+    if HOST.kind != "installable comfyui":
+        pytest.skip("this session already runs on the checkout (the tier's own subprocess)")
+    if not COMFYUI_PATH:
+        pytest.skip(SKIP_REASON)
+    if not os.path.isfile(os.path.join(COMFYUI_PATH, "nodes.py")):
+        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout (no nodes.py)")
+    return os.path.abspath(COMFYUI_PATH)
+
+
+def _run(args, timeout, **env):
+    return subprocess.run([COMFYUI_PYTHON, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **env))
+
+
+def test_host_tests_pass_on_the_checkout():
+    path = _checkout()
+    deselect = [arg for test in HOST_TESTS_DESELECTED for arg in ("--deselect", test)]
+    result = _run(["-m", "pytest", *HOST_TESTS, *deselect], timeout=900,
+                  MULTIREF_TEST_HOST="checkout", COMFYUI_PATH=path)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-4000:]
+    # The session really ran on the checkout, and ran tests (not only skips).
+    assert "ComfyUI host: ComfyUI checkout" in report, report[-2000:]
+    passed = re.search(r"(\d+) passed", report)
+    assert passed and int(passed.group(1)) > 0, report[-2000:]
+    assert not re.search(r"\d+ (failed|error)", report), report[-4000:]
+
+
+def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):
+    path = _checkout()
+    result = _run([os.path.join(ROOT, "run.py"), "--comfyui", path, "--output", str(tmp_path)],
+                  timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    assert len(pngs) == 1
+    with open(tmp_path / pngs[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "RANDOM weights" in result.stderr
+    assert str(tmp_path / pngs[0]) in result.stdout
+
+
+def test_runner_refuses_a_folder_that_is_not_a_checkout(tmp_path):
+    """Runs on every machine: a wrong --comfyui is a one-line error naming the folder."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--comfyui",
+                             str(tmp_path), "--output", str(tmp_path / "out")], cwd="/",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()
+             and not line.startswith("booting")]
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path) in lines[0] and "not a ComfyUI checkout" in lines[0]

@@ -13,6 +13,8 @@ import torch
 
 import comfy.ldm.modules.attention as host_attention
 
+from ..kernels.checkpoints import unet_transformer_blocks
+
 BRANCHES_KEY = "multiref_branches"
 ROLES_KEY = "multiref_roles"
 # The host's own CFG runs [positive, negative]: index 0 is the full branch, 1 the uncond one.
@@ -26,15 +28,7 @@ BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": 
 def attention_locations(model):
     """Every transformer block of the UNet as ComfyUI's replace key
     (block_name, block_id, index inside its SpatialTransformer), in execution order."""
-    unet = model.model.diffusion_model
-    groups = (("input", unet.input_blocks), ("middle", [unet.middle_block]),
-              ("output", unet.output_blocks))
-    locations = []
-    for block_name, blocks in groups:
-        for block_id, block in enumerate(blocks):
-            for layer in block:
-                for index, _ in enumerate(getattr(layer, "transformer_blocks", ())):
-                    locations.append((block_name, block_id, index))
+    locations = [loc for loc, _ in unet_transformer_blocks(model.model.diffusion_model)]
     if not locations:
         raise ValueError("model: no transformer blocks found; MultiRef patches need a UNet with "
                          "cross-attention (SD1.5 or SDXL family)")

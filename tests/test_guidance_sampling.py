@@ -155,6 +155,61 @@ def test_reference_rows_ride_in_the_same_call():
         assert seen["roles"][3:] == ("ref", "ref")
 
 
+def _tiny_adapter_model(model):
+    """The pack's MultiRefApplyAdapter (sum mode, one reference) with a random-weight adapter in
+    the published key layout, sized for the tiny UNet."""
+    from multiref.kernels.adapter import build_adapter
+    from multiref.kernels.checkpoints import cross_attention_dims, published_order
+    from multiref.kernels.references import EncodedReference
+    from multiref.nodes.routing import MultiRefApplyAdapter
+    gen = torch.Generator().manual_seed(5)
+    dims = cross_attention_dims(model.model.diffusion_model)
+    context = tiny_models.SD15_CONTEXT
+    tensors = {"image_proj.proj.weight": torch.randn(4 * context, 24, generator=gen),
+               "image_proj.proj.bias": torch.zeros(4 * context),
+               "image_proj.norm.weight": torch.ones(context),
+               "image_proj.norm.bias": torch.zeros(context)}
+    for n, location in enumerate(published_order(dims)):
+        ctx, inner = dims[location]
+        for name in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * n + 1}.{name}.weight"] = torch.randn(inner, ctx, generator=gen)
+    adapter = build_adapter("ip_adapter", "sd15", tensors, source="test")
+    reference = EncodedReference(
+        image_tokens=torch.randn(1, 4, context, generator=gen),
+        uncond_tokens=torch.randn(1, 4, context, generator=gen), latents=None, masks=None,
+        phrase="dog", weight=1.0, start_percent=0.0, end_percent=1.0,
+        adapter_fingerprint=adapter.fingerprint)
+    return MultiRefApplyAdapter().apply(model, adapter, (reference,), None, "sum", 1.0, 0.0, 1.0)[0]
+
+
+def test_the_adapter_conditions_exactly_the_full_and_image_rows():
+    """With the pack's adapter: the image-only branch is the adapter's prediction for the
+    negative prompt with the reference, the uncond branch has no reference (the adapter's uncond
+    tokens) and the full branch has prompt + reference: each equals the matching row of the
+    host's own CFG call on the first step (same input there)."""
+    model = _tiny_adapter_model(tiny_models.tiny_unet("sd15", 0))
+
+    def first_call(guider):
+        recorder = CallRecorder()
+        recorded = model.clone()
+        recorded.set_model_unet_function_wrapper(recorder)
+        guider.model_patcher = recorded
+        guider.model_options = recorded.model_options
+        _sample(guider, recorded, steps=1)
+        return recorder.branch_outputs(recorder.calls[0])
+
+    ours = first_call(_guider(model))
+    prompt_cfg = first_call(_host_cfg(model, 5.0))  # [prompt, negative]: full, uncond
+    negative_cfg = _host_cfg(model, 5.0)
+    negative_cfg.set_conds([[NEGATIVE, {}]], [[NEGATIVE, {}]])  # full row = negative + image
+    negative_with_image = first_call(negative_cfg)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    close(ours[0], prompt_cfg[0])
+    close(ours[1], negative_with_image[0])
+    close(ours[2], prompt_cfg[1])
+    assert (ours[1] - ours[2]).abs().max() > 1e-2  # the reference really changes the image row
+
+
 def _solve_image_scale(u, i, f, text_scale, result):
     """The s_I that makes `result` eq. 4 of (u, i, f), by least squares along the rescaled d_img
     (written out here, independently of the kernel)."""

@@ -7,10 +7,12 @@ import torch
 
 import comfy.model_patcher
 import comfy.sample
+import comfy.samplers
 import comfy.supported_models
 from comfy.ldm.modules.attention import optimized_attention
 from multiref.kernels import msa
 from multiref.kernels.references import EncodedReference
+from multiref.nodes import guidance as guidance_nodes
 from multiref.nodes import patching, tiny_models
 from multiref.nodes.msa import MultiRefApplyMSA, apply_msa
 
@@ -267,3 +269,43 @@ def test_bad_inputs_give_clear_errors(parts, host):
     with pytest.raises(ValueError, match="UNet models .*SD3"):
         _msa(sd3, (ref,))
     assert host.nodes["MultiRefApplyMSA"] is MultiRefApplyMSA
+
+
+def test_with_the_three_branch_guider_one_call_and_uncond_untouched(parts):
+    """With MultiRefNormalizedCFGGuider, the reference rows ride in its single batched call and
+    serve both image-conditioned branches (full, image); its uncond branch is untouched."""
+    vae, clips = parts
+    positive, negative = _conds(clips, "sd15")
+    first_call = {}
+
+    def run(model, name):
+        def recorder(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            chunks = out.chunk(len(args["cond_or_uncond"]))
+            first_call.setdefault(name, dict(zip(args["cond_or_uncond"], chunks)))
+            return out
+
+        model = model.clone()
+        model.set_model_unet_function_wrapper(recorder)
+        if name == "msa":
+            model = _msa(model, _encoded(vae, 2))
+        guider = guidance_nodes.MultiRefNormalizedCFGGuider().get_guider(
+            model, positive, negative, 5.0, 3.0, 0.0, True, "three-branch")[0]
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                                 "normal", STEPS)
+        noise = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(0))
+        return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"),
+                             sigmas, disable_pbar=True, seed=0)
+
+    model = tiny_models.tiny_unet("sd15")
+    sizes, handle = _count_unet_calls(model)
+    try:
+        run(model, "msa")
+    finally:
+        handle.remove()
+    assert sizes == [3 + 2] * STEPS
+    run(model, "plain")
+    full, image, uncond = 0, 1, 2  # the guider's cond list: [positive, negative, negative]
+    assert _diff(first_call["msa"][uncond], first_call["plain"][uncond]) < 1e-5
+    for branch in (full, image):
+        assert _diff(first_call["msa"][branch], first_call["plain"][branch]) > 1e-3

@@ -309,3 +309,29 @@ def test_with_the_three_branch_guider_one_call_and_uncond_untouched(parts):
     assert _diff(first_call["msa"][uncond], first_call["plain"][uncond]) < 1e-5
     for branch in (full, image):
         assert _diff(first_call["msa"][branch], first_call["plain"][branch]) > 1e-3
+
+
+def test_references_from_the_encoder_node(parts, host, tmp_path):
+    """The pack's own reference nodes feed MSA: a 64x64 reference (8x8 latent) with a mask, on a
+    6x8 target latent (the reference rows are resized to the target grid); without a VAE the
+    encoded reference has no latents and MSA says so."""
+    import tiny_checkpoints
+    from multiref.kernels import checkpoints
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    adapter = checkpoints.load_adapter(
+        tiny_checkpoints.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15")[0])
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1
+    refs = host.nodes["MultiRefReference"]().make(image, "dog", 1.0, 0.0, 1.0, mask=mask)[0]
+    encode = host.nodes["MultiRefEncodeReferences"]().encode
+    clip_vision = tiny_models.tiny_clip_vision()
+    encoded = encode(refs, adapter, clip_vision, model, 0, vae=vae)[0]
+    patched = host.nodes["MultiRefApplyMSA"]().apply(model, 1.0, 0.0, 1.0, False, "all",
+                                                     "references", references=encoded)[0]
+    assert _diff(_sample(patched, clips, "sd15"), _sample(model, clips, "sd15")) > 1e-3
+    without_vae = encode(refs, adapter, clip_vision, model, 0)[0]
+    with pytest.raises(ValueError, match="no latents.*give a VAE"):
+        host.nodes["MultiRefApplyMSA"]().apply(model, 1.0, 0.0, 1.0, False, "all", "references",
+                                               references=without_vae)

@@ -237,7 +237,7 @@ def main():
     device = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"MSA benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_attention(_load_kernel(), repeats=50 if CUDA else 10)
+    bench_attention(_load_kernel(), repeats=50 if CUDA else 30)
     if not args.attention_only:
         bench_sampling(args.steps)
 

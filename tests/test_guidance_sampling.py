@@ -71,6 +71,9 @@ class CallRecorder:
     def __init__(self):
         self.calls = []
 
+    def __deepcopy__(self, memo):
+        return self  # model.clone() deep-copies model options: keep recording into this one
+
     def __call__(self, apply_model, args):
         out = apply_model(args["input"], args["timestep"], **args["c"])
         self.calls.append({"sigma": float(args["timestep"][0]), "batch": out.shape[0],
@@ -208,6 +211,36 @@ def test_the_adapter_conditions_exactly_the_full_and_image_rows():
     close(ours[1], negative_with_image[0])
     close(ours[2], prompt_cfg[1])
     assert (ours[1] - ours[2]).abs().max() > 1e-2  # the reference really changes the image row
+
+
+def test_msa_references_ride_once_and_serve_both_image_branches():
+    """The pack's MSA with K = 2 references: one call per step carries uncond, image-only, full
+    and the K reference rows once (shared by both image-conditioned branches)."""
+    from multiref.kernels.references import EncodedReference
+    from multiref.nodes.msa import apply_msa
+    gen = torch.Generator().manual_seed(6)
+    references = tuple(EncodedReference(
+        image_tokens=torch.zeros(1, 4, 16), uncond_tokens=torch.zeros(1, 4, 16),
+        latents=torch.randn(1, 4, *SHAPE[2:], generator=gen),
+        masks=(torch.rand(1, *SHAPE[2:], generator=gen) < 0.5).float(), phrase="dog", weight=1.0,
+        start_percent=0.0, end_percent=1.0, adapter_fingerprint="") for _ in range(2))
+    recorder, seen = CallRecorder(), []
+
+    def record(q, k, v, extra_options):
+        seen.append(patching.row_roles(extra_options, q.shape[0]))
+        return patching.host_attention_call(q, k, v, extra_options)
+
+    # The recorder goes on first: MSA's row wrapper keeps it and adds its rows inside it.
+    model = apply_msa(_model(recorder=recorder), references, 1.0, 0.0, 1.0, False, "all",
+                      "references")
+    model.set_model_attn2_replace(record, "middle", 0, 0)
+    _sample(_guider(model), model)
+    assert [call["batch"] for call in recorder.calls] == [3] * STEPS
+    assert len(seen) == STEPS
+    for roles in seen:
+        assert sorted(roles[:3]) == ["full", "image", "uncond"] and roles[3:] == ("ref", "ref")
+    outputs = recorder.branch_outputs(recorder.calls[0])
+    assert (outputs[1] - outputs[2]).abs().max() > 1e-3  # the image-only row read the references
 
 
 def _solve_image_scale(u, i, f, text_scale, result):

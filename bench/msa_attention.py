@@ -100,8 +100,9 @@ class TwoPass:
     """SynCD's two passes per step, for timing: a reference pass banks every attn1 layer's
     keys/values, then the target pass reads their foreground (compacted, as the one-call form)."""
 
-    def __init__(self, kernel, patching, latents, masks, sampling):
+    def __init__(self, kernel, patching, layer_grid, latents, masks, sampling):
         self.kernel, self.patching, self.sampling = kernel, patching, sampling
+        self.layer_grid = layer_grid
         self.latents, self.masks = latents, masks
         self.bank, self.writing, self.grid, self.roles = {}, False, None, ()
         self.foreground = {}  # (h, w) -> flat foreground index, as the one-call form caches
@@ -131,7 +132,7 @@ class TwoPass:
                 return inner(q, k, v, extra_options)
             readers = self.patching.rows_with_role(self.roles, self.patching.IMAGE_ROLES)
             out = inner(q, k, v, extra_options)
-            h, w = self.kernel.layer_grid(q.shape[1], *self.grid)
+            h, w = self.layer_grid(self.grid, q.shape[1])
             index = self.foreground.get((h, w))
             if index is None:
                 fg = self.kernel.resize_masks(self.masks, h, w)
@@ -218,7 +219,8 @@ def bench_sampling(steps):
             start_percent=0.0, end_percent=1.0, adapter_fingerprint="") for i in range(refs))
         one_call = per_step(node.apply_msa(model, encoded, 1.0, 0.0, 1.0, False, "all",
                                            "references"))
-        two = TwoPass(kernel, patching, model.model.process_latent_in(latents), masks,
+        two = TwoPass(kernel, patching, pack("kernels.routing").layer_grid,
+                      model.model.process_latent_in(latents), masks,
                       model.get_model_object("model_sampling"))
         two_model = model.clone()
         two_model.set_model_unet_function_wrapper(two.wrapper)

@@ -17,19 +17,6 @@ class MaskShapeError(ValueError):
     """A mask cannot be placed on the grid it was given for; the message names the fix."""
 
 
-def layer_grid(tokens, height, width):
-    """(h, w) of the UNet level that has `tokens` positions, for a latent of height x width.
-    Every UNet level halves with a stride-2 convolution of padding 1, i.e. ceil(size / 2), so
-    odd sizes (any aspect ratio) are followed exactly, not assumed square."""
-    h, w = height, width
-    while h * w > tokens:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    if h * w != tokens:
-        raise MaskShapeError(f"{tokens} tokens are no UNet level of a {height}x{width} latent; "
-                             "the reference rows must have the target's latent size")
-    return h, w
-
-
 def resize_masks(masks, height, width):
     """(R, H, W) masks (any dtype, 1 = foreground) -> (R, height * width) bool, nearest
     resampling (a foreground token stays a whole token, as SynCD's per-layer downsampling)."""

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from ..kernels import msa
+from ..kernels.routing import layer_grid
 from ..kernels.references import EncodedReference
 from . import patching
 
@@ -156,7 +157,7 @@ class _SharedSelfAttention:
         if not readers:
             return self.inner(q, k, v, extra_options)
         heads = extra_options["n_heads"]
-        h, w = msa.layer_grid(q.shape[1], *call.grid)
+        h, w = layer_grid(call.grid, q.shape[1])
         if self.mode == "references":
             start, end = extra_options["multiref_rows"][TAG]
             index = self.state.foreground_index(h, w, q.device)

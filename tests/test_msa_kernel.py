@@ -78,17 +78,6 @@ def test_batch_mode_each_image_reads_the_others_foreground():
         assert (out[i:i + 1] - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("size,tokens,grid", [((64, 64), 1024, (32, 32)), ((9, 13), 35, (5, 7)),
-                                              ((9, 13), 12, (3, 4)), ((6, 8), 48, (6, 8))])
-def test_layer_grid_follows_ceil_halving(size, tokens, grid):
-    assert msa.layer_grid(tokens, *size) == grid
-
-
-def test_layer_grid_rejects_a_token_count_of_another_latent():
-    with pytest.raises(msa.MaskShapeError, match="latent size"):
-        msa.layer_grid(50, 9, 13)
-
-
 def test_resize_masks_is_nearest_for_any_size():
     gen = torch.Generator().manual_seed(6)
     masks = (torch.rand(2, 9, 13, generator=gen) > 0.5).float()

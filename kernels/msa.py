@@ -26,6 +26,13 @@ def resize_masks(masks, height, width):
     return resized[:, 0].flatten(1) > 0.5
 
 
+def resize_maps(maps, height, width):
+    """(B, h, w) soft maps (attention) -> (B, height, width), bilinear: to average maps of
+    layers of different resolutions on one grid."""
+    return F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0]
+
+
 def foreground_index(fg):
     """(R, N) bool foreground -> flat indices into the (R * N) reference tokens, reference after
     reference. Computed once per mask and grid (it syncs the device), then reused every step."""
@@ -101,3 +108,33 @@ def fit_to_grid(latents, masks, height, width):
     if masks is not None:
         masks = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0]
     return latents, masks
+
+
+def otsu_threshold(values, bins=256):
+    """Otsu's threshold of a 1-D tensor: the histogram cut that maximizes the between-class
+    variance w0 * w1 * (m0 - m1)^2; values >= the threshold are the upper class."""
+    values = values.float().flatten()
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return low  # a flat map locates nothing: everything is the upper class
+    hist = torch.histc(values, bins, low, high).double()
+    width = (high - low) / bins
+    centers = low + width * (torch.arange(bins, dtype=torch.float64) + 0.5)
+    w0 = hist.cumsum(0)[:-1]
+    w1 = hist.sum() - w0
+    mass0 = (hist * centers).cumsum(0)[:-1]
+    m0 = mass0 / w0.clamp(min=1)
+    m1 = ((hist * centers).sum() - mass0) / w1.clamp(min=1)
+    between = torch.where((w0 > 0) & (w1 > 0), w0 * w1 * (m0 - m1) ** 2, -1.0)
+    return low + width * (int(between.argmax()) + 1)
+
+
+def phrase_masks(maps, dilation=1):
+    """(B, H, W) cross-attention maps of an object's phrase -> (B, H, W) float {0, 1} foreground:
+    Otsu threshold per image, then grown by `dilation` cells (SynCD's data generation: Otsu,
+    then a 3x3 dilation)."""
+    masks = torch.stack([(m >= otsu_threshold(m)).float() for m in maps])
+    if dilation > 0:
+        size = 2 * dilation + 1
+        masks = F.max_pool2d(masks[:, None], size, stride=1, padding=dilation)[:, 0]
+    return masks

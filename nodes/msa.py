@@ -5,17 +5,20 @@ re-noises the clean reference latents to the step's sigma and appends them as `r
 every patched self-attention layer the `full` and `image` rows read [own | foreground keys/values
 of the ref rows of that same layer call]; `uncond` and `ref` rows attend only to themselves. The
 references never attend to the target, so this equals SynCD's reference pass + target pass.
-`batch` mode: the images of one batch share their foreground with each other.
+`batch` mode: the images of one batch share their foreground with each other; the masks are
+given, or come from the cross-attention map of a phrase (the last step's map, Otsu-thresholded).
 The math lives in kernels/msa.py; this module only routes rows and keeps per-step bookkeeping.
 """
 import logging
 
 import torch
 
-from ..kernels import msa
-from ..kernels.routing import layer_grid
+from ..kernels import msa, routing
+from ..kernels.checkpoints import unet_transformer_blocks
 from ..kernels.references import EncodedReference
+from ..kernels.routing import layer_grid
 from . import patching
+from .routing import phrase_embeddings
 
 log = logging.getLogger("multiref")
 
@@ -116,19 +119,69 @@ class _ReferenceRows:
         return rows, [source[0]] * rows.shape[0], TAG
 
 
+class _PhraseMaps:
+    """Batch mode without masks but with a phrase: the phrase's cross-attention maps of the full
+    rows, averaged over the layers of one step, give the next step's masks (Otsu + dilation, as
+    SynCD's data generation); before the first maps exist the whole images are shared."""
+
+    def __init__(self, embeddings):
+        self.embeddings = embeddings
+        self.sigma, self.total, self.layers, self.masks = None, None, 0, None
+
+    def start_call(self, sigma, first_step):
+        """Called once per UNet call: a new step turns the last step's maps into masks."""
+        if first_step and sigma != self.sigma:
+            self.masks = None
+        elif sigma != self.sigma and self.total is not None:
+            self.masks = msa.phrase_masks(self.total / self.layers)
+        if sigma != self.sigma:
+            self.sigma, self.total, self.layers = sigma, None, 0
+
+    def add(self, maps, latent_grid):
+        """maps: (rows, h, w) relevance of the phrase at one layer, brought to the latent grid."""
+        resized = msa.resize_maps(maps.cpu(), *latent_grid)
+        self.total = resized if self.total is None else self.total + resized
+        self.layers += 1
+
+    def make_patch(self, location, inner, to_k):
+        cache = {}
+
+        def attn2(q, k, v, extra_options):
+            roles = patching.row_roles(extra_options, q.shape[0])
+            full = patching.rows_with_role(roles, "full")
+            if full:
+                # Cached per layer; a LoRA patching to_k puts a new weight tensor there.
+                key = (q.device, q.dtype, to_k.weight.data_ptr())
+                if key not in cache:
+                    with torch.no_grad():
+                        phrase = to_k(self.embeddings.to(q.device, q.dtype))
+                    cache[key] = routing.phrase_keys([phrase])
+                grid = tuple(extra_options["original_shape"][-2:])
+                h, w = layer_grid(grid, q.shape[1])
+                relevance = routing.relevance_maps(_take(q, full), cache[key],
+                                                   extra_options["n_heads"])
+                self.add(relevance[..., 0].reshape(len(full), h, w), grid)
+            return inner(q, k, v, extra_options)
+        return attn2
+
+
 class _BatchCall:
     """Row provider for batch mode: adds no rows, only tells the patches whether this call is in
-    the sigma range and whether it is the first (unmasked) step."""
+    the sigma range, whether it is the first (unmasked) step, and which masks hold."""
 
-    def __init__(self, masks, bounds, state, first_step_unmasked):
-        self.masks, self.bounds = masks, bounds
+    def __init__(self, masks, bounds, state, first_step_unmasked, phrase_maps=None):
+        self.masks, self.bounds, self.phrase_maps = masks, bounds, phrase_maps
         self.state, self.first_step_unmasked = state, first_step_unmasked
 
     def __call__(self, x, timestep, c, roles):
         sigma = float(timestep.reshape(-1)[0])
         first = self.state.is_first_step(sigma)
+        masks = self.masks
+        if self.phrase_maps is not None:
+            self.phrase_maps.start_call(sigma, first)
+            masks = self.phrase_maps.masks
         active = patching.in_sigma_range(sigma, self.bounds)
-        self.state.call = _Call(tuple(x.shape[-2:]), (), self.masks,
+        self.state.call = _Call(tuple(x.shape[-2:]), (), masks,
                                 first and self.first_step_unmasked) if active else None
         return None
 
@@ -231,7 +284,7 @@ def _prepare_references(model, unet, references):
 
 
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
-              layers, mode, batch_masks=None):
+              layers, mode, batch_masks=None, batch_phrase="", clip=None):
     """A patched clone of `model` (the original is left untouched)."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is unknown; use one of {MODES}")
@@ -255,7 +308,18 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
             raise ValueError(f"batch_masks: expected a MASK batch (images, height, width), got "
                              f"{tuple(batch_masks.shape)}")
         masks = None if batch_masks is None else batch_masks.float().cpu()
-        provider = _BatchCall(masks, bounds, state, first_step_unmasked)
+        phrase_maps = None
+        if batch_phrase.strip() and masks is None:
+            if clip is None:
+                raise ValueError("clip: batch_phrase needs the text encoder to find the phrase's "
+                                 "attention; connect the CLIP that encoded the prompt")
+            phrase_maps = _PhraseMaps(phrase_embeddings(clip, batch_phrase.strip(), "batch_phrase"))
+            blocks = dict(unet_transformer_blocks(unet))
+            patching.set_attention_patch(
+                patched, "attn2",
+                lambda location, inner: phrase_maps.make_patch(location, inner,
+                                                               blocks[location].attn2.to_k))
+        provider = _BatchCall(masks, bounds, state, first_step_unmasked, phrase_maps)
     patching.add_row_provider(patched, provider)
     make_patch = lambda location, inner: _SharedSelfAttention(inner, state, strength, mode)
     patching.set_attention_patch(patched, "attn1", make_patch, blocks=layers)
@@ -301,13 +365,18 @@ class MultiRefApplyMSA:
                            "select the foreground. Needed in 'references' mode."}),
             "batch_masks": ("MASK", {"tooltip":
                             "batch mode: foreground mask per batch image (or one for all), any "
-                            "size; without it the whole images are shared."}),
+                            "size; without it (and without a phrase) whole images are shared."}),
+            "batch_phrase": ("STRING", {"default": "", "tooltip":
+                             "batch mode without masks: the object's words (e.g. 'dog'); its "
+                             "cross-attention map at each step gives the next step's masks."}),
+            "clip": ("CLIP", {"tooltip": "batch mode with a phrase: the text encoder of the "
+                              "prompt (encodes the phrase)."}),
         }}
 
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
-              mode, references=None, batch_masks=None):
+              mode, references=None, batch_masks=None, batch_phrase="", clip=None):
         return (apply_msa(model, references, strength, start_percent, end_percent,
-                          first_step_unmasked, layers, mode, batch_masks),)
+                          first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

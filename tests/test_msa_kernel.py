@@ -108,3 +108,45 @@ def test_fit_to_grid_resizes_latents_and_masks():
     lat, m = msa.fit_to_grid(latents, masks, 4, 6)
     assert lat.shape == (2, 4, 4, 6) and m.shape == (2, 4, 6)
     assert torch.equal(m[:, :2], torch.ones(2, 2, 6)) and not m[:, 2:].any()
+
+
+def _brute_force_otsu(values, candidates):
+    """Between-class variance computed from the values themselves for every candidate cut."""
+    best, best_cut = -1.0, None
+    for cut in candidates:
+        upper, lower = values[values >= cut], values[values < cut]
+        if len(upper) == 0 or len(lower) == 0:
+            continue
+        score = len(lower) * len(upper) * (lower.mean() - upper.mean()) ** 2
+        if score > best:
+            best, best_cut = score, cut
+    return best_cut
+
+
+def test_otsu_matches_brute_force_on_histogram_values():
+    gen = torch.Generator().manual_seed(8)
+    bins = 16
+    # Values on bin centers, so the histogram loses nothing and both methods see the same data.
+    levels = torch.randint(0, bins, (200,), generator=gen).double()
+    values = (levels + 0.5) / bins
+    values = torch.cat([values, torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    cut = msa.otsu_threshold(values, bins)
+    edges = [k / bins for k in range(1, bins)]
+    assert abs(cut - _brute_force_otsu(values, edges)) < 1e-9
+
+
+def test_phrase_masks_find_the_object_and_dilate():
+    maps = torch.full((2, 8, 8), 0.01)
+    maps[0, 2:4, 2:5] = 0.2
+    maps[1, 6, 6] = 0.5
+    maps += 0.001 * torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(9))
+    plain = msa.phrase_masks(maps, dilation=0)
+    expected = torch.zeros(2, 8, 8)
+    expected[0, 2:4, 2:5] = 1
+    expected[1, 6, 6] = 1
+    assert torch.equal(plain, expected)
+    grown = msa.phrase_masks(maps, dilation=1)
+    expected[0, 1:5, 1:6] = 1
+    expected[1, 5:8, 5:8] = 1
+    assert torch.equal(grown, expected)
+    assert torch.equal(msa.phrase_masks(torch.ones(1, 3, 3)), torch.ones(1, 3, 3))

@@ -53,10 +53,10 @@ def _conds(clips, family):
     return [[cond, extra]], [[torch.zeros_like(cond), dict(extra)]]
 
 
-def _sample(model, clips, family, batch=1, cfg=5.0):
+def _sample(model, clips, family, batch=1, cfg=5.0, steps=STEPS, scheduler="normal"):
     positive, negative = _conds(clips, family)
     noise = torch.randn(batch, 4, *LATENT, generator=torch.Generator().manual_seed(0))
-    return comfy.sample.sample(model, noise, STEPS, cfg, "euler", "normal", positive, negative,
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", scheduler, positive, negative,
                                torch.zeros(batch, 4, *LATENT), seed=0, disable_pbar=True)
 
 
@@ -242,6 +242,24 @@ def test_batch_mode_shares_between_images(parts):
     # One image alone has nobody to share with.
     single = _sample(model, clips, "sd15")
     assert _diff(_sample(_msa(model, None, mode="batch"), clips, "sd15"), single) < 1e-5
+
+
+def test_batch_mode_masks_from_a_phrase(parts):
+    """No masks, a phrase: step 1 shares whole images, step 2 uses the masks made from step 1's
+    cross-attention maps of the phrase, exactly as if they had been given as batch_masks.
+    (Two steps of the 'simple' schedule: the second step still runs at sigma ~1.)"""
+    _, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    sample = lambda m: _sample(m, clips, "sd15", batch=2, steps=2, scheduler="simple")
+    patched = _msa(model, None, mode="batch", batch_phrase="dog", clip=clips["sd15"])
+    from_phrase = sample(patched)
+    masks = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps.masks
+    assert masks.shape == (2, *LATENT) and set(masks.unique().tolist()) == {0.0, 1.0}
+    given = _msa(model, None, mode="batch", batch_masks=masks, first_step_unmasked=True)
+    assert torch.equal(from_phrase, sample(given))
+    assert _diff(from_phrase, sample(_msa(model, None, mode="batch"))) > 1e-4
+    with pytest.raises(ValueError, match="clip: batch_phrase needs the text encoder"):
+        _msa(model, None, mode="batch", batch_phrase="dog")
 
 
 class TinySD3(comfy.supported_models.SD3):

@@ -1,4 +1,6 @@
-"""Regenerate the UI-format twin of every workflows/*_api.json (run after editing one):
+"""Regenerate the UI-format twin of every workflows/*_api.json (run after editing one). The API
+file is rewritten too, in the form the editor's 'Export (API)' gives for the twin (every widget
+value present, defaults filled in), so both files stay the same graph:
 
     .venv/bin/python headless/make_ui_twins.py
 """
@@ -23,17 +25,21 @@ def ui_twin_path(api_path):
     return api_path[: -len("_api.json")] + ".json"
 
 
+def _write(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def main():
     host = _load("host").boot()
     fmt = _load("workflow_format")
     for api_path in sorted(glob.glob(os.path.join(WORKFLOWS, "*_api.json"))):
         ui = fmt.api_to_ui(fmt.load(api_path), host.nodes)
-        target = ui_twin_path(api_path)
-        with open(target + ".tmp", "w") as f:
-            json.dump(ui, f, indent=1)
-            f.write("\n")
-        os.replace(target + ".tmp", target)
-        print(target)
+        _write(ui_twin_path(api_path), ui)
+        _write(api_path, fmt.ui_to_api(ui, host.nodes))
+        print(ui_twin_path(api_path))
     return 0
 
 

@@ -49,19 +49,18 @@ def test_api_workflow_executes_in_the_host(host, api_path, tmp_path):
     assert outputs, "the workflow produced no output"
 
 
-def test_a_workflow_out_of_step_with_its_nodes_fails(host):
-    """Renaming an input (what an incompatible node change does) must be caught."""
-    api = fmt.load(API_FILES[0])
-    ui = fmt.load(_ui_path(API_FILES[0]))
-    broken = copy.deepcopy(api)
-    node = next(n for n in broken.values() if n["class_type"] == "KSampler")
-    node["inputs"]["cfg_scale"] = node["inputs"].pop("cfg")
-    with pytest.raises(headless_host.HostError, match="cfg"):
+def test_a_workflow_out_of_step_with_its_nodes_fails(host, tmp_path):
+    """Renaming an input (what an incompatible node change does) must be caught, in both the API
+    file (by the host's validation) and the UI file (by the widget layout)."""
+    api_path = os.path.join(ROOT, "workflows", "single_subject_views_api.json")
+    api, ui = fmt.load(api_path), fmt.load(_ui_path(api_path))
+    broken = workflow_models.swap_in_tiny_models(api, host, tmp_path)
+    node = next(n for n in broken.values() if n["class_type"] == "MultiRefApplyAdapter")
+    node["inputs"]["strength"] = node["inputs"].pop("scale")
+    with pytest.raises(headless_host.HostError, match="scale"):
         host.execute(broken)
-    assert fmt.ui_to_api(ui, host.nodes) != broken
-    # A UI file with a widget value missing no longer maps onto the node definition.
     short = copy.deepcopy(ui)
-    sampler = next(n for n in short["nodes"] if n["type"] == "KSampler")
-    sampler["widgets_values"].pop()
+    adapter = next(n for n in short["nodes"] if n["type"] == "MultiRefApplyAdapter")
+    adapter["widgets_values"].pop()
     with pytest.raises(ValueError, match="widget value"):
         fmt.ui_to_api(short, host.nodes)

@@ -1,15 +1,101 @@
 """Swap the downloadable models a workflow names for tiny ones of the same kind, leaving the
-rest of the graph unchanged: checkpoint loaders become the tiny demo models node (same first
-three outputs: MODEL, CLIP, VAE); other loaders keep their node and get a tiny file written
-under the exact name the workflow uses."""
+graph unchanged:
+  * checkpoint and CLIP vision loaders keep their input (the file name) but become test-only
+    loader nodes with the same outputs that build the tiny host models (the host cannot detect
+    a tiny checkpoint's architecture from a file);
+  * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
+    the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
+    MultiRefAdapterLoader;
+  * input images and masks are written under the names the workflow uses.
+Sizes and step counts shrink so a CPU runs every workflow in seconds."""
 import copy
+import os
+
+import numpy as np
+from PIL import Image
+
+import tiny_checkpoints
+from multiref.nodes import tiny_models
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+def _family(name):
+    return "sdxl" if "xl" in name.lower() else "sd15"
+
+
+class TinyCheckpointLoaderForTests:
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {})}}
+
+    def load(self, ckpt_name):
+        family = _family(ckpt_name)
+        return (tiny_models.tiny_unet(family), tiny_models.tiny_text_encoder(family),
+                tiny_models.tiny_vae())
+
+
+class TinyCLIPVisionLoaderForTests:
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": ("STRING", {})}}
+
+    def load(self, clip_name):
+        return (tiny_models.tiny_clip_vision(),)
+
+
+TEST_NODES = {"CheckpointLoaderSimple": TinyCheckpointLoaderForTests,
+              "CLIPVisionLoader": TinyCLIPVisionLoaderForTests}
+
+
+def _adapter_file(folder, name):
+    stem, ext = os.path.splitext(name)
+    for (layout, family), published in tiny_checkpoints.PUBLISHED_NAMES.items():
+        if published == stem:
+            tiny_checkpoints.write_checkpoint(folder, layout, family, file_format=ext[1:], name=name)
+            return
+    raise KeyError(f"no tiny layout for adapter file {name}")
+
+
+def _image(path, seed, mask=False):
+    rng = np.random.default_rng(seed)
+    if mask:
+        pixels = np.zeros((48, 48, 3), np.uint8)
+        pixels[8:40, 12:36] = 255
+    else:
+        pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
 
 
 def swap_in_tiny_models(prompt, host, tmp_path):
     prompt = copy.deepcopy(prompt)
-    for node in prompt.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            name = node["inputs"]["ckpt_name"].lower()
-            node["class_type"] = "MultiRefTinyDemoModels"
-            node["inputs"] = {"family": "sdxl" if "xl" in name else "sd15", "seed": 0}
+    adapters = tmp_path / "multiref"
+    adapters.mkdir(exist_ok=True)
+    host.folder_paths.add_model_folder_path("multiref", str(adapters))
+    inputs = host.folder_paths.get_input_directory()
+    for name, cls in TEST_NODES.items():
+        host.nodes[f"{name}ForTests"] = cls
+    for seed, node in enumerate(prompt.values()):
+        kind, args = node["class_type"], node["inputs"]
+        if kind in TEST_NODES:
+            node["class_type"] = f"{kind}ForTests"
+        elif kind == "MultiRefAdapterLoader":
+            _adapter_file(str(adapters), args["adapter_name"])
+        elif kind in ("LoadImage", "LoadImageMask"):
+            _image(os.path.join(inputs, args["image"]), seed, mask=kind == "LoadImageMask")
+        for key in ("width", "height", "steps"):
+            if key in args and not isinstance(args[key], list):
+                args[key] = SMALL[key]
+        if kind == "MultiRefRoutingMaps":
+            args["step"] = 1
+    if hasattr(host.folder_paths, "invalidate_cache"):
+        host.folder_paths.invalidate_cache("multiref")
     return prompt

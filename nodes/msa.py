@@ -35,9 +35,17 @@ class _Call:
         self.grid, self.key, self.masks, self.unmasked = grid, key, masks, unmasked
 
 
-class _StepState:
-    """Shared by the row provider and the attention patches of one patched model (deep copies
-    of the model options copy it once, so both sides keep pointing at the same object).
+class _SharedAcrossClones:
+    """Per-run bookkeeping that the row provider and the attention patches must see as ONE
+    object. The installable host deep-copies model options on clone(), current ComfyUI shares
+    them; never copying keeps both hosts the same, also for closures that hold it."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _StepState(_SharedAcrossClones):
+    """Shared by the row provider and the attention patches of one patched model.
     The host reuses the model options from run to run: a run starts when sigma goes up."""
 
     def __init__(self):
@@ -119,7 +127,7 @@ class _ReferenceRows:
         return rows, [source[0]] * rows.shape[0], TAG
 
 
-class _PhraseMaps:
+class _PhraseMaps(_SharedAcrossClones):
     """Batch mode without masks but with a phrase: the phrase's cross-attention maps of the full
     rows, averaged over the layers of one step, give the next step's masks (Otsu + dilation, as
     SynCD's data generation); before the first maps exist the whole images are shared."""
@@ -304,6 +312,9 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         sampling = model.get_model_object("model_sampling")
         provider = _ReferenceRows(refs, bounds, sampling, state, first_step_unmasked)
     else:
+        if references:
+            log.warning("MultiRefApplyMSA: mode 'batch' shares between the batch images; the "
+                        "connected references are not used")
         if batch_masks is not None and batch_masks.ndim != 3:
             raise ValueError(f"batch_masks: expected a MASK batch (images, height, width), got "
                              f"{tuple(batch_masks.shape)}")

@@ -181,7 +181,7 @@ def test_one_call_equals_two_passes(parts, family, count):
     refs = _encoded(vae, count)
     sizes, handle = _count_unet_calls(model)
     try:
-        one_call = _sample(_msa(model, refs), clips, family)
+        one_call = _sample(_msa(model, refs).clone(), clips, family)
         assert sizes == [2 + count] * STEPS  # ONE UNet call per step: target + reference rows
         two_pass = _sample(TwoPass(model, refs).install(model), clips, family)
     finally:
@@ -252,7 +252,7 @@ def test_batch_mode_masks_from_a_phrase(parts):
     model = tiny_models.tiny_unet("sd15")
     sample = lambda m: _sample(m, clips, "sd15", batch=2, steps=2, scheduler="simple")
     patched = _msa(model, None, mode="batch", batch_phrase="dog", clip=clips["sd15"])
-    from_phrase = sample(patched)
+    from_phrase = sample(patched.clone())  # a later node's clone keeps the patches working
     masks = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps.masks
     assert masks.shape == (2, *LATENT) and set(masks.unique().tolist()) == {0.0, 1.0}
     given = _msa(model, None, mode="batch", batch_masks=masks, first_step_unmasked=True)

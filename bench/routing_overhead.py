@@ -1,0 +1,258 @@
+"""Routing overhead benchmark: prints, in one run, side by side,
+
+1. one cross-attention layer: plain IP-Adapter Plus (text attention + image attention over one
+   reference's 16 tokens) vs. weighted-merge routing with 2 and 3 references (text attention +
+   relevance maps + merged per-reference image attention), as a time ratio;
+2. one sampling step of a UNet through the host's sampler (CFG, batch 2): plain IP-Adapter Plus
+   patch vs. MultiRefApplyAdapter (weighted) with 2 and 3 references.
+
+CPU: tiny shapes (the tiny SDXL-like UNet) so it runs in seconds, one thread, CPU time of this
+process; its ratios mean little for the GPU.
+CUDA: SDXL 1024px shapes in fp16 (layers at 64x64 with 10 heads and 32x32 with 20 heads, 77 text
+tokens, context 2048; the host's SDXL UNet configuration with random weights). The design
+target is the CUDA sampling ratio: routing with 2 references <= 1.10x plain IP-Adapter Plus.
+
+Run from the pack folder:  python -m bench.routing_overhead  [--attention-only]
+"""
+import argparse
+import datetime
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.float16 if CUDA else torch.float32
+# On a CPU shared with other work, wall time measures the neighbours: count this process's CPU
+# time on one thread instead.
+CLOCK = time.perf_counter if CUDA else time.process_time
+IP_TOKENS = 16
+PHRASE_TOKENS = 2
+# (label, rows, heads, head width, positions, text tokens)
+LAYERS = (("SDXL 64x64 level", 2, 10, 64, 64 * 64, 77),
+          ("SDXL 32x32 level", 2, 20, 64, 32 * 32, 77)) if CUDA else \
+         (("tiny 16x16 level", 2, 4, 16, 16 * 16, 77),)
+
+
+def _load_kernel():
+    """kernels/routing.py imports only torch: load it by path, no host needed for part 1."""
+    spec = importlib.util.spec_from_file_location("multiref_bench_routing",
+                                                  os.path.join(ROOT, "kernels", "routing.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(fn, repeats, rounds=5):
+    """Seconds per call: the fastest of `rounds` rounds (robust to other work on the machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        if CUDA:
+            torch.cuda.synchronize()
+        start = CLOCK()
+        for _ in range(repeats):
+            fn()
+        if CUDA:
+            torch.cuda.synchronize()
+        best = min(best, (CLOCK() - start) / repeats)
+    return best
+
+
+def _heads(x, heads):
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _attention(q, k, v, heads):
+    out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def bench_attention(kernel, repeats):
+    print("\n1. one cross-attention layer (image keys/values and phrase keys cached, as in the "
+          "patches)")
+    for label, rows, heads, d, positions, text in LAYERS:
+        make = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=DTYPE)
+        width = heads * d
+        q, k_text, v_text = make(rows, positions, width), make(rows, text, width), make(rows, text, width)
+
+        ip_keys, ip_values = make(rows, 3, IP_TOKENS, width), make(rows, 3, IP_TOKENS, width)
+
+        def plain():
+            k_ip, v_ip = ip_keys[:, 0], ip_values[:, 0]
+            return _attention(q, k_text, v_text, heads) + 0.7 * _attention(q, k_ip, v_ip, heads)
+
+        plain_time = _timed(plain, repeats)
+        line = f"  {label} ({rows} rows, {heads} heads x {d}, {positions} positions): plain " \
+               f"{plain_time * 1e3:.3f} ms"
+        for refs in (2, 3):
+            phrases = kernel.phrase_keys([make(PHRASE_TOKENS, width) for _ in range(refs)])
+            weights = torch.ones(refs, device=DEVICE)
+            k_ip, v_ip = ip_keys[:, :refs], ip_values[:, :refs]
+
+            def routed():
+                text_out = _attention(q, k_text, v_text, heads)
+                return kernel.routed_cross_attention(q, text_out, heads, k_ip, v_ip, weights, 0.7,
+                                                     "weighted", phrases=phrases)[0]
+
+            routed_time = _timed(routed, repeats)
+            line += f"; routed {refs} refs {routed_time * 1e3:.3f} ms ({routed_time / plain_time:.2f}x)"
+        print(line)
+
+
+SDXL_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
+             "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "transformer_depth_middle": 10, "num_head_channels": 64, "num_heads": -1,
+             "use_spatial_transformer": True, "use_linear_in_transformer": True,
+             "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
+             "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def _sdxl_unet():
+    """The host's SDXL model class with the published SDXL UNet layout, random fp16 weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config.set_inference_dtype(torch.float16, None)
+    model = config.get_model({}, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.diffusion_model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen, device=DEVICE) / param[0].numel() ** 0.5)
+            else:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=DEVICE, offload_device=DEVICE)
+
+
+def _random_adapter(pack, model, seed=0):
+    """Random weights in the published IP-Adapter layout sized for the model's cross-attentions."""
+    checkpoints, adapter = pack("kernels.checkpoints"), pack("kernels.adapter")
+    gen = torch.Generator().manual_seed(seed)
+    dims = checkpoints.cross_attention_dims(model.model.diffusion_model)
+    context = next(iter(dims.values()))[0]
+    tensors = {"image_proj.proj.weight": torch.randn(IP_TOKENS * context, 8, generator=gen),
+               "image_proj.proj.bias": torch.zeros(IP_TOKENS * context),
+               "image_proj.norm.weight": torch.ones(context),
+               "image_proj.norm.bias": torch.zeros(context)}
+    for i, location in enumerate(checkpoints.published_order(dims)):
+        ctx, inner = dims[location]
+        for name in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * i + 1}.{name}.weight"] = torch.randn(inner, ctx, generator=gen) / ctx ** 0.5
+    return adapter.build_adapter("ip_adapter", "sdxl", tensors, source="random"), context
+
+
+def _plain_ip_adapter(patching, model, adapter, reference, scale):
+    """Plain IP-Adapter Plus on every cross-attention: text attention + scale * SDPA over the
+    reference's tokens (image tokens on prompt rows, uncond tokens on negative rows)."""
+    patched = model.clone()
+    adapter = adapter.bind(list(patching.attention_locations(model)))
+
+    def make(location, inner):
+        layer, cache = adapter.layer(location), {}
+
+        def attention(q, k, v, extra_options):
+            out = inner(q, k, v, extra_options)
+            roles = patching.row_roles(extra_options, q.shape[0])
+            if roles not in cache:
+                tokens = torch.cat([reference.image_tokens if r in patching.IMAGE_ROLES
+                                    else reference.uncond_tokens for r in roles]).to(q)
+                cache[roles] = (F.linear(tokens, layer.to_k_ip.weight.to(q)),
+                                F.linear(tokens, layer.to_v_ip.weight.to(q)))
+            k_ip, v_ip = cache[roles]
+            return out + scale * _attention(q, k_ip, v_ip, extra_options["n_heads"])
+        return attention
+
+    patching.set_attention_patch(patched, "attn2", make)
+    return patched
+
+
+def bench_sampling(steps):
+    sys.path.insert(0, ROOT)
+    from headless import host as headless_host
+    headless_host.boot()
+    pack = lambda name: importlib.import_module(f"{headless_host.PACK_FOLDER_NAME}.{name}")
+    patching, node, references = pack("nodes.patching"), pack("nodes.routing"), pack("kernels.references")
+    tiny = pack("nodes.tiny_models")
+    import comfy.sample
+    if CUDA:
+        model, latent, pooled = _sdxl_unet(), (128, 128), 1280
+        clip = None  # phrase embeddings are given directly (no SDXL text encoder weights here)
+    else:
+        model, latent, pooled = tiny.tiny_unet("sdxl"), (16, 16), tiny.TEXT_G_WIDTH
+        clip = tiny.tiny_text_encoder("sdxl")
+    adapter, context = _random_adapter(pack, model)
+    gen = torch.Generator().manual_seed(0)
+    extra = {"pooled_output": torch.randn(1, pooled, generator=gen), "width": 8 * latent[1],
+             "height": 8 * latent[0]}
+    positive = [[torch.randn(1, 77, context, generator=gen), extra]]
+    negative = [[torch.zeros(1, 77, context), dict(extra)]]
+    noise = torch.randn(1, 4, *latent, generator=gen)
+    encoded = tuple(references.EncodedReference(
+        image_tokens=torch.randn(1, IP_TOKENS, context, generator=gen),
+        uncond_tokens=torch.zeros(1, IP_TOKENS, context), latents=None, masks=None,
+        phrase=phrase, weight=1.0, start_percent=0.0, end_percent=1.0,
+        adapter_fingerprint=adapter.fingerprint) for phrase in ("dog", "cat", "hat"))
+
+    def per_step(patched):
+        run = lambda: comfy.sample.sample(patched, noise, steps, 5.0, "euler", "normal", positive,
+                                          negative, torch.zeros_like(noise), seed=0,
+                                          disable_pbar=True)
+        return _timed(run, 1, rounds=3) / steps
+
+    plain = per_step(_plain_ip_adapter(patching, model, adapter, encoded[0], 0.7))
+    print(f"\n2. sampling, {'SDXL UNet fp16' if CUDA else 'tiny SDXL-like UNet fp32'}, latent "
+          f"{latent[0]}x{latent[1]}, euler, CFG (batch 2), {steps} steps: plain IP-Adapter Plus "
+          f"{plain * 1e3:.1f} ms/step")
+    for refs in (2, 3):
+        routed = per_step(node.MultiRefApplyAdapter().apply(
+            model, adapter, encoded[:refs], clip or _Embeddings(context, gen), "weighted", 0.7,
+            0.0, 1.0)[0])
+        print(f"  routed (weighted), {refs} references: {routed * 1e3:.1f} ms/step "
+              f"({routed / plain:.2f}x plain IP-Adapter Plus)")
+
+
+class _Embeddings:
+    """Stands in for the text encoder when no SDXL text encoder is at hand: the node encodes
+    each phrase through clip.tokenize / clip.encode_from_tokens; these give random embeddings of
+    the model's context width for 2-token phrases."""
+
+    def __init__(self, context, gen):
+        self.context, self.gen = context, gen
+
+    def tokenize(self, text):
+        ids = [49406] + ([320, 321] if text else []) + [49407] * (75 if text else 76)
+        return {"l": [[(i, 1.0) for i in ids]]}
+
+    def encode_from_tokens(self, tokens):
+        return torch.randn(1, 77, self.context, generator=self.gen)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attention-only", action="store_true", help="skip the sampling part")
+    parser.add_argument("--steps", type=int, default=8 if CUDA else 4)
+    args = parser.parse_args()
+    if not CUDA:
+        torch.set_num_threads(1)
+    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"routing overhead benchmark, {now:%Y-%m-%d %H:%M} UTC, device {device}, torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}")
+    if not CUDA:
+        print("no CUDA device: SDXL 1024px shapes skipped, tiny shapes only (ratios on a CPU do "
+              "not speak for the GPU target)")
+    bench_attention(_load_kernel(), repeats=20)
+    if not args.attention_only:
+        bench_sampling(args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,8 @@ class _Call:
 class _SharedAcrossClones:
     """Per-run bookkeeping that the row provider and the attention patches must see as ONE
     object. The installable host deep-copies model options on clone(), current ComfyUI shares
-    them; never copying keeps both hosts the same, also for closures that hold it."""
+    them; never copying keeps both hosts the same (closures holding it included) and keeps the
+    reference latents from being copied by every later node's clone."""
 
     def __deepcopy__(self, memo):
         return self
@@ -92,7 +93,7 @@ class _Reference:
         self.latents, self.masks, self.bounds = latents, masks, bounds
 
 
-class _ReferenceRows:
+class _ReferenceRows(_SharedAcrossClones):
     """Row provider (nodes.patching): appends the references re-noised to the step's sigma with
     fresh noise; their text/adm conditioning is that of the first full row (else image row)."""
 
@@ -173,7 +174,7 @@ class _PhraseMaps(_SharedAcrossClones):
         return attn2
 
 
-class _BatchCall:
+class _BatchCall(_SharedAcrossClones):
     """Row provider for batch mode: adds no rows, only tells the patches whether this call is in
     the sigma range, whether it is the first (unmasked) step, and which masks hold."""
 
@@ -286,8 +287,9 @@ def _prepare_references(model, unet, references):
                              f"its latent grid {grid} "
                              "(views, h, w); re-encode the reference so mask and latents agree")
         bounds = patching.sigma_range(model, ref.start_percent, ref.end_percent)
-        prepared.append(_Reference(model.model.process_latent_in(latents.float()).cpu(),
-                                   None if masks is None else masks.float().cpu(), bounds))
+        with torch.no_grad():
+            latents = model.model.process_latent_in(latents.detach().float()).cpu()
+        prepared.append(_Reference(latents, None if masks is None else masks.float().cpu(), bounds))
     return prepared
 
 
@@ -318,7 +320,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         if batch_masks is not None and batch_masks.ndim != 3:
             raise ValueError(f"batch_masks: expected a MASK batch (images, height, width), got "
                              f"{tuple(batch_masks.shape)}")
-        masks = None if batch_masks is None else batch_masks.float().cpu()
+        masks = None if batch_masks is None else batch_masks.detach().float().cpu()
         phrase_maps = None
         if batch_phrase.strip() and masks is None:
             if clip is None:

@@ -1,0 +1,262 @@
+"""The trainer on the host's real tiny UNet (CPU): data checks, the training-safe block path,
+the objective, loss going down, only the LoRA changing, checkpointing memory, exact resume."""
+import os
+import sys
+
+import pytest
+import torch
+
+from multiref.kernels.diffusion_objective import output_scale_of, parameterization_loss
+from multiref.nodes import tiny_models
+from multiref.training import blocks, checkpoint, loop, manifest
+from multiref.training.config import TrainConfig, TrainConfigError
+
+sys.path.insert(0, os.path.dirname(__file__))
+import training_data  # noqa: E402
+
+from conftest import HOST  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared CPU: one thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return training_data.write_object_dataset(str(tmp_path_factory.mktemp("data")), groups=2, refs=1)
+
+
+def tiny_models_sd15():
+    return loop.Models(tiny_models.tiny_unet("sd15"), tiny_models.tiny_vae(),
+                       tiny_models.tiny_text_encoder("sd15"), "sd15")
+
+
+def config(data, out, **kw):
+    settings = dict(dataset=data, output_dir=str(out), steps=6, batch_size=1, learning_rate=2e-3,
+                    lora_rank=4, resolution=64, save_every=3, keep_last=2, seed=3)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+# --- data and settings checks --------------------------------------------------------------
+
+def test_manifest_reports_every_problem(tmp_path):
+    path = training_data.write_object_dataset(str(tmp_path), groups=3, refs=1)
+    os.remove(tmp_path / "g0_v1.png")                                   # missing file
+    (tmp_path / "g1_v0.png").write_bytes(b"not a png at all")            # unreadable image
+    from PIL import Image
+    Image.new("L", (10, 12)).save(tmp_path / "g2_v1_mask.png")           # mask size mismatch
+    with pytest.raises(manifest.DatasetError) as err:
+        manifest.load(path)
+    problems = err.value.problems
+    assert any("file not found" in p and "g0_v1.png" in p for p in problems)
+    assert any("cannot read image" in p and "g1_v0.png" in p for p in problems)
+    assert any("10x12" in p and "64x64" in p for p in problems)
+    assert len(problems) == 3 and all(p.split(":")[0] in str(err.value) for p in problems)
+
+
+def test_multi_object_manifest_parses_and_checks_phrases(tmp_path):
+    path = training_data.write_object_dataset(str(tmp_path), groups=1, refs=2)
+    import json
+    sample = {"kind": "multi_object", "image": "g0_v0.png", "caption": "an apple and a pear",
+              "objects": [{"phrase": "apple", "mask": "g0_v0_mask.png", "reference": "g0_v1.png",
+                           "reference_mask": "g0_v1_mask.png"},
+                          {"phrase": "plum", "mask": "g0_v0_mask.png", "reference": "g0_v2.png"}]}
+    with open(path, "w") as f:
+        json.dump({"format": "multiref-dataset", "version": 1, "samples": [sample]}, f)
+    groups, problems = manifest.parse(path)
+    assert problems == ["samples[0].objects[1]: phrase 'plum' does not occur in the caption "
+                        "(routing finds objects by their words)"]
+    sample["caption"] = "an apple and a plum"
+    with open(path, "w") as f:
+        json.dump({"format": "multiref-dataset", "version": 1, "samples": [sample]}, f)
+    (group,) = manifest.load(path)
+    assert [r.phrase for r in group.references] == ["apple", "plum"]
+    assert group.references[1].view.mask is None and group.references[0].target_mask.endswith("g0_v0_mask.png")
+
+
+def test_bad_settings_fail_before_any_step(data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(TrainConfigError, match="output_dir .* is not writable"):
+        loop.train(config(data, blocker / "run"), None)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainConfigError, match="no CUDA GPU"):
+            loop.train(config(data, tmp_path / "r1", device="cuda"), None)
+        with pytest.raises(TrainConfigError, match="bf16.*needs a CUDA GPU"):
+            loop.train(config(data, tmp_path / "r2", mixed_precision="bf16"), None)
+    with pytest.raises(TrainConfigError, match="resolution must be a multiple of 64"):
+        loop.train(config(data, tmp_path / "r3", resolution=100), None)
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+def test_loss_is_the_models_own_parameterization():
+    import comfy.model_sampling as ms
+    torch.manual_seed(0)
+    clean, noise, out = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    sigma = torch.tensor([0.1, 1.0, 7.0])
+    s = sigma.view(-1, 1, 1, 1)
+    x = clean + s * noise
+    for kind in (ms.EPS, ms.V_PREDICTION):
+        sampling = type("Sampling", (kind,), {"sigma_data": 1.0})()
+        denoised = sampling.calculate_denoised(sigma, out, x)
+        loss = parameterization_loss(denoised, clean, output_scale_of(sampling.calculate_denoised,
+                                                                      sigma, clean))
+        # The textbook targets: eps = noise; v = alpha * noise - sigma_ddpm * clean, with
+        # alpha = 1 / sqrt(1 + sigma^2), sigma_ddpm = sigma / sqrt(1 + sigma^2).
+        target = noise if kind is ms.EPS else (noise - s * clean) / (1 + s ** 2).sqrt()
+        expected = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- the training-safe block path ----------------------------------------------------------
+
+def _call_unet(patcher, x, sigma, context):
+    return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=dict(
+        patcher.model_options.get("transformer_options", {})))
+
+
+def test_training_path_equals_host_forward_and_lets_gradients_flow():
+    model = tiny_models.tiny_unet("sd15")
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 3.0])
+    context = torch.randn(2, 77, tiny_models.SD15_CONTEXT)
+    with torch.no_grad():
+        expected = _call_unet(model, x, sigma, context)
+    layers = blocks.build_lora_layers(model.model.diffusion_model, rank=2)
+    state = blocks.PassState(layers, checkpointing=True)
+    patched = blocks.install(model.clone(), state)
+    patched.patch_model()
+    try:
+        out = _call_unet(patched, x, sigma, context)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # a fresh LoRA is a no-op
+        out.square().mean().backward()
+    finally:
+        patched.unpatch_model()
+    ups = [pair.up.weight.grad for pairs in layers.values() for pair in pairs.values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in ups)
+    # Unpatched, the original model's forward is back.
+    assert "forward" not in vars(model.model.diffusion_model.input_blocks[1][1]) or \
+        vars(model.model.diffusion_model.input_blocks[1][1])["forward"].__func__ is \
+        type(model.model.diffusion_model.input_blocks[1][1]).forward
+
+
+@pytest.mark.skipif(HOST.kind != "installable comfyui", reason="the in-place residual is a trait "
+                    "of the installable host (comfyui==0.0.1)")
+def test_host_block_alone_breaks_autograd_on_installable_host():
+    """The trap the training path exists for: the host's own block adds residuals in place."""
+    model = tiny_models.tiny_unet("sd15")
+    block = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0]
+    x = torch.randn(1, 16, block.attn1.to_q.in_features, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        block(x.clone(), context=torch.randn(1, 77, tiny_models.SD15_CONTEXT)).sum().backward()
+
+
+def test_checkpointing_the_layers_that_run_saves_memory():
+    """Bytes kept for backward, counted with a saved-tensors hook (what autograd actually holds
+    outside checkpointed regions), with and without checkpointing; gradients stay the same."""
+    torch.manual_seed(0)
+    x, sigma = torch.randn(1, 4, 16, 16), torch.tensor([2.0])
+    context = torch.randn(1, 77, tiny_models.SD15_CONTEXT)
+    results = {}
+    model = tiny_models.tiny_unet("sd15")
+    layers = blocks.build_lora_layers(model.model.diffusion_model, rank=2)
+    with torch.no_grad():
+        for pairs in layers.values():
+            for pair in pairs.values():
+                pair.up.weight.normal_(0, 0.1)
+    flags = [(p, p.requires_grad) for p in model.model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        for checkpointing in (False, True):
+            patched = blocks.install(model.clone(), blocks.PassState(layers, checkpointing))
+            patched.patch_model()
+            seen, kept = set(), [0]
+
+            def pack(t):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    kept[0] += t.numel() * t.element_size()
+                return t
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = _call_unet(patched, x, sigma, context)
+                for pairs in layers.values():
+                    pairs.zero_grad(set_to_none=True)
+                out.square().mean().backward()
+            finally:
+                patched.unpatch_model()
+            grads = [pair.down.weight.grad.clone() for pairs in layers.values()
+                     for pair in pairs.values()]
+            results[checkpointing] = (kept[0], grads)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    plain, ckpt = results[False][0], results[True][0]
+    assert ckpt < 0.35 * plain, (plain, ckpt)
+    for a, b in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- training ------------------------------------------------------------------------------
+
+def _state_dicts(models):
+    return {"unet": {k: v.clone() for k, v in models.patcher.model.state_dict().items()},
+            "vae": {k: v.clone() for k, v in models.vae.first_stage_model.state_dict().items()},
+            "clip": {k: v.clone() for k, v in models.clip.cond_stage_model.state_dict().items()}}
+
+
+def test_loss_goes_down_and_only_the_lora_changes(data, tmp_path):
+    models = tiny_models_sd15()
+    before = _state_dicts(models)
+    cfg = config(data, tmp_path / "run", steps=30, save_every=30, learning_rate=3e-2, seed=3)
+    base_loss = loop.evaluation_loss(cfg, models, micro_batches=8)
+    result = loop.train(cfg, models)
+    trained_loss = loop.evaluation_loss(cfg, models, result.lora_layers, micro_batches=8)
+    # A random tiny UNet's eps loss is mostly irreducible noise (about 1.0); 30 LoRA steps on
+    # the attention take a few percent off it (seeded: the same numbers every run).
+    assert trained_loss < 0.98 * base_loss, (base_loss, trained_loss)
+    after = _state_dicts(models)
+    for part in before:
+        assert before[part].keys() == after[part].keys()
+        for key in before[part]:
+            assert torch.equal(before[part][key], after[part][key]), f"{part}.{key} changed"
+    assert all(p.requires_grad for p in models.patcher.model.parameters())  # flags restored
+    for pairs in result.lora_layers.values():
+        for pair in pairs.values():
+            assert pair.up.weight.abs().sum() > 0
+    assert os.path.isfile(result.weights)
+    assert result.summary["steps"] == 30 and result.summary["steps_per_s"] > 0
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(data, tmp_path):
+    straight = loop.train(config(data, tmp_path / "straight"), tiny_models_sd15())
+
+    calls = []
+
+    def stop_at_3():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config(data, run, save_every=100), tiny_models_sd15(), check_interrupt=stop_at_3)
+    assert checkpoint.saved_steps(str(run)) == [3]   # the interrupt saved a resumable state
+    resumed = loop.train(config(data, run), tiny_models_sd15())
+    assert resumed.steps == 6 and [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5, 6]
+    for loc, pairs in straight.lora_layers.items():
+        for name, pair in pairs.items():
+            other = resumed.lora_layers[loc][name]
+            # Same draws, same optimizer state: equal to float rounding (stated tolerance 1e-6).
+            torch.testing.assert_close(pair.up.weight, other.up.weight, rtol=0, atol=1e-6)
+            torch.testing.assert_close(pair.down.weight, other.down.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([l for _, l in straight.losses]),
+                               torch.tensor([l for _, l in resumed.losses]), rtol=0, atol=1e-6)
+    assert len(checkpoint.saved_steps(str(run))) <= 2  # keep_last

@@ -1,0 +1,38 @@
+"""Tiny generated training datasets (PNG files + manifest) for the trainer tests."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def _object_image(rng, size, color):
+    """A colored disc on a noisy background, and its mask."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
+    img = rng.integers(0, 80, size=(size, size, 3)).astype(np.uint8)
+    img[mask] = color
+    return Image.fromarray(img), Image.fromarray((mask * 255).astype(np.uint8))
+
+
+def write_object_dataset(folder, groups=3, refs=2, size=64, seed=0):
+    """Kind (a): one object per group, a target + `refs` references, masks and captions."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    samples = []
+    colors = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40)]
+    names = ["apple", "frog", "ball", "lemon"]
+    for g in range(groups):
+        views = []
+        for v in range(refs + 1):
+            img, mask = _object_image(rng, size, colors[g % 4])
+            img.save(os.path.join(folder, f"g{g}_v{v}.png"))
+            mask.save(os.path.join(folder, f"g{g}_v{v}_mask.png"))
+            views.append({"image": f"g{g}_v{v}.png", "mask": f"g{g}_v{v}_mask.png"})
+        samples.append({"kind": "object", "caption": f"a photo of a {names[g % 4]}",
+                        "phrase": names[g % 4], "target": views[0], "references": views[1:]})
+    path = os.path.join(folder, "manifest.json")
+    with open(path, "w") as f:
+        json.dump({"format": "multiref-dataset", "version": 1, "samples": samples}, f)
+    return path

@@ -1,0 +1,232 @@
+"""The training-safe path through the host's UNet, installed as object patches on a clone.
+
+Why it exists:
+  * the installable host (comfyui==0.0.1) adds the attention residuals in place (`x += n`) inside
+    its BasicTransformerBlock, which autograd refuses ("modified by an inplace operation");
+  * the host's UNet forward calls each layer of a block directly (`forward_timestep_embed`), so
+    wrapping `input_blocks[i].forward` checkpoints nothing.
+So every SpatialTransformer's `forward` is replaced (on a clone, through the host's own
+`add_object_patch`, undone when the clone is unpatched) by `TrainingSpatialTransformer`, which
+computes the same layer out of place with the host module's own weights, honours the host's
+attention patch protocol (attn1/attn2 patches, attn2 replaces: routing and IP-Adapter patches keep
+working), adds the LoRA to the self-attention and runs Masked Shared Attention against the
+reference rows. Every ResBlock's `forward` gets a checkpointing wrapper. These are the layers
+that run, so checkpointing them is what saves memory (tests measure it).
+
+Masked Shared Attention in training (SynCD): a reference pass (no gradient, LoRA off) records the
+self-attention input of every reference row at every layer; in the target pass each target row
+attends to [its own tokens | the foreground tokens of its group's references], the reference
+keys/values projected with the LoRA on (that LoRA is what trains on them).
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..kernels import msa
+from ..kernels.lora import new_self_attention_lora, project
+
+log = logging.getLogger("multiref")
+
+
+def spatial_transformers(diffusion_model):
+    """[(module path, SpatialTransformer-like module)] in execution order (duck-typed: a module
+    with `transformer_blocks`, `proj_in`, `proj_out`)."""
+    return [(name, module) for name, module in diffusion_model.named_modules()
+            if hasattr(module, "transformer_blocks") and hasattr(module, "proj_in")]
+
+
+def res_blocks(diffusion_model):
+    """[(module path, ResBlock-like module)]: modules called as layer(x, emb)."""
+    return [(name, module) for name, module in diffusion_model.named_modules()
+            if hasattr(module, "in_layers") and hasattr(module, "emb_layers")]
+
+
+def location_of(path):
+    """'input_blocks.4.1' -> ('input', 4); 'middle_block.1' -> ('middle', 0) (the host's keys)."""
+    parts = path.split(".")
+    if parts[0] == "middle_block":
+        return ("middle", 0)
+    return ({"input_blocks": "input", "output_blocks": "output"}[parts[0]], int(parts[1]))
+
+
+class PassState:
+    """What the patches of one training run share: the LoRA layers, whether the current UNet call
+    is the reference pass or the target pass, and the reference rows recorded for MSA."""
+
+    def __init__(self, lora_layers, checkpointing):
+        self.lora_layers = lora_layers          # {location: ModuleDict of LoRAPair}
+        self.checkpointing = checkpointing
+        self.mode = "plain"                     # plain | reference | target
+        self.recorded = {}                      # location -> (B*K, L, C) detached
+        self.ref_masks = None                   # (B, K, h, w) float 0/1 at latent resolution
+
+    def begin_reference(self):
+        self.mode, self.recorded = "reference", {}
+
+    def begin_target(self, ref_masks):
+        self.mode, self.ref_masks = "target", ref_masks
+
+    def end(self):
+        self.mode, self.recorded, self.ref_masks = "plain", {}, None
+
+    def snapshot(self):
+        """What a layer call needs of this state, frozen at call time: a checkpointed layer
+        recomputes in backward, after the pass has ended."""
+        return PassView(self.lora_layers, self.mode, self.recorded, self.ref_masks)
+
+
+class PassView:
+    def __init__(self, lora_layers, mode, recorded, ref_masks):
+        self.lora_layers, self.mode, self.recorded, self.ref_masks = \
+            lora_layers, mode, recorded, ref_masks
+
+
+def build_lora_layers(diffusion_model, rank, alpha=None):
+    """A fresh self-attention LoRA for every transformer block, keyed by the block's location
+    (block_name, block_id, transformer_index), the key the adapter files are bound by."""
+    layers = {}
+    for path, spatial in spatial_transformers(diffusion_model):
+        for index, block in enumerate(spatial.transformer_blocks):
+            layers[(*location_of(path), index)] = new_self_attention_lora(
+                block.attn1.to_q.in_features, block.attn1.to_q.out_features, rank, alpha)
+    return layers
+
+
+def install(patcher, state):
+    """Object-patch every SpatialTransformer and ResBlock forward of the clone `patcher`."""
+    unet = patcher.model.diffusion_model
+    for path, module in spatial_transformers(unet):
+        patcher.add_object_patch(f"diffusion_model.{path}.forward",
+                                 TrainingSpatialTransformer(module, path, state))
+    for path, module in res_blocks(unet):
+        patcher.add_object_patch(f"diffusion_model.{path}.forward",
+                                 CheckpointedResBlock(module, state))
+    return patcher
+
+
+class CheckpointedResBlock:
+    """layer(x, emb) with its activations recomputed in backward when checkpointing is on."""
+
+    def __init__(self, module, state):
+        self.module, self.state = module, state
+
+    def __call__(self, x, emb):
+        run = type(self.module).forward
+        if self.state.checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, self.module, x, emb, use_reentrant=False)
+        return run(self.module, x, emb)
+
+
+class TrainingSpatialTransformer:
+    """An out-of-place SpatialTransformer forward using the host module's own weights."""
+
+    def __init__(self, module, path, state):
+        self.module, self.path, self.state = module, path, state
+
+    def __call__(self, x, context=None, transformer_options={}):
+        st = self.module
+        contexts = context if isinstance(context, list) else [context] * len(st.transformer_blocks)
+        # The host mutates transformer_options while it walks the UNet; a recompute in backward
+        # must see the values of this call.
+        options = dict(transformer_options)
+        view = self.state.snapshot()
+        if self.state.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._run, x, options, view, *contexts, use_reentrant=False)
+        return self._run(x, options, view, *contexts)
+
+    def _run(self, x, options, view, *contexts):
+        st = self.module
+        b, c, h, w = x.shape
+        hidden = st.norm(x)
+        if not st.use_linear:
+            hidden = st.proj_in(hidden)
+        hidden = hidden.movedim(1, 3).flatten(1, 2)
+        if st.use_linear:
+            hidden = st.proj_in(hidden)
+        for index, block in enumerate(st.transformer_blocks):
+            block_options = dict(options, block_index=index)
+            hidden = self._block(block, hidden, contexts[index], block_options, (h, w), view)
+        if st.use_linear:
+            hidden = st.proj_out(hidden)
+        hidden = hidden.reshape(b, h, w, hidden.shape[-1]).movedim(3, 1)
+        if not st.use_linear:
+            hidden = st.proj_out(hidden)
+        return hidden + x
+
+    def _block(self, block, x, context, options, hw, view):
+        """BasicTransformerBlock.forward of the host, with every residual out of place."""
+        patches = options.get("patches", {})
+        replaces = options.get("patches_replace", {})
+        extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
+        extra.update(n_heads=block.n_heads, dim_head=block.d_head,
+                     attn_precision=getattr(block, "attn_precision", None))
+        location = (*location_of(self.path), options["block_index"])
+        if block.ff_in:
+            skip = x
+            x = block.ff_in(block.norm_in(x))
+            if block.is_res:
+                x = x + skip
+        n = block.norm1(x)
+        for patch in patches.get("attn1_patch", ()):
+            n, _, _ = patch(n, n, n, extra)
+        n = self._self_attention(block, n, location, hw, extra, view)
+        for patch in patches.get("attn1_output_patch", ()):
+            n = patch(n, extra)
+        x = x + n
+        for patch in patches.get("middle_patch", ()):
+            x = patch(x, extra)
+        if block.attn2 is not None:
+            n = block.norm2(x)
+            ctx = n if block.switch_temporal_ca_to_sa else context
+            value = ctx
+            for patch in patches.get("attn2_patch", ()):
+                n, ctx, value = patch(n, ctx, value, extra)
+            attn2 = replaces.get("attn2", {})
+            key = location if location in attn2 else location[:2]
+            if key in attn2:
+                attn = block.attn2
+                n = attn.to_out(attn2[key](attn.to_q(n), attn.to_k(ctx), attn.to_v(value), extra))
+            else:
+                n = block.attn2(n, context=ctx, value=value)
+            for patch in patches.get("attn2_output_patch", ()):
+                n = patch(n, extra)
+            x = x + n
+        skip = x
+        x = block.ff(block.norm3(x))
+        return x + skip if block.is_res else x
+
+    def _self_attention(self, block, n, location, hw, extra, state):
+        attn = block.attn1
+        lora = None if state.mode == "reference" else state.lora_layers.get(location)
+        if state.mode == "reference":
+            state.recorded[location] = n.detach()
+        q = project(lora, "to_q", attn.to_q, n)
+        k = project(lora, "to_k", attn.to_k, n)
+        v = project(lora, "to_v", attn.to_v, n)
+        heads = extra["n_heads"]
+        if state.mode == "target" and location in state.recorded:
+            out = self._shared(q, k, v, state.recorded[location], state.ref_masks, lora, attn, hw,
+                               heads)
+        else:
+            # No reference tokens: the shared attention over an empty foreground is plain attention.
+            out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
+        return project(lora, "to_out", attn.to_out, out)
+
+    def _shared(self, q, k, v, refs, ref_masks, lora, attn, hw, heads):
+        """Each target row attends to its own tokens and the foreground tokens of its own
+        group's references, their keys/values projected with the LoRA on (that trains)."""
+        batch = q.shape[0]
+        per_group = refs.shape[0] // batch
+        kr = project(lora, "to_k", attn.to_k, refs)
+        vr = project(lora, "to_v", attn.to_v, refs)
+        fg = msa.resize_masks(ref_masks.flatten(0, 1), *hw)
+        rows = []
+        for b in range(batch):
+            group = slice(b * per_group, (b + 1) * per_group)
+            index = msa.foreground_index(fg[group])
+            rows.append(msa.shared_attention(
+                q[b:b + 1], k[b:b + 1], v[b:b + 1], msa.gather_foreground(kr[group], index),
+                msa.gather_foreground(vr[group], index), heads))
+        return torch.cat(rows)

@@ -1,0 +1,113 @@
+"""The run directory: checkpoints saved every N steps (keep the last K), atomically, and resume.
+
+    <output_dir>/
+      config.json                       the settings of the run
+      checkpoints/step-000250/          one folder per saved step, renamed into place when complete
+        multiref_lora.safetensors       the trained weights (pack format, see below)
+        training_state.pt               everything resume needs: trainable tensors (fp32),
+                                        optimizer, scheduler, step, RNG states
+      multiref_lora.safetensors         the final weights (copied at the end of the run)
+      loss.json                         (step, loss) of every step
+
+Weights file: safetensors, tensor names as the adapter files use them
+(`self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight`, i = layer in the published
+order; with a trained adapter also `image_proj.*`, `ip_adapter.{2i+1}.*`), metadata
+format / format_version / family / kind / contents / lora_alpha (kernels/checkpoints.py).
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from ..kernels.checkpoints import PACK_FORMAT_VERSION, published_order
+
+LORA_FORMAT = "multiref-lora"
+WEIGHTS_NAME = "multiref_lora.safetensors"
+STATE_NAME = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def lora_tensors(lora_layers):
+    """{location: ModuleDict of LoRAPair} -> tensors under the adapter files' names."""
+    out = {}
+    for i, location in enumerate(published_order(lora_layers)):
+        for name, pair in lora_layers[location].items():
+            out[f"self_attn_lora.{2 * i}.{name}.down.weight"] = pair.down.weight.detach().cpu().contiguous()
+            out[f"self_attn_lora.{2 * i}.{name}.up.weight"] = pair.up.weight.detach().cpu().contiguous()
+    return out
+
+
+def write_weights(path, lora_layers, family):
+    """The LoRA weights file, written atomically (temp file + rename)."""
+    alpha = {pair.alpha for pairs in lora_layers.values() for pair in pairs.values()}.pop()
+    rank = next(iter(next(iter(lora_layers.values())).values())).down.out_features
+    metadata = {"format": LORA_FORMAT, "format_version": PACK_FORMAT_VERSION, "family": family,
+                "kind": "multiref", "contents": "self_attn_lora", "lora_alpha": repr(alpha),
+                "lora_rank": str(rank), "layers": str(len(lora_layers))}
+    _atomic(path, lambda tmp: save_file(lora_tensors(lora_layers), tmp, metadata=metadata))
+    return path
+
+
+def _atomic(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(output_dir, step, state, lora_layers, family, keep_last):
+    """Write checkpoints/step-NNNNNN (complete or not at all), then drop all but the newest
+    `keep_last`. Returns the checkpoint folder."""
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = tempfile.mkdtemp(prefix=".step-", dir=root)
+    try:
+        torch.save(state, os.path.join(tmp, STATE_NAME))
+        write_weights(os.path.join(tmp, WEIGHTS_NAME), lora_layers, family)
+        if os.path.isdir(final):  # the same step saved again (a resumed run stopped at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in saved_steps(output_dir)[:-keep_last]:
+        shutil.rmtree(os.path.join(root, f"step-{old:06d}"), ignore_errors=True)
+    return final
+
+
+def saved_steps(output_dir):
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root))
+                  if m and os.path.isfile(os.path.join(root, m.group(0), STATE_NAME)))
+
+
+def load_latest(output_dir):
+    """(step, state) of the newest complete checkpoint, or None. The state file holds only
+    tensors, numbers and dicts: loaded with weights_only=True."""
+    steps = saved_steps(output_dir)
+    if not steps:
+        return None
+    path = os.path.join(output_dir, "checkpoints", f"step-{steps[-1]:06d}", STATE_NAME)
+    return steps[-1], torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(path, data):
+    _atomic(path, lambda tmp: _dump(tmp, data))
+
+
+def _dump(tmp, data):
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)

@@ -1,0 +1,155 @@
+"""Training settings: one JSON object (the CLI's --config file; the node builds the same object).
+
+    {"dataset": "data/manifest.json", "output_dir": "runs/dog",
+     "model": {"checkpoint": "/path/sd_xl_base_1.0.safetensors"},   # or {"tiny": "sd15"}
+     "steps": 2000, "batch_size": 1, "grad_accumulation": 4, "learning_rate": 1e-4,
+     "lora_rank": 128, "resolution": 1024, "save_every": 250, "keep_last": 3}
+
+Every check that can fail runs before the first step: a bad value, an output folder that cannot
+be written, a CUDA-only option on a machine without CUDA.
+"""
+import dataclasses
+import importlib.util
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..kernels.lora import SELF_ATTENTION_PROJECTIONS
+
+log = logging.getLogger("multiref")
+
+
+class TrainConfigError(ValueError):
+    """A training setting is unusable; the message names the setting and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    output_dir: str
+    model: dict = field(default_factory=lambda: {"tiny": "sd15"})
+    steps: int = 1000
+    batch_size: int = 1                 # global batch (all processes together)
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    optimizer: str = "adamw"            # adamw | adamw8bit (bitsandbytes; falls back to adamw)
+    lora_rank: int = 16
+    lora_alpha: Optional[float] = None  # None = rank (scale 1)
+    lora_projections: tuple = SELF_ATTENTION_PROJECTIONS
+    resolution: int = 512
+    max_references: int = 3
+    text_dropout: float = 0.05
+    image_dropout: float = 0.05
+    both_dropout: float = 0.05
+    full_mask_probability: float = 0.10  # MSA masks replaced by all-ones (SynCD)
+    seed: int = 0
+    save_every: int = 250
+    keep_last: int = 3
+    resume: bool = True                  # continue from the newest checkpoint in output_dir
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"                 # auto | cpu | cuda
+
+    @classmethod
+    def from_dict(cls, data, base_dir="."):
+        if not isinstance(data, dict):
+            raise TrainConfigError("the training config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("dataset", "output_dir") if k not in data]
+        if missing:
+            raise TrainConfigError(f"the training config needs {missing}")
+        data = dict(data)
+        for key in ("dataset", "output_dir"):
+            data[key] = os.path.normpath(os.path.join(base_dir, data[key]))
+        if "lora_projections" in data:
+            data["lora_projections"] = tuple(data["lora_projections"])
+        return cls(**data)
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        out["lora_projections"] = list(self.lora_projections)
+        return out
+
+
+def resolve_device(config):
+    """The torch device, or a clear error when a CUDA-only option meets a machine without CUDA."""
+    cuda = torch.cuda.is_available()
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise TrainConfigError(f"device must be auto, cpu or cuda, got {config.device!r}")
+    if config.device == "cuda" and not cuda:
+        raise TrainConfigError("device is 'cuda' but this machine has no CUDA GPU (or torch was "
+                               "built without CUDA); set device to 'auto' or 'cpu'")
+    if config.mixed_precision == "bf16" and not (cuda and config.device != "cpu"):
+        raise TrainConfigError("mixed_precision 'bf16' needs a CUDA GPU; use 'auto' or 'fp32' "
+                               "on this machine")
+    return torch.device("cuda" if cuda and config.device != "cpu" else "cpu")
+
+
+def validate(config):
+    """Check every setting and the output folder; returns the torch device."""
+    c = config
+    positive = {"steps": c.steps, "batch_size": c.batch_size, "lora_rank": c.lora_rank,
+                "grad_accumulation": c.grad_accumulation, "save_every": c.save_every,
+                "keep_last": c.keep_last, "resolution": c.resolution,
+                "max_references": c.max_references}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise TrainConfigError(f"{name} must be a positive integer, got {value!r}")
+    if c.resolution % 64:
+        raise TrainConfigError(f"resolution must be a multiple of 64 (the UNet downsamples the "
+                               f"latent three times), got {c.resolution}")
+    if not c.learning_rate > 0:
+        raise TrainConfigError(f"learning_rate must be > 0, got {c.learning_rate}")
+    if c.optimizer not in ("adamw", "adamw8bit"):
+        raise TrainConfigError(f"optimizer must be adamw or adamw8bit, got {c.optimizer!r}")
+    if c.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise TrainConfigError(f"mixed_precision must be auto, bf16 or fp32, got {c.mixed_precision!r}")
+    if set(c.lora_projections) - set(SELF_ATTENTION_PROJECTIONS) or not c.lora_projections:
+        raise TrainConfigError(f"lora_projections must be a non-empty subset of "
+                               f"{list(SELF_ATTENTION_PROJECTIONS)}, got {list(c.lora_projections)}")
+    if not 0 <= c.full_mask_probability <= 1:
+        raise TrainConfigError("full_mask_probability must be between 0 and 1")
+    if min(c.text_dropout, c.image_dropout, c.both_dropout) < 0 or \
+            c.text_dropout + c.image_dropout + c.both_dropout > 1:
+        raise TrainConfigError("text_dropout, image_dropout and both_dropout must be >= 0 and sum "
+                               "to at most 1")
+    device = resolve_device(c)
+    check_writable(c.output_dir)
+    return device
+
+
+def check_writable(folder):
+    """Create the output folder and prove a file can be written (and renamed) in it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise TrainConfigError(f"output_dir {folder} is not writable ({exc.strerror or exc}); "
+                               "choose a folder you can write to") from exc
+
+
+def make_optimizer(config, params):
+    """AdamW; the 8-bit AdamW of bitsandbytes when asked for and importable (else AdamW)."""
+    kwargs = dict(lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            try:
+                import bitsandbytes
+                return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+            except Exception as exc:  # a broken CUDA setup raises many kinds; fall back
+                log.warning("bitsandbytes AdamW8bit is not usable here (%s); using AdamW", exc)
+        else:
+            log.warning("optimizer adamw8bit asked for but bitsandbytes is not installed; "
+                        "using AdamW (pip install bitsandbytes to save optimizer memory)")
+    return torch.optim.AdamW(params, **kwargs)

@@ -1,0 +1,96 @@
+"""Load the manifest's images once, encode them once (VAE latents, text, CLIP vision), and keep
+only the encodings: the training loop never touches an image or an encoder again, so the
+encoders can leave GPU memory before the first step.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("multiref")
+
+
+@dataclass
+class EncodedGroup:
+    """A group as the loop uses it (CPU tensors; the latent grid is resolution / 8)."""
+    latent: torch.Tensor               # (C, h, w) in the model's latent space (process_latent_in)
+    context: torch.Tensor              # (L, D) text tokens
+    adm: Optional[torch.Tensor]        # (A,) SDXL pooled + size embedding, None for SD1.5
+    ref_latents: torch.Tensor          # (K, C, h, w)
+    ref_masks: torch.Tensor            # (K, h, w) 1 = object (foreground for MSA)
+    ref_clip: Optional[torch.Tensor]   # (K, T, W) CLIP vision penultimate states, if encoded
+
+
+def square_crop(img, resolution, resample):
+    """Center crop to a square, then resize to resolution x resolution."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((resolution, resolution), resample)
+
+
+def load_image(path, resolution):
+    """(H, W, 3) float in 0..1, the layout of a ComfyUI IMAGE."""
+    with Image.open(path) as img:
+        img = square_crop(img.convert("RGB"), resolution, Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+def load_mask(path, resolution):
+    """(H, W) float 0/1: gray above half = object; None path = everything is the object."""
+    if path is None:
+        return torch.ones(resolution, resolution)
+    with Image.open(path) as img:
+        img = square_crop(img.convert("L"), resolution, Image.NEAREST)
+        return torch.from_numpy((np.asarray(img, dtype=np.float32) / 255.0 > 0.5).astype(np.float32))
+
+
+def latent_mask(mask, latent_hw):
+    """A pixel mask (H, W) at the latent grid: the fraction of object pixels per latent cell,
+    binarized at half (the MSA layers resize this one further, nearest)."""
+    cells = F.adaptive_avg_pool2d(mask[None, None], latent_hw)[0, 0]
+    return (cells > 0.5).float()
+
+
+class TextEncoder:
+    """caption -> (context (L, D), adm (A,) or None), cached per caption."""
+
+    def __init__(self, clip, base_model, resolution):
+        self.clip, self.base_model, self.resolution = clip, base_model, resolution
+        self.cache = {}
+
+    def __call__(self, caption):
+        if caption not in self.cache:
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+            r = self.resolution
+            adm = self.base_model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0,
+                                             crop_h=0, target_width=r, target_height=r,
+                                             device=torch.device("cpu"))
+            self.cache[caption] = (cond[0].float().cpu(),
+                                   None if adm is None else adm[0].float().cpu())
+        return self.cache[caption]
+
+
+def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None):
+    """Encode every group once. Returns (encoded groups, (empty context, empty adm))."""
+    text = TextEncoder(clip, base_model, resolution)
+    encoded = []
+    with torch.no_grad():
+        for group in groups:
+            views = [group.target] + [ref.view for ref in group.references]
+            pixels = torch.stack([load_image(v.image, resolution) for v in views])
+            latents = base_model.process_latent_in(vae.encode(pixels).float()).cpu()
+            hw = latents.shape[-2:]
+            masks = torch.stack([latent_mask(load_mask(v.mask, resolution), hw) for v in views[1:]])
+            ref_clip = None
+            if clip_vision is not None:
+                ref_clip = clip_vision.encode_image(pixels[1:]).penultimate_hidden_states.float().cpu()
+            context, adm = text(group.caption)
+            encoded.append(EncodedGroup(latents[0], context, adm, latents[1:], masks, ref_clip))
+    log.info("encoded %d training groups (%d images) at %dpx", len(encoded),
+             sum(1 + len(g.references) for g in groups), resolution)
+    return encoded, text("")

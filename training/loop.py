@@ -1,0 +1,333 @@
+"""The training loop (DESIGN.md 3.5): LoRA on self-attention, Masked Shared Attention against the
+group's references, one timestep per group, loss on the target only in the model's own
+parameterization, condition dropout, AdamW, gradient accumulation, checkpoints, resume, DDP.
+
+Randomness is drawn per group from a generator seeded by (seed, micro-batch, position in the
+global batch), never from a global stream: a group gets the same timestep, noise and dropout
+whichever process trains it and whether or not the run was resumed in between, so a run split
+over N processes or interrupted and resumed computes exactly what one straight run computes.
+"""
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kernels.diffusion_objective import (condition_dropout, output_scale_of,
+                                           parameterization_loss)
+from . import blocks, checkpoint, config as config_mod, dataset, manifest
+
+log = logging.getLogger("multiref")
+
+
+@dataclass
+class Models:
+    """What the trainer needs from the host: the UNet (a ModelPatcher), the VAE and text encoder
+    (for the one-time encoding), optionally CLIP vision; `family` is sd15 or sdxl."""
+    patcher: object
+    vae: object
+    clip: object
+    family: str
+    clip_vision: Optional[object] = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    weights: str
+    steps: int
+    losses: list
+    summary: dict
+    lora_layers: dict
+
+
+class TrainStep(nn.Module):
+    """One micro-batch -> mean loss of its target rows. An nn.Module holding exactly the
+    trainable parameters, so DistributedDataParallel can wrap it; the frozen model is held
+    outside the module tree (DDP must not broadcast or hook it)."""
+
+    def __init__(self, lora_layers, patcher, state):
+        super().__init__()
+        self.lora = nn.ModuleList(lora_layers.values())
+        self._frozen = (patcher, state)
+
+    def forward(self, batch):
+        patcher, state = self._frozen
+        base = patcher.model
+        sampling = base.model_sampling
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        sigma = batch["sigma"]
+        x = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), batch["noise"], batch["latent"])
+        extra = {} if batch["adm"] is None else {"y": batch["adm"]}
+        refs = batch["ref_latents"]
+        if refs is not None:
+            per_group = refs.shape[1]
+            ref_sigma = sigma.repeat_interleave(per_group)
+            xr = sampling.noise_scaling(ref_sigma.view(-1, 1, 1, 1), batch["ref_noise"].flatten(0, 1),
+                                        refs.flatten(0, 1))
+            ref_extra = {k: v.repeat_interleave(per_group, 0) for k, v in extra.items()}
+            state.begin_reference()
+            with torch.no_grad():  # SynCD: the reference pass has no gradient and no LoRA
+                base.apply_model(xr, ref_sigma, c_crossattn=batch["context"].repeat_interleave(
+                    per_group, 0), transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
+            state.begin_target(batch["ref_masks"])
+        try:
+            denoised = base.apply_model(x, sigma, c_crossattn=batch["context"],
+                                        transformer_options=dict(options, sigmas=sigma), **extra)
+        finally:
+            state.end()
+        scale = output_scale_of(sampling.calculate_denoised, sigma, batch["latent"])
+        return parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
+
+
+class Sampler:
+    """Which groups a micro-batch holds and the random draws of each group (see module doc)."""
+
+    def __init__(self, config, groups, empty_text, sigmas):
+        self.config, self.groups, self.empty_text, self.sigmas = config, groups, empty_text, sigmas
+
+    def indices(self, micro):
+        size, count = self.config.batch_size, len(self.groups)
+        out = []
+        for position in range(micro * size, (micro + 1) * size):
+            epoch, offset = divmod(position, count)
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(
+                self.config.seed * 1_000_003 + epoch))
+            out.append(int(order[offset]))
+        return out
+
+    def batch(self, micro, rows, device, dtype):
+        """The micro-batch rows `rows` (positions in the global batch) as tensors on `device`."""
+        c, indices = self.config, self.indices(micro)
+        picked = [self.groups[indices[r]] for r in rows]
+        refs = max(len(g.ref_latents) for g in picked)
+        out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
+                               "ref_noise", "ref_masks")}
+        for r, group in zip(rows, picked):
+            gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
+            out["sigma"].append(self.sigmas[torch.randint(len(self.sigmas), (1,), generator=gen)][0])
+            out["noise"].append(torch.randn(group.latent.shape, generator=gen))
+            k = len(group.ref_latents)
+            ref_noise = torch.randn((refs, *group.latent.shape), generator=gen)
+            drop_text, drop_image = condition_dropout(float(torch.rand((), generator=gen)),
+                                                      c.text_dropout, c.image_dropout, c.both_dropout)
+            full_mask = float(torch.rand((), generator=gen)) < c.full_mask_probability
+            masks = torch.ones_like(group.ref_masks) if full_mask else group.ref_masks
+            masks = torch.zeros_like(masks) if drop_image else masks
+            pad = refs - k  # groups with fewer references: padded rows with an empty mask
+            out["ref_latents"].append(torch.cat([group.ref_latents,
+                                                 group.ref_latents.new_zeros(pad, *group.latent.shape)]))
+            out["ref_masks"].append(torch.cat([masks, masks.new_zeros(pad, *masks.shape[1:])]))
+            out["ref_noise"].append(ref_noise)
+            context, adm = self.empty_text if drop_text else (group.context, group.adm)
+            out["latent"].append(group.latent)
+            out["context"].append(context)
+            out["adm"].append(adm)
+        lengths = {t.shape[0] for t in out["context"]}
+        if len(lengths) > 1:
+            raise ValueError(f"captions of one batch encode to different lengths {sorted(lengths)} "
+                             "(a caption longer than 75 tokens); shorten the long captions or use "
+                             "batch_size 1")
+        batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
+        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm"):
+            if batch[key] is not None:
+                batch[key] = batch[key].to(dtype)
+        return batch
+
+
+class _FrozenModel:
+    """requires_grad off for the host model during training, restored afterwards (the model is
+    shared with the rest of the graph: leave it exactly as it was)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.module.parameters()]
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def distributed_context():
+    """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def prepare(config):
+    """Everything that can fail before the first step: settings, output folder, device, the
+    whole dataset (every problem reported). Returns (device, groups)."""
+    device = config_mod.validate(config)
+    groups = manifest.load(config.dataset)
+    too_many = [g.name for g in groups if len(g.references) > config.max_references]
+    if too_many:
+        raise manifest.DatasetError(config.dataset, [
+            f"{name}: more references than max_references ({config.max_references}); raise "
+            "max_references or split the sample" for name in too_many])
+    return device, groups
+
+
+class Run:
+    """The pieces of a run that training and evaluation share: the encoded dataset, the LoRA,
+    the patched clone and the loss module."""
+
+    def __init__(self, config, models, device, groups, lora_layers=None):
+        self.config, self.models, self.device = config, models, device
+        base = models.patcher.model
+        # The host's VAE samples its latent distribution: seed it, so every process and every
+        # resumed run caches the very same latents.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.encoded, self.empty_text = dataset.encode_groups(
+                groups, config.resolution, models.vae, models.clip, base, models.clip_vision)
+        if lora_layers is None:
+            torch.manual_seed(config.seed)  # the fresh LoRA's down matrices
+            lora_layers = blocks.build_lora_layers(base.diffusion_model, config.lora_rank,
+                                                   config.lora_alpha)
+        self.lora_layers = {loc: pairs.to(device) for loc, pairs in lora_layers.items()}
+        self.state = blocks.PassState(self.lora_layers, config.gradient_checkpointing)
+        self.patcher = blocks.install(models.patcher.clone(), self.state)
+        self.step_module = TrainStep(self.lora_layers, self.patcher, self.state)
+        self.sampler = Sampler(config, self.encoded, self.empty_text,
+                               base.model_sampling.sigmas.detach().cpu())
+        self.model_dtype = base.get_dtype()
+
+    def batch(self, micro, rows):
+        return self.sampler.batch(micro, rows, self.device, self.model_dtype)
+
+
+def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
+    """Mean loss over the first `micro_batches` micro-batches of the run's fixed draws (same
+    timesteps, noise and dropout every call), no gradient: comparable before and after training.
+    lora_layers None = a fresh LoRA (the base model's own loss)."""
+    device, groups = prepare(config)
+    run = Run(config, models, device, groups, lora_layers)
+    rows = list(range(config.batch_size))
+    with _FrozenModel(models.patcher.model), torch.no_grad():
+        _load(run.patcher, device)
+        try:
+            return sum(float(run.step_module(run.batch(m, rows)))
+                       for m in range(micro_batches)) / micro_batches
+        finally:
+            _unload(run.patcher)
+
+
+def train(config, models, on_step=None, check_interrupt=None):
+    """Run (or resume) a training run. on_step(step, total, loss) after each optimizer step;
+    check_interrupt() raises to stop (ComfyUI's cancel). Interrupted runs save a resumable state
+    and re-raise."""
+    device, groups = prepare(config)
+    rank, world = distributed_context()
+    if config.batch_size % world:
+        raise config_mod.TrainConfigError(f"batch_size {config.batch_size} must be divisible by "
+                                          f"the number of processes ({world})")
+    bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
+    run = Run(config, models, device, groups)
+    lora_layers, patcher, step_module = run.lora_layers, run.patcher, run.step_module
+    base = models.patcher.model
+    optimizer = config_mod.make_optimizer(config, list(step_module.parameters()))
+    warmup = config.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    start, losses = 0, []
+    resumed = checkpoint.load_latest(config.output_dir) if config.resume else None
+    if resumed is not None:
+        start, saved = resumed
+        step_module.load_state_dict(saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        losses = [(int(s), loss) for s, loss in saved["losses"].tolist()]
+        log.info("resumed %s at step %d", config.output_dir, start)
+    if rank == 0:
+        checkpoint.write_json(os.path.join(config.output_dir, "config.json"), config.to_dict())
+    per_rank = config.batch_size // world
+    rows = list(range(rank * per_rank, (rank + 1) * per_rank))
+
+    def save(step):
+        if rank != 0:
+            return None
+        saved_state = {"trainable": step_module.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                       "step": torch.tensor(step),
+                       "losses": torch.tensor(losses, dtype=torch.float64).reshape(-1, 2)}
+        return checkpoint.save(config.output_dir, step, saved_state, lora_layers, models.family,
+                               config.keep_last)
+
+    ddp = step_module
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    step, last_saved, started = start, start, time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with _FrozenModel(base):
+        _load(patcher, device)
+        try:
+            while step < config.steps:
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for a in range(config.grad_accumulation):
+                    micro = step * config.grad_accumulation + a
+                    batch = run.batch(micro, rows)
+                    sync = a == config.grad_accumulation - 1 or world == 1
+                    with (ddp.no_sync() if not sync else contextlib.nullcontext()), \
+                            torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                        loss = ddp(batch) / config.grad_accumulation
+                    loss.backward()
+                    total += float(loss.detach())
+                if world > 1:
+                    reduced = torch.tensor(total, device=device)
+                    torch.distributed.all_reduce(reduced)
+                    total = float(reduced) / world
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append((step, total))
+                if on_step is not None:
+                    on_step(step, config.steps, total)
+                if step % config.save_every == 0 or step == config.steps:
+                    save(step)
+                    last_saved = step
+                if check_interrupt is not None:
+                    check_interrupt()
+        except BaseException:
+            if step > last_saved:
+                where = save(step)
+                log.warning("training stopped at step %d; resumable state saved in %s", step, where)
+            raise
+        finally:
+            _unload(patcher)
+    elapsed = time.perf_counter() - started
+    done = step - start
+    summary = {"steps": done, "seconds": round(elapsed, 3),
+               "steps_per_s": round(done / elapsed, 4) if elapsed else None,
+               "images_per_s": round(done * config.batch_size * config.grad_accumulation / elapsed, 4)
+               if elapsed else None,
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+               if device.type == "cuda" else None}
+    weights = os.path.join(config.output_dir, checkpoint.WEIGHTS_NAME)
+    if rank == 0:
+        checkpoint.write_weights(weights, lora_layers, models.family)
+        checkpoint.write_json(os.path.join(config.output_dir, "loss.json"), losses)
+        checkpoint.write_json(os.path.join(config.output_dir, "summary.json"), summary)
+        log.info("training done: %s", summary)
+    return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers)
+
+
+def _load(patcher, device):
+    """Apply the clone's object patches (the training-safe path) and move it to `device`."""
+    patcher.patch_model(device_to=device)
+
+
+def _unload(patcher):
+    patcher.unpatch_model(device_to=patcher.offload_device)

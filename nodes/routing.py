@@ -7,6 +7,7 @@ own to_k (the phrase is not looked up inside the prompt). MultiRefRoutingMaps sh
 sampler ran, where each reference went.
 """
 import logging
+import weakref
 
 import torch
 
@@ -126,13 +127,15 @@ class _RoutedReferences:
             return cache[key]
 
         def phrase_keys(device, dtype):
-            # Cached per layer; a LoRA patching to_k puts a new weight tensor there: key on it.
-            key = ("phrases", device, dtype, to_k.weight.data_ptr())
-            if key not in cache:
+            # Cached per layer, valid while to_k holds the same weight tensor: a LoRA patch puts
+            # a new tensor there (a weak reference, so the cache never keeps a weight alive).
+            key = ("phrases", device, dtype)
+            entry = cache.get(key)
+            if entry is None or entry[0]() is not to_k.weight:
                 with torch.no_grad():
-                    cache[key] = routing.phrase_keys(
-                        [to_k(e.to(device, dtype)) for e in self.embeddings])
-            return cache[key]
+                    keys = routing.phrase_keys([to_k(e.to(device, dtype)) for e in self.embeddings])
+                entry = cache[key] = (weakref.ref(to_k.weight), keys)
+            return entry[1]
 
         def patch(q, k, v, extra_options):
             text_out = inner(q, k, v, extra_options)

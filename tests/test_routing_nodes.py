@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import comfy.sample
+import comfy.sd
 from multiref.kernels.adapter import build_adapter
 from multiref.kernels.checkpoints import cross_attention_dims, published_order
 from multiref.kernels.references import EncodedReference
@@ -182,6 +183,28 @@ def test_patch_rows_by_role_and_composition(sd15):
         torch.testing.assert_close(out[row], text[row] + 0.8 * o.transpose(1, 2).reshape(12, width),
                                    atol=1e-4, rtol=1e-4)
     assert torch.equal(out[3], text[3])
+
+
+def test_composes_with_a_core_lora_on_to_k(sd15):
+    """A LoRA on every cross-attention to_k (what the phrase keys are projected with) loaded
+    after the routing acts exactly as one loaded before it, and differs from no LoRA: the
+    cached phrase keys follow the patched weights."""
+    model, clip, adapter, three, _ = sd15
+    g = torch.Generator().manual_seed(4)
+    lora = {}
+    for name, param in model.model.diffusion_model.named_parameters():
+        if name.endswith("attn2.to_k.weight"):
+            key = "lora_unet_" + name[:-len(".weight")].replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = torch.randn(2, param.shape[1], generator=g)
+            lora[f"{key}.lora_up.weight"] = torch.randn(param.shape[0], 2, generator=g) * 0.5
+    with_lora = lambda m: comfy.sd.load_lora_for_models(m, None, lora, 1.0, 0.0)[0]
+    routed = apply(model, adapter, three, clip, "weighted")
+    plain_first = sample(routed, clip)
+    lora_after = sample(with_lora(routed), clip)
+    lora_before = sample(apply(with_lora(model), adapter, three, clip, "weighted"), clip)
+    torch.testing.assert_close(lora_after, lora_before, atol=1e-5, rtol=1e-5)
+    assert (lora_after - plain_first).abs().max() > 1e-3
+    torch.testing.assert_close(sample(routed, clip), plain_first, atol=1e-6, rtol=1e-6)
 
 
 def test_bad_inputs_are_refused_with_clear_errors(sd15):

@@ -87,7 +87,8 @@ def main(argv, host=None):
         loop.prepare(config)  # every check before loading any model
         models = load_models(config.model)
         result = loop.train(config, models, on_step=_report)
-        log.info("weights: %s", result.weights)
+        if loop.distributed_context()[0] == 0:
+            log.info("weights: %s", result.weights)
         return 0
     except (manifest.DatasetError, config_mod.TrainConfigError) as exc:
         log.error("error: %s", exc)

@@ -28,19 +28,19 @@ def parts():
 
 
 def _encoded(vae, count, masks="random", seed=10):
+    """`count` references; the second one has two views (two reference rows)."""
     gen = torch.Generator().manual_seed(seed)
     refs = []
     for n in range(count):
-        images = torch.rand(1, 8 * LATENT[0], 8 * LATENT[1], 3, generator=gen)
+        views = 2 if n == 1 else 1
+        images = torch.rand(views, 8 * LATENT[0], 8 * LATENT[1], 3, generator=gen)
         if masks == "zero":
-            mask = torch.zeros(1, *LATENT)
-        elif masks == "none":
-            mask = None
+            mask = torch.zeros(views, *LATENT)
         else:
-            mask = (torch.rand(1, *LATENT, generator=gen) < 0.5).float()
-            mask[0, n % LATENT[0]] = 1  # never empty
+            mask = (torch.rand(views, *LATENT, generator=gen) < 0.5).float()
+            mask[:, n % LATENT[0]] = 1  # never empty
         refs.append(EncodedReference(
-            image_tokens=torch.zeros(1, 4, 16), uncond_tokens=torch.zeros(1, 4, 16),
+            image_tokens=torch.zeros(1, 4 * views, 16), uncond_tokens=torch.zeros(1, 4 * views, 16),
             latents=vae.encode(images), masks=mask, phrase=f"object {n}", weight=1.0,
             start_percent=0.0, end_percent=1.0, adapter_fingerprint=""))
     return tuple(refs)
@@ -182,7 +182,8 @@ def test_one_call_equals_two_passes(parts, family, count):
     sizes, handle = _count_unet_calls(model)
     try:
         one_call = _sample(_msa(model, refs).clone(), clips, family)
-        assert sizes == [2 + count] * STEPS  # ONE UNet call per step: target + reference rows
+        rows = sum(ref.latents.shape[0] for ref in refs)  # views of all references
+        assert sizes == [2 + rows] * STEPS  # ONE UNet call per step: target + reference rows
         two_pass = _sample(TwoPass(model, refs).install(model), clips, family)
     finally:
         handle.remove()
@@ -321,7 +322,7 @@ def test_with_the_three_branch_guider_one_call_and_uncond_untouched(parts):
         run(model, "msa")
     finally:
         handle.remove()
-    assert sizes == [3 + 2] * STEPS
+    assert sizes == [3 + 3] * STEPS  # full, image, uncond + 3 reference rows (1 + 2 views)
     run(model, "plain")
     full, image, uncond = 0, 1, 2  # the guider's cond list: [positive, negative, negative]
     assert _diff(first_call["msa"][uncond], first_call["plain"][uncond]) < 1e-5

@@ -207,6 +207,31 @@ def test_composes_with_a_core_lora_on_to_k(sd15):
     torch.testing.assert_close(sample(routed, clip), plain_first, atol=1e-6, rtol=1e-6)
 
 
+def test_sigma_ranges_gate_the_node_and_each_reference(sd15):
+    """A reference outside its start/end window adds nothing at that step; outside the node's
+    window the layer is plain text attention."""
+    model, clip, adapter, _, _ = sd15
+    first = encoded(adapter, "dog", 0)
+    late = encoded(adapter, "cat", 1, start=0.5)
+    sampling = model.get_model_object("model_sampling")
+    early_sigma, late_sigma = (float(sampling.percent_to_sigma(p)) for p in (0.2, 0.8))
+    location = ("input", 1, 0)
+    patch_of = lambda m: m.model_options["transformer_options"]["patches_replace"]["attn2"][location]
+    both = patch_of(apply(model, adapter, (first, late), clip, "sum"))
+    alone = patch_of(apply(model, adapter, (first,), clip, "sum"))
+    windowed = patch_of(MultiRefApplyAdapter().apply(model, adapter, (first, late), clip, "sum",
+                                                     0.8, 0.5, 1.0)[0])
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 12, 32, generator=g) for _ in range(3))
+    options = lambda sigma: {"n_heads": 4, "original_shape": [2, 4, 6, 8], "block": ("input", 1),
+                             "sigmas": torch.full((2,), sigma), "cond_or_uncond": [0, 1]}
+    assert torch.equal(both(q, k, v, options(early_sigma)), alone(q, k, v, options(early_sigma)))
+    assert not torch.allclose(both(q, k, v, options(late_sigma)), alone(q, k, v, options(late_sigma)))
+    text = patching.host_attention_call(q, k, v, options(early_sigma))
+    assert torch.equal(windowed(q, k, v, options(early_sigma)), text)
+    assert not torch.equal(windowed(q, k, v, options(late_sigma)), text)
+
+
 def test_bad_inputs_are_refused_with_clear_errors(sd15):
     model, clip, adapter, _, _ = sd15
     refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat"]))

@@ -3,8 +3,10 @@
 MultiRefApplyAdapter patches every cross-attention of a model clone; the math is in
 kernels/routing.py. Phrases are encoded on their own, as MIP-Adapter does: each phrase goes
 through the text encoder alone and its tokens after BOS up to EOS are projected by each layer's
-own to_k (the phrase is not looked up inside the prompt). MultiRefRoutingMaps shows, after a
-sampler ran, where each reference went.
+own to_k (the phrase is not looked up inside the prompt). Every routed row (prompt, image and
+negative rows alike) is routed with the same phrase keys and its own queries; negative rows merge
+the references' uncond tokens, as plain IP-Adapter gives them. MultiRefRoutingMaps shows, after
+a sampler ran, where each reference went.
 """
 import logging
 import weakref

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 IMAGE_SCALES = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 TEXT_SCALE = 7.5
+LATENT = (1, 4, 8, 8)  # the saturation runs' latent: tiny, the denoiser is exact
 
 
 def _boot():
@@ -70,11 +71,14 @@ class GaussianConditions:
         return out
 
 
-def saturation_table(pack, steps):
+def saturation_runner(pack, steps):
+    """The fixed tiny setup of the over-saturation table; returns run(image_scale, normalize)
+    -> (final latent in the model's latent space, mean |d_img| / |d_txt| over the steps, the
+    GaussianConditions it ran with)."""
     import comfy.samplers
     guidance_nodes, patching = pack("nodes.guidance"), pack("nodes.patching")
     model = pack("nodes.tiny_models").tiny_unet("sd15", seed=0)
-    latent = (1, 4, 8, 8)
+    latent = LATENT
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(latent, generator=gen)
     context = torch.zeros(1, 77, pack("nodes.tiny_models").SD15_CONTEXT)
@@ -91,6 +95,13 @@ def saturation_table(pack, steps):
                             sigmas, disable_pbar=True, seed=0)
         # Back to the model's latent space (the sampler returns it scaled for the VAE).
         return model.model.process_latent_in(out), sum(toy.ratios) / len(toy.ratios), toy
+
+    return run
+
+
+def saturation_table(pack, steps):
+    run = saturation_runner(pack, steps)
+    latent = LATENT
 
     def row(name, x, ratio=None):
         channels = " ".join(f"{float(c):+6.2f}" for c in x.mean(dim=(-2, -1)).reshape(-1))

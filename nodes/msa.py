@@ -14,7 +14,7 @@ import logging
 import torch
 
 from ..kernels import msa, routing
-from ..kernels.checkpoints import unet_transformer_blocks
+from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import EncodedReference
 from ..kernels.routing import layer_grid
 from . import patching
@@ -105,14 +105,16 @@ class _ReferenceRows(_SharedAcrossClones):
         sigma = float(timestep.reshape(-1)[0])
         first = self.state.is_first_step(sigma)
         self.state.call = None
-        source = patching.rows_with_role(roles, "full") or patching.rows_with_role(roles, "image")
-        if not source or not patching.in_sigma_range(sigma, self.bounds):
-            return None
-        active = tuple(i for i, ref in enumerate(self.references)
-                       if patching.in_sigma_range(sigma, ref.bounds))
-        if not active:
+        if not patching.in_sigma_range(sigma, self.bounds):
             return None
         height, width = x.shape[-2:]
+        source = patching.rows_with_role(roles, "full") or patching.rows_with_role(roles, "image")
+        active = tuple(i for i, ref in enumerate(self.references)
+                       if patching.in_sigma_range(sigma, ref.bounds))
+        if not source or not active:
+            # No reference rows in this call; an adapter's LoRA still applies to the target.
+            self.state.call = _Call((height, width), None, None, False)
+            return None
         latents, masks = [], []
         for i in active:
             ref = self.references[i]
@@ -203,28 +205,95 @@ def _take(x, rows):
     return x[rows]
 
 
-class _SharedSelfAttention:
-    """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
-    ran there before: the host's attention or another node's replace)."""
+INPUT_KEY = "multiref_attn1_input"
+OUTPUT_KEY = "multiref_attn1_lora_output"
 
-    def __init__(self, inner, state, strength, mode):
+
+class _StashInput(_SharedAcrossClones):
+    """attn1_patch: keeps the self-attention input n (what to_q/to_k/to_v read) for the replace,
+    which needs it for the LoRA deltas; the block passes the same extra_options to both."""
+
+    def __call__(self, n, context, value, extra_options):
+        extra_options[INPUT_KEY] = n
+        return n, context, value
+
+
+class _LoRAOutput(_SharedAcrossClones):
+    """attn1_output_patch: adds the to_out LoRA delta of the target rows after the host's to_out
+    (the replace leaves the pre-to_out output it needs in extra_options)."""
+
+    def __call__(self, n, extra_options):
+        stash = extra_options.pop(OUTPUT_KEY, None)
+        if stash is None:
+            return n
+        rows, attention_out, pair = stash
+        return torch.cat([n[:rows] + pair(attention_out[:rows]).to(n.dtype), n[rows:]])
+
+
+class _LoRAWeights:
+    """One projection's LoRAPair with its weights on the activations' device and dtype, copied
+    once (the adapter's own modules are never moved or cast: other nodes share them)."""
+
+    def __init__(self, pair, device, dtype):
+        self.pair = pair
+        self.weights = {name: w.detach().to(device, dtype) for name, w in pair.state_dict().items()}
+
+    def __call__(self, x):
+        return torch.func.functional_call(self.pair, self.weights, (x,))
+
+
+class _SharedSelfAttention(_SharedAcrossClones):
+    """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
+    ran there before: the host's attention or another node's replace). With an adapter's
+    self-attention LoRA, the target rows' q, k, v (and to_out) get its deltas and the reference
+    rows do not, while the keys/values the target reads from the references do (SynCD: the
+    reference pass runs without the LoRA, the target pass projects its cached inputs with it).
+    Shared across clones: the LoRA weights are not copied by every later node."""
+
+    def __init__(self, inner, state, strength, mode, lora=None, shares=True):
         self.inner, self.state, self.strength, self.mode = inner, state, strength, mode
+        self.lora, self.shares = lora, shares
+        self.lora_on = {}  # (device, dtype) -> {projection: _LoRAWeights}
+
+    def _lora(self, device, dtype):
+        if (device, dtype) not in self.lora_on:
+            self.lora_on[(device, dtype)] = {name: _LoRAWeights(pair, device, dtype)
+                                             for name, pair in self.lora.items()}
+        return self.lora_on[(device, dtype)]
 
     def __call__(self, q, k, v, extra_options):
         call = self.state.call
         if call is None:
             return self.inner(q, k, v, extra_options)
         roles = patching.row_roles(extra_options, q.shape[0])
-        readers = patching.rows_with_role(roles, patching.IMAGE_ROLES)
+        span = extra_options.get("multiref_rows", {}).get(TAG) if self.mode == "references" else ()
+        sharing = self.shares and span is not None
+        readers = patching.rows_with_role(roles, patching.IMAGE_ROLES) if sharing else []
+        targets = span[0] if span else q.shape[0]  # reference rows come last
+        lora = None if self.lora is None else self._lora(q.device, q.dtype)
+        if lora is not None:
+            n = extra_options[INPUT_KEY][:targets]
+            q, k, v = (torch.cat([x[:targets] + lora[name](n), x[targets:]])
+                       for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
         if not readers:
-            return self.inner(q, k, v, extra_options)
+            out = self.inner(q, k, v, extra_options)
+        else:
+            out = self._shared(q, k, v, extra_options, roles, readers, call, span, lora)
+        if lora is not None:
+            extra_options[OUTPUT_KEY] = (targets, out, lora["to_out"])
+        return out
+
+    def _shared(self, q, k, v, extra_options, roles, readers, call, span, lora):
         heads = extra_options["n_heads"]
         h, w = layer_grid(call.grid, q.shape[1])
         if self.mode == "references":
-            start, end = extra_options["multiref_rows"][TAG]
+            start, end = span
             index = self.state.foreground_index(h, w, q.device)
             k_fg = msa.gather_foreground(k[start:end], index)
             v_fg = msa.gather_foreground(v[start:end], index)
+            if lora is not None:  # the target projects the references' inputs with its LoRA
+                n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
+                k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
             shared = msa.shared_attention(_take(q, readers), _take(k, readers), _take(v, readers),
                                           k_fg, v_fg, heads)
         else:
@@ -293,8 +362,24 @@ def _prepare_references(model, unet, references):
     return prepared
 
 
+def _self_attention_lora(adapter, unet, mode):
+    """{location: LoRA pairs} of an adapter bound to this UNet, or None without a LoRA."""
+    if adapter is None:
+        return None
+    if not adapter.has_self_attn_lora:
+        log.info("MultiRefApplyMSA: %s has no self-attention LoRA; nothing of it is applied",
+                 adapter.describe())
+        return None
+    if mode != "references":
+        raise ValueError("adapter: its self-attention LoRA belongs to reference mode (SynCD); "
+                         "disconnect the adapter in 'batch' mode")
+    blocks = dict(unet_transformer_blocks(unet))
+    bound = adapter.bind(list(blocks), cross_attention_dims(unet))
+    return {location: bound.layer(location).self_attn_lora for location in blocks}
+
+
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
-              layers, mode, batch_masks=None, batch_phrase="", clip=None):
+              layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None):
     """A patched clone of `model` (the original is left untouched)."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is unknown; use one of {MODES}")
@@ -334,8 +419,17 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                                                                blocks[location].attn2.to_k))
         provider = _BatchCall(masks, bounds, state, first_step_unmasked, phrase_maps)
     patching.add_row_provider(patched, provider)
-    make_patch = lambda location, inner: _SharedSelfAttention(inner, state, strength, mode)
-    patching.set_attention_patch(patched, "attn1", make_patch, blocks=layers)
+    lora = _self_attention_lora(adapter, unet, mode)
+    sharing = patching.BLOCK_GROUPS[layers]
+    make_patch = lambda location, inner: _SharedSelfAttention(
+        inner, state, strength, mode, None if lora is None else lora[location],
+        location[0] in sharing)
+    # With a LoRA every layer is patched (the LoRA covers all); `layers` picks where to share.
+    patching.set_attention_patch(patched, "attn1", make_patch,
+                                 blocks="all" if lora is not None else layers)
+    if lora is not None:
+        patched.set_model_attn1_patch(_StashInput())
+        patched.set_model_attn1_output_patch(_LoRAOutput())
     return patched
 
 
@@ -384,12 +478,18 @@ class MultiRefApplyMSA:
                              "cross-attention map at each step gives the next step's masks."}),
             "clip": ("CLIP", {"tooltip": "batch mode with a phrase: the text encoder of the "
                               "prompt (encodes the phrase)."}),
+            "adapter": ("MULTIREF_ADAPTER", {"tooltip":
+                        "references mode: an adapter carrying a self-attention LoRA (SynCD's "
+                        "checkpoint, or one the pack trained) applies it here: on the generated "
+                        "image, not on the references' own pass, as SynCD trains it."}),
         }}
 
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
-              mode, references=None, batch_masks=None, batch_phrase="", clip=None):
+              mode, references=None, batch_masks=None, batch_phrase="", clip=None,
+              adapter=None):
         return (apply_msa(model, references, strength, start_percent, end_percent,
-                          first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip),)
+                          first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip,
+                          adapter),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

@@ -10,7 +10,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.supported_models
 from comfy.ldm.modules.attention import optimized_attention
-from multiref.kernels import msa
+from multiref.kernels import checkpoints, msa
+from multiref.kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from multiref.kernels.references import EncodedReference
 from multiref.nodes import guidance as guidance_nodes
 from multiref.nodes import patching, tiny_models
@@ -113,14 +114,25 @@ def test_all_zero_masks_equal_the_unpatched_model(parts):
 
 class TwoPass:
     """SynCD's form, the slow reference: per step a separate reference pass banks every attn1
-    layer's keys/values, then the target pass; reading rows attend to [own | every reference
-    token] with a -inf bias on the background, in float64."""
+    layer's input, then the target pass projects the banked inputs with its own weights (plus
+    its LoRA, when given); reading rows attend to [own | every reference token] with a -inf bias
+    on the background, in float64. The reference pass runs without the LoRA."""
 
-    def __init__(self, model, refs):
+    def __init__(self, model, refs, lora=None):
         self.sampling = model.get_model_object("model_sampling")
         self.latents = model.model.process_latent_in(torch.cat([r.latents for r in refs]))
         self.masks = torch.cat([r.masks for r in refs])
-        self.bank, self.writing = {}, False
+        self.blocks = dict(unet_transformer_blocks(model.model.diffusion_model))
+        self.lora = lora  # {location: {projection: LoRAPair}} or None
+        self.bank, self.inputs, self.outputs, self.writing = {}, {}, {}, False
+
+    def delta(self, location, name, x):
+        """The LoRA update written out: x A^T B^T alpha / rank, in float64."""
+        if self.lora is None or self.writing:
+            return torch.zeros((), dtype=torch.float64)
+        pair = self.lora[location][name]
+        down, up = pair.down.weight.double(), pair.up.weight.double()
+        return x.double() @ down.T @ up.T * pair.alpha / down.shape[0]
 
     def wrapper(self, apply_model, args):
         x, sigmas, c = args["input"], args["timestep"], args["c"]
@@ -138,12 +150,29 @@ class TwoPass:
         self.roles = roles
         return apply_model(x, sigmas, **c)
 
+    @staticmethod
+    def location(extra_options):
+        return extra_options["block"] + (extra_options["block_index"],)
+
+    def keep_input(self, n, context, value, extra_options):
+        self.inputs[self.location(extra_options)] = n
+        return n, context, value
+
+    def add_output_delta(self, n, extra_options):
+        location = self.location(extra_options)
+        if self.writing:
+            return n
+        return n + self.delta(location, "to_out", self.outputs[location]).float()
+
     def patch(self, location):
         def attn1(q, k, v, extra_options):
             heads = extra_options["n_heads"]
+            n = self.inputs[location]
             if self.writing:
-                self.bank[location] = (k, v)
+                self.bank[location] = n
                 return optimized_attention(q, k, v, heads)
+            q, k, v = (x + self.delta(location, name, n).float()
+                       for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
             out = optimized_attention(q, k, v, heads)
             height, width = extra_options["original_shape"][-2:]
             scale = math.sqrt(height * width / q.shape[1])
@@ -151,24 +180,30 @@ class TwoPass:
             rows_y = (torch.arange(h) * self.masks.shape[1]) // h
             rows_x = (torch.arange(w) * self.masks.shape[2]) // w
             fg = self.masks[:, rows_y][:, :, rows_x].reshape(-1) > 0.5
-            k_ref, v_ref = self.bank[location]
+            attn = self.blocks[location].attn1
+            n_ref = self.bank[location].reshape(-1, n.shape[-1])
+            k_ref = attn.to_k(n_ref).double() + self.delta(location, "to_k", n_ref)
+            v_ref = attn.to_v(n_ref).double() + self.delta(location, "to_v", n_ref)
             d = q.shape[-1] // heads
             for i, role in enumerate(self.roles):
                 if role != "full":
                     continue
-                keys = torch.cat([k[i], k_ref.reshape(-1, k.shape[-1])]).double()
-                values = torch.cat([v[i], v_ref.reshape(-1, v.shape[-1])]).double()
+                keys = torch.cat([k[i].double(), k_ref])
+                values = torch.cat([v[i].double(), v_ref])
                 bias = torch.cat([torch.zeros(q.shape[1]), torch.where(fg, 0.0, -math.inf)])
                 for hd in range(heads):
                     sl = slice(hd * d, (hd + 1) * d)
                     logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
                     out[i, :, sl] = (logits.softmax(-1) @ values[:, sl]).float()
+            self.outputs[location] = out
             return out
         return attn1
 
     def install(self, model):
         patched = model.clone()
         patched.set_model_unet_function_wrapper(self.wrapper)
+        patched.set_model_attn1_patch(self.keep_input)
+        patched.set_model_attn1_output_patch(self.add_output_delta)
         for location in patching.attention_locations(model):
             patched.set_model_attn1_replace(self.patch(location), *location)
         return patched
@@ -190,6 +225,28 @@ def test_one_call_equals_two_passes(parts, family, count):
     plain = _sample(model, clips, family)
     assert _diff(one_call, plain) > 1e-3  # the references do change the image
     assert _diff(one_call, two_pass) < 1e-5
+
+
+def test_adapter_lora_on_the_target_pass_only(parts, tmp_path):
+    """SynCD with its LoRA (a tiny checkpoint in SynCD's layout): one call equals the two
+    passes where the reference pass runs without the LoRA and the target pass with it."""
+    import tiny_checkpoints
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sdxl")
+    path = tiny_checkpoints.write_checkpoint(str(tmp_path), "syncd", "sdxl")[0]
+    adapter = checkpoints.load_adapter(path)
+    assert adapter.has_self_attn_lora
+    unet = model.model.diffusion_model
+    bound = adapter.bind([loc for loc, _ in unet_transformer_blocks(unet)],
+                         cross_attention_dims(unet))
+    lora = {loc: bound.layer(loc).self_attn_lora for loc, _ in unet_transformer_blocks(unet)}
+    refs = _encoded(vae, 2)
+    one_call = _sample(_msa(model, refs, adapter=adapter).clone(), clips, "sdxl")
+    assert _diff(one_call, _sample(_msa(model, refs), clips, "sdxl")) > 1e-3  # the LoRA acts
+    two_pass = _sample(TwoPass(model, refs, lora).install(model), clips, "sdxl")
+    assert _diff(one_call, two_pass) < 1e-5
+    with pytest.raises(ValueError, match="adapter: its self-attention LoRA belongs to reference"):
+        _msa(model, None, mode="batch", adapter=adapter)
 
 
 @pytest.mark.parametrize("count", [1, 3])

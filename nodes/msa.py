@@ -5,6 +5,8 @@ re-noises the clean reference latents to the step's sigma and appends them as `r
 every patched self-attention layer the `full` and `image` rows read [own | foreground keys/values
 of the ref rows of that same layer call]; `uncond` and `ref` rows attend only to themselves. The
 references never attend to the target, so this equals SynCD's reference pass + target pass.
+An adapter carrying a self-attention LoRA (SynCD) applies it to the target rows and to the
+reference keys/values they read, not to the reference rows' own attention (SynCD's passes).
 `batch` mode: the images of one batch share their foreground with each other; the masks are
 given, or come from the cross-attention map of a phrase (the last step's map, Otsu-thresholded).
 The math lives in kernels/msa.py; this module only routes rows and keeps per-step bookkeeping.

@@ -192,11 +192,14 @@ def _boot_checkout(path, workdir, custom_nodes, output_dir):
     try:
         sys.argv = _boot_argv(["--output-directory", output_dir,
                                "--temp-directory", os.path.join(workdir, "temp")])
-        try:
-            import comfy.options
-        except ImportError as exc:
-            raise HostError(f"--comfyui {path}: its modules do not import with this Python "
-                            f"({exc}); run with the Python of that ComfyUI's environment") from exc
+        import comfy
+        # A checkout's comfy/ has no __init__.py: an installed `comfy` package (the installable
+        # host) wins over it whatever sys.path says.
+        if os.path.realpath(os.path.join(path, "comfy")) not in map(os.path.realpath, comfy.__path__):
+            raise HostError(f"--comfyui {path}: this Python has the installable comfyui package, "
+                            "which hides the checkout's comfy/; run with the Python of that "
+                            "ComfyUI's own environment")
+        import comfy.options
         comfy.options.enable_args_parsing()
         # main.py imports the checkout's `utils` package before `nodes` puts comfy/ (which has
         # a utils.py) on sys.path; built-in nodes that import the server need the package.

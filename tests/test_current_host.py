@@ -84,3 +84,20 @@ def test_runner_refuses_a_folder_that_is_not_a_checkout(tmp_path):
              and not line.startswith("booting")]
     assert len(lines) == 1, result.stderr
     assert str(tmp_path) in lines[0] and "not a ComfyUI checkout" in lines[0]
+
+
+def test_runner_refuses_a_checkout_hidden_by_the_installed_package(tmp_path):
+    """A checkout's comfy/ is a namespace package: beside the installable host's `comfy` it
+    cannot be imported; the runner says to use the checkout's own Python."""
+    if HOST.kind != "installable comfyui":
+        pytest.skip("needs the installable host's Python")
+    checkout = tmp_path / "ComfyUI"
+    (checkout / "comfy").mkdir(parents=True)
+    (checkout / "nodes.py").write_text("")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--comfyui",
+                             str(checkout), "--output", str(tmp_path / "out")], cwd="/",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "\n" not in errors[0], result.stderr
+    assert "installable comfyui package" in errors[0] and "own environment" in errors[0]

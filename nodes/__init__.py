@@ -1,11 +1,11 @@
 """Node registration: every family module exports its own two mappings; they are merged here."""
 import logging
 
-from . import demo, guidance, loaders, msa, references, routing
+from . import demo, guidance, loaders, msa, references, routing, training
 
 log = logging.getLogger("multiref")
 
-FAMILIES = (demo, guidance, loaders, msa, references, routing)
+FAMILIES = (demo, guidance, loaders, msa, references, routing, training)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -170,34 +170,27 @@ def test_checkpointing_the_layers_that_run_saves_memory():
         for pairs in layers.values():
             for pair in pairs.values():
                 pair.up.weight.normal_(0, 0.1)
-    flags = [(p, p.requires_grad) for p in model.model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        for checkpointing in (False, True):
-            patched = blocks.install(model.clone(), blocks.PassState(layers, checkpointing))
-            patched.patch_model()
-            seen, kept = set(), [0]
+    for checkpointing in (False, True):
+        patched = blocks.install(model.clone(), blocks.PassState(layers, checkpointing))
+        patched.patch_model()
+        seen, kept = set(), [0]
 
-            def pack(t):
-                if t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    kept[0] += t.numel() * t.element_size()
-                return t
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    out = _call_unet(patched, x, sigma, context)
-                for pairs in layers.values():
-                    pairs.zero_grad(set_to_none=True)
-                out.square().mean().backward()
-            finally:
-                patched.unpatch_model()
-            grads = [pair.down.weight.grad.clone() for pairs in layers.values()
-                     for pair in pairs.values()]
-            results[checkpointing] = (kept[0], grads)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        def pack(t):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                kept[0] += t.numel() * t.element_size()
+            return t
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = _call_unet(patched, x, sigma, context)
+            for pairs in layers.values():
+                pairs.zero_grad(set_to_none=True)
+            out.square().mean().backward()
+        finally:
+            patched.unpatch_model()
+        grads = [pair.down.weight.grad.clone() for pairs in layers.values()
+                 for pair in pairs.values()]
+        results[checkpointing] = (kept[0], grads)
     plain, ckpt = results[False][0], results[True][0]
     assert ckpt < 0.35 * plain, (plain, ckpt)
     for a, b in zip(results[False][1], results[True][1]):
@@ -260,3 +253,31 @@ def test_resume_gives_the_same_weights_as_a_straight_run(data, tmp_path):
     torch.testing.assert_close(torch.tensor([l for _, l in straight.losses]),
                                torch.tensor([l for _, l in resumed.losses]), rtol=0, atol=1e-6)
     assert len(checkpoint.saved_steps(str(run))) <= 2  # keep_last
+
+
+def test_core_lora_file_applied_by_the_host_equals_the_training_path():
+    """The kohya-named copy, merged into the weights by the host's own LoRA loader, computes
+    what the trainer's separate LoRA deltas compute."""
+    import comfy.sd
+    model = tiny_models.tiny_unet("sd15")
+    layers = blocks.build_lora_layers(model.model.diffusion_model, rank=3, alpha=1.5)
+    with torch.no_grad():
+        for pairs in layers.values():
+            for pair in pairs.values():
+                pair.up.weight.normal_(0, 0.2)
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.5])
+    context = torch.randn(1, 77, tiny_models.SD15_CONTEXT)
+    patched = blocks.install(model.clone(), blocks.PassState(layers, checkpointing=False))
+    tensors = checkpoint.core_lora_tensors(layers, blocks.attention_paths(model.model.diffusion_model))
+    merged, _ = comfy.sd.load_lora_for_models(model, None, tensors, 1.0, 0.0)
+    assert len(merged.patches) == 4 * len(layers)  # every projection found its weight
+    outputs = []
+    with torch.no_grad():
+        for patcher in (patched, merged, model):
+            patcher.patch_model()
+            try:
+                outputs.append(_call_unet(patcher, x, sigma, context))
+            finally:
+                patcher.unpatch_model()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-3  # the LoRA does something

@@ -94,8 +94,22 @@ def build_lora_layers(diffusion_model, rank, alpha=None):
     return layers
 
 
+def attention_paths(diffusion_model):
+    """{location: 'diffusion_model.<...>.attn1'}: where each self-attention lives in the model."""
+    return {(*location_of(path), index): f"diffusion_model.{path}.transformer_blocks.{index}.attn1"
+            for path, spatial in spatial_transformers(diffusion_model)
+            for index, _ in enumerate(spatial.transformer_blocks)}
+
+
 def install(patcher, state):
-    """Object-patch every SpatialTransformer and ResBlock forward of the clone `patcher`."""
+    """Object-patch the clone `patcher`: every SpatialTransformer and ResBlock forward, and every
+    weight by a frozen Parameter (requires_grad off, so no gradient is computed for the base
+    model and its own parameters' flags are never touched). A weight that is an inference
+    tensor (ComfyUI runs nodes in inference mode, so models loaded by a node hold such
+    tensors, which autograd cannot save for backward) is copied; any other is shared."""
+    for name, param in patcher.model.named_parameters():
+        data = param.clone() if param.is_inference() else param.detach()
+        patcher.add_object_patch(name, torch.nn.Parameter(data, requires_grad=False))
     unet = patcher.model.diffusion_model
     for path, module in spatial_transformers(unet):
         patcher.add_object_patch(f"diffusion_model.{path}.forward",

@@ -6,8 +6,10 @@
         multiref_lora.safetensors       the trained weights (pack format, see below)
         training_state.pt               everything resume needs: trainable tensors (fp32),
                                         optimizer, scheduler, step, RNG states
-      multiref_lora.safetensors         the final weights (copied at the end of the run)
-      loss.json                         (step, loss) of every step
+      multiref_lora.safetensors         the final weights
+      multiref_lora_core.safetensors    the same LoRA (kohya names) for core LoRA loaders (models/loras)
+      loss.json, loss.png               (step, loss) of every step, and its curve
+      summary.json                      steps/s, images/s, peak GPU memory
 
 Weights file: safetensors, tensor names as the adapter files use them
 (`self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight`, i = layer in the published
@@ -27,6 +29,7 @@ from ..kernels.checkpoints import PACK_FORMAT_VERSION, published_order
 
 LORA_FORMAT = "multiref-lora"
 WEIGHTS_NAME = "multiref_lora.safetensors"
+CORE_LORA_NAME = "multiref_lora_core.safetensors"
 STATE_NAME = "training_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -48,11 +51,33 @@ def write_weights(path, lora_layers, family):
     metadata = {"format": LORA_FORMAT, "format_version": PACK_FORMAT_VERSION, "family": family,
                 "kind": "multiref", "contents": "self_attn_lora", "lora_alpha": repr(alpha),
                 "lora_rank": str(rank), "layers": str(len(lora_layers))}
-    _atomic(path, lambda tmp: save_file(lora_tensors(lora_layers), tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(lora_tensors(lora_layers), tmp, metadata=metadata))
     return path
 
 
-def _atomic(path, write):
+def core_lora_tensors(lora_layers, attention_paths):
+    """The LoRA in the kohya naming that ComfyUI's core LoRA loader (and most UIs) read:
+    `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+    attention_paths: {location: 'diffusion_model.<...>.attn1'}. The host's to_out is a
+    Sequential(Linear, Dropout): its weight is to_out.0."""
+    out = {}
+    for location, pairs in lora_layers.items():
+        module = attention_paths[location][len("diffusion_model."):]
+        for name, pair in pairs.items():
+            key = "lora_unet_" + f"{module}.{name}{'.0' if name == 'to_out' else ''}".replace(".", "_")
+            out[f"{key}.lora_down.weight"] = pair.down.weight.detach().cpu().contiguous()
+            out[f"{key}.lora_up.weight"] = pair.up.weight.detach().cpu().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(pair.alpha)
+    return out
+
+
+def write_core_lora(path, lora_layers, attention_paths):
+    tensors = core_lora_tensors(lora_layers, attention_paths)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "multiref-core-lora"}))
+    return path
+
+
+def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -105,7 +130,7 @@ def load_latest(output_dir):
 
 
 def write_json(path, data):
-    _atomic(path, lambda tmp: _dump(tmp, data))
+    atomic_write(path, lambda tmp: _dump(tmp, data))
 
 
 def _dump(tmp, data):

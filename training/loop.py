@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (condition_dropout, output_scale_of,
                                            parameterization_loss)
-from . import blocks, checkpoint, config as config_mod, dataset, manifest
+from . import blocks, checkpoint, config as config_mod, dataset, manifest, plots
 
 log = logging.getLogger("multiref")
 
@@ -139,23 +139,6 @@ class Sampler:
         return batch
 
 
-class _FrozenModel:
-    """requires_grad off for the host model during training, restored afterwards (the model is
-    shared with the rest of the graph: leave it exactly as it was)."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.module.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-
-
 def distributed_context():
     """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -212,7 +195,7 @@ def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
     device, groups = prepare(config)
     run = Run(config, models, device, groups, lora_layers)
     rows = list(range(config.batch_size))
-    with _FrozenModel(models.patcher.model), torch.no_grad():
+    with torch.no_grad():
         _load(run.patcher, device)
         try:
             return sum(float(run.step_module(run.batch(m, rows)))
@@ -270,43 +253,42 @@ def train(config, models, on_step=None, check_interrupt=None):
     step, last_saved, started = start, start, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _FrozenModel(base):
-        _load(patcher, device)
-        try:
-            while step < config.steps:
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for a in range(config.grad_accumulation):
-                    micro = step * config.grad_accumulation + a
-                    batch = run.batch(micro, rows)
-                    sync = a == config.grad_accumulation - 1 or world == 1
-                    with (ddp.no_sync() if not sync else contextlib.nullcontext()), \
-                            torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                        loss = ddp(batch) / config.grad_accumulation
-                    loss.backward()
-                    total += float(loss.detach())
-                if world > 1:
-                    reduced = torch.tensor(total, device=device)
-                    torch.distributed.all_reduce(reduced)
-                    total = float(reduced) / world
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                losses.append((step, total))
-                if on_step is not None:
-                    on_step(step, config.steps, total)
-                if step % config.save_every == 0 or step == config.steps:
-                    save(step)
-                    last_saved = step
-                if check_interrupt is not None:
-                    check_interrupt()
-        except BaseException:
-            if step > last_saved:
-                where = save(step)
-                log.warning("training stopped at step %d; resumable state saved in %s", step, where)
-            raise
-        finally:
-            _unload(patcher)
+    _load(patcher, device)
+    try:
+        while step < config.steps:
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for a in range(config.grad_accumulation):
+                micro = step * config.grad_accumulation + a
+                batch = run.batch(micro, rows)
+                sync = a == config.grad_accumulation - 1 or world == 1
+                with (ddp.no_sync() if not sync else contextlib.nullcontext()), \
+                        torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    loss = ddp(batch) / config.grad_accumulation
+                loss.backward()
+                total += float(loss.detach())
+            if world > 1:
+                reduced = torch.tensor(total, device=device)
+                torch.distributed.all_reduce(reduced)
+                total = float(reduced) / world
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append((step, total))
+            if on_step is not None:
+                on_step(step, config.steps, total)
+            if step % config.save_every == 0 or step == config.steps:
+                save(step)
+                last_saved = step
+            if check_interrupt is not None:
+                check_interrupt()
+    except BaseException:
+        if step > last_saved:
+            where = save(step)
+            log.warning("training stopped at step %d; resumable state saved in %s", step, where)
+        raise
+    finally:
+        _unload(patcher)
     elapsed = time.perf_counter() - started
     done = step - start
     summary = {"steps": done, "seconds": round(elapsed, 3),
@@ -318,10 +300,17 @@ def train(config, models, on_step=None, check_interrupt=None):
     weights = os.path.join(config.output_dir, checkpoint.WEIGHTS_NAME)
     if rank == 0:
         checkpoint.write_weights(weights, lora_layers, models.family)
+        checkpoint.write_core_lora(os.path.join(config.output_dir, checkpoint.CORE_LORA_NAME),
+                                   lora_layers, blocks.attention_paths(base.diffusion_model))
         checkpoint.write_json(os.path.join(config.output_dir, "loss.json"), losses)
+        _save_png(os.path.join(config.output_dir, "loss.png"), plots.loss_curve(losses))
         checkpoint.write_json(os.path.join(config.output_dir, "summary.json"), summary)
         log.info("training done: %s", summary)
     return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers)
+
+
+def _save_png(path, img):
+    checkpoint.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _load(patcher, device):

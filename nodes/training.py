@@ -1,0 +1,112 @@
+"""MultiRefTrain: the bundled trainer as a node (DESIGN.md 3.5). It reads a dataset manifest,
+trains the self-attention LoRA with Masked Shared Attention on the model it is given, and
+returns that model with the LoRA applied, the weights file and the loss curve.
+
+Training needs autograd, which ComfyUI switches off around every node (inference mode): the
+node turns it back on for its own work. Progress goes to ComfyUI's progress bar every step (also
+over the HTTP API), and cancelling the prompt stops the run after the current step with a
+resumable state saved (queue the same prompt again to resume).
+"""
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+
+from ..training import checkpoint, loop, plots
+from ..training.blocks import attention_paths
+from ..training.config import TrainConfig
+from ..training.cli import family_of
+
+log = logging.getLogger("multiref")
+
+
+def _output_folder(name):
+    """A relative output_dir lives in ComfyUI's output folder, as SaveImage's files do."""
+    if os.path.isabs(name):
+        return name
+    try:
+        import folder_paths
+    except ImportError:  # the installable host keeps it in comfy.cmd
+        from comfy.cmd import folder_paths
+    return os.path.join(folder_paths.get_output_directory(), name)
+
+
+class MultiRefTrain:
+    DESCRIPTION = ("Fine-tunes a LoRA on the model's self-attention from a dataset manifest (one "
+                   "target + reference images per object, masks, captions), with Masked Shared "
+                   "Attention to the references as in SynCD. Saves checkpoints every N steps and "
+                   "resumes from its output folder. Needs a CUDA GPU for real models; the tiny "
+                   "demo models train on a CPU.")
+    CATEGORY = "MultiRef"
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "weights_path", "loss_curve")
+    OUTPUT_TOOLTIPS = ("the input model with the trained LoRA applied",
+                       "path of the trained weights (multiref_lora.safetensors; a core-LoRA copy "
+                       "multiref_lora_core.safetensors lies beside it)",
+                       "the training loss per step")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The base model to train the LoRA on (SD1.5 or SDXL)."}),
+            "clip": ("CLIP", {"tooltip": "Its text encoder: captions are encoded once, up front."}),
+            "vae": ("VAE", {"tooltip": "Its VAE: images are encoded once, up front."}),
+            "dataset": ("STRING", {"default": "", "tooltip":
+                        "Path of the dataset manifest JSON (format: training/manifest.py). Every "
+                        "missing or broken file is reported before training starts."}),
+            "output_dir": ("STRING", {"default": "multiref_training/run1", "tooltip":
+                           "Run folder for checkpoints, weights and the loss curve; relative "
+                           "paths go under ComfyUI's output folder. An existing run resumes."}),
+            "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip":
+                      "Optimizer steps to train in total (a resumed run continues up to it)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                           "Groups (target + its references) per micro-batch."}),
+            "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip":
+                                  "Micro-batches per optimizer step (larger effective batch "
+                                  "without more memory)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                              "tooltip": "AdamW learning rate."}),
+            "lora_rank": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip":
+                          "LoRA rank on q, k, v and out of every self-attention (SynCD: 128)."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip":
+                           "Training images are center-cropped to this square size."}),
+            "save_every": ("INT", {"default": 250, "min": 1, "max": 1_000_000, "tooltip":
+                           "Save a resumable checkpoint every N steps."}),
+            "keep_last": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip":
+                          "How many of the newest checkpoints to keep."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                     "Seed of the data order, timesteps, noise and dropout."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip":
+                                       "Recompute activations in backward: much less memory, "
+                                       "about a third more time."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip":
+                       "Continue from the newest checkpoint in output_dir if there is one."}),
+        }}
+
+    def train(self, model, clip, vae, dataset, output_dir, steps, batch_size, grad_accumulation,
+              learning_rate, lora_rank, resolution, save_every, keep_last, seed,
+              gradient_checkpointing, resume):
+        config = TrainConfig(dataset=dataset, output_dir=_output_folder(output_dir), steps=steps,
+                             batch_size=batch_size, grad_accumulation=grad_accumulation,
+                             learning_rate=learning_rate, lora_rank=lora_rank,
+                             resolution=resolution, save_every=save_every, keep_last=keep_last,
+                             seed=seed, gradient_checkpointing=gradient_checkpointing,
+                             resume=resume)
+        bar = comfy.utils.ProgressBar(steps)
+        with torch.inference_mode(False):
+            result = loop.train(config, loop.Models(model, vae, clip, family_of(model)),
+                                on_step=lambda step, total, loss: bar.update_absolute(step, total),
+                                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+            core = checkpoint.core_lora_tensors(result.lora_layers,
+                                                attention_paths(model.model.diffusion_model))
+        trained, _ = comfy.sd.load_lora_for_models(model, None, core, 1.0, 0.0)
+        return trained, result.weights, plots.as_comfy_image(plots.loss_curve(result.losses))
+
+
+NODE_CLASS_MAPPINGS = {"MultiRefTrain": MultiRefTrain}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefTrain": "MultiRef Train (LoRA + MSA)"}

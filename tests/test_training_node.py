@@ -1,0 +1,79 @@
+"""MultiRefTrain in a headless prompt run (the host's executor, inference mode and all): it
+trains, reports progress per step, writes its run folder, and its output model samples
+differently from the input model."""
+import os
+import sys
+
+import pytest
+import torch
+
+import comfy.sample
+from multiref.nodes import tiny_models
+from multiref.nodes.training import MultiRefTrain
+from multiref.training import checkpoint
+
+sys.path.insert(0, os.path.dirname(__file__))
+import training_data  # noqa: E402
+from conftest import headless_host  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(data, out, steps=4):
+    return {"dataset": data, "output_dir": str(out), "steps": steps, "batch_size": 1,
+            "grad_accumulation": 1, "learning_rate": 0.01, "lora_rank": 4, "resolution": 64,
+            "save_every": 2, "keep_last": 2, "seed": 1, "gradient_checkpointing": True,
+            "resume": True}
+
+
+def test_train_node_runs_in_a_headless_prompt(host, tmp_path):
+    data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
+    run = tmp_path / "run"
+    prompt = {
+        "1": {"class_type": "MultiRefTinyDemoModels", "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "MultiRefTrain", "inputs": dict(
+            _inputs(data, run), model=["1", 0], clip=["1", 1], vae=["1", 2])},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 2]}},
+    }
+    progress = headless_host.ProgressPrinter(quiet=True)
+    outputs = host.execute(prompt, progress)
+    assert outputs["3"]["images"]  # the loss curve came out
+    steps = [d["value"] for e, d in progress.events if e == "progress" and d.get("max") == 4]
+    assert steps == [1, 2, 3, 4]
+    assert checkpoint.saved_steps(str(run)) == [2, 4]
+    for name in (checkpoint.WEIGHTS_NAME, checkpoint.CORE_LORA_NAME, "loss.png", "loss.json",
+                 "summary.json", "config.json"):
+        assert os.path.isfile(run / name), name
+
+
+def _sample(model, clip):
+    cond, _ = clip.encode_from_tokens(clip.tokenize("a photo of an apple"), return_pooled=True)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return comfy.sample.sample(model, noise, 3, 4.0, "euler", "normal", [[cond, {}]],
+                               [[torch.zeros_like(cond), {}]], torch.zeros(1, 4, 8, 8), seed=0,
+                               disable_pbar=True)
+
+
+def test_trained_model_output_changes_the_sample_and_matches_the_core_lora_file(tmp_path):
+    import comfy.sd
+    from safetensors.torch import load_file
+    data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
+    with torch.inference_mode():  # as the host runs nodes
+        model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
+                            tiny_models.tiny_vae())
+        trained, weights, curve = MultiRefTrain().train(model, clip, vae, **_inputs(data, tmp_path / "r"))
+        base_sample = _sample(model, clip)
+        trained_sample = _sample(trained, clip)
+        core = load_file(str(tmp_path / "r" / checkpoint.CORE_LORA_NAME))
+        loaded, _ = comfy.sd.load_lora_for_models(model, None, core, 1.0, 0.0)
+        loaded_sample = _sample(loaded, clip)
+    assert curve.shape == (1, 360, 640, 3)
+    assert (trained_sample - base_sample).abs().max() > 1e-4
+    torch.testing.assert_close(loaded_sample, trained_sample)  # the core-LoRA file is that model
+    assert torch.equal(_sample(model, clip), base_sample)  # the input model is untouched

@@ -10,6 +10,7 @@ This module deliberately imports nothing from the pack: the pack is loaded by th
 as ComfyUI loads it from `custom_nodes/`. It is used by `run.py` and by the tests.
 """
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -213,7 +214,7 @@ def _boot_checkout(path, workdir, custom_nodes, output_dir):
             folder_paths.add_model_folder_path("custom_nodes", custom_nodes)
         import execution
         import nodes
-        _run_maybe_async(_init_nodes(nodes))
+        _init_nodes(nodes)
     except ImportError as exc:
         raise HostError(f"--comfyui {path}: a module it needs is missing ({exc}); install that "
                         "ComfyUI's requirements.txt into this Python") from exc
@@ -269,7 +270,6 @@ def _init_nodes(nodes):
 def _call_by_name(function, **candidates):
     """Call a host function with the arguments its version declares (names are stable across
     versions, positions and counts are not)."""
-    import inspect
     params = inspect.signature(function).parameters
     return function(**{k: v for k, v in candidates.items() if k in params})
 
@@ -311,8 +311,8 @@ def _name_pack_by_folder():
               if os.path.realpath(getattr(module, "__file__", None) or "-") == init
               and hasattr(module, "NODE_CLASS_MAPPINGS")]
     if not loaded:
-        raise HostError("ComfyUI did not load this pack (see the warnings above for the import "
-                        "error); install requirements.txt into ComfyUI's Python")
+        raise HostError("ComfyUI did not load this pack: its warning above names the import "
+                        "error (a missing module: install requirements.txt into ComfyUI's Python)")
     for name, module in list(sys.modules.items()):
         if name == loaded[0] or name.startswith(loaded[0] + "."):
             sys.modules.setdefault(PACK_FOLDER_NAME + name[len(loaded[0]):], module)

@@ -28,7 +28,11 @@ BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": 
 def attention_locations(model):
     """Every transformer block of the UNet as ComfyUI's replace key
     (block_name, block_id, index inside its SpatialTransformer), in execution order."""
-    locations = [loc for loc, _ in unet_transformer_blocks(model.model.diffusion_model)]
+    unet = model.model.diffusion_model
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"model: {type(unet).__name__} is not a UNet; MultiRef patches support "
+                         "the SD1.5 and SDXL families")
+    locations = [loc for loc, _ in unet_transformer_blocks(unet)]
     if not locations:
         raise ValueError("model: no transformer blocks found; MultiRef patches need a UNet with "
                          "cross-attention (SD1.5 or SDXL family)")
@@ -159,15 +163,25 @@ class ReferenceRowWrapper:
 
 
 def _extend_conditioning(c, source_rows, batch):
-    """Append, to every per-row conditioning tensor, copies of the source rows."""
+    """Append, to every per-row conditioning tensor, copies of the source rows. ControlNet
+    residuals get zero rows: the extra rows are references, not the picture being controlled."""
     index = torch.tensor(source_rows, dtype=torch.long)
     extended = {}
     for key, value in c.items():
         if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
             extended[key] = torch.cat([value, value[index.to(value.device)]], dim=0)
+        elif key == "control" and isinstance(value, dict):
+            extended[key] = {part: [_zero_rows(t, len(source_rows), batch) for t in residuals]
+                             for part, residuals in value.items()}
         else:
             extended[key] = value
     return extended
+
+
+def _zero_rows(residual, rows, batch):
+    if not torch.is_tensor(residual) or residual.shape[0] != batch:
+        return residual
+    return torch.cat([residual, residual.new_zeros((rows,) + residual.shape[1:])], dim=0)
 
 
 def add_row_provider(model, provider):

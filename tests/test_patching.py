@@ -1,4 +1,5 @@
 """The shared patch plumbing on the tiny real UNet through the host's real sampler."""
+import pytest
 import torch
 
 import comfy.sample
@@ -104,3 +105,25 @@ def test_sigma_range_bounds_follow_percent():
     assert high > low > 0
     assert patching.in_sigma_range((high + low) / 2, (high, low))
     assert not patching.in_sigma_range(low / 2, (high, low))
+
+
+def test_extra_rows_get_zero_controlnet_residuals():
+    residual = torch.ones(2, 3, 4, 4)
+    c = {"c_crossattn": torch.randn(2, 5, 16), "control": {"input": [residual, None], "output": []}}
+    out = patching._extend_conditioning(c, [0, 0, 1], 2)
+    assert torch.equal(out["c_crossattn"][2:], c["c_crossattn"][[0, 0, 1]])
+    extended = out["control"]["input"][0]
+    assert extended.shape[0] == 5 and torch.equal(extended[:2], residual)
+    assert not extended[2:].any() and out["control"]["input"][1] is None
+
+
+def test_non_unet_models_are_refused_with_a_clear_error():
+    class NotUNet:
+        pass
+
+    class Wrapper:
+        class model:
+            diffusion_model = NotUNet()
+
+    with pytest.raises(ValueError, match="not a UNet"):
+        patching.attention_locations(Wrapper())

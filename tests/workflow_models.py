@@ -6,7 +6,8 @@ graph unchanged:
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
     the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
     MultiRefAdapterLoader;
-  * input images and masks are written under the names the workflow uses.
+  * input images and masks are written, under the names the workflow uses, into a temporary
+    input folder.
 Sizes and step counts shrink so a CPU runs every workflow in seconds."""
 import copy
 import os
@@ -80,7 +81,10 @@ def swap_in_tiny_models(prompt, host, tmp_path):
     adapters = tmp_path / "multiref"
     adapters.mkdir(exist_ok=True)
     host.folder_paths.add_model_folder_path("multiref", str(adapters))
-    inputs = host.folder_paths.get_input_directory()
+    # A checkout's input/ folder is the user's: the pictures go to a folder of the test's own.
+    inputs = str(tmp_path / "input")
+    os.makedirs(inputs, exist_ok=True)
+    host.folder_paths.set_input_directory(inputs)
     for name, cls in TEST_NODES.items():
         host.nodes[f"{name}ForTests"] = cls
     for seed, node in enumerate(prompt.values()):

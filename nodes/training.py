@@ -46,7 +46,8 @@ class MultiRefTrain:
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "weights_path", "loss_curve")
     OUTPUT_TOOLTIPS = ("the input model with the trained LoRA applied",
-                       "path of the trained weights (multiref_lora.safetensors; a core-LoRA copy "
+                       "path of the trained weights: multiref_adapter.safetensors with an "
+                       "adapter, else multiref_lora.safetensors (a core-LoRA copy "
                        "multiref_lora_core.safetensors lies beside it)",
                        "the training loss per step")
 
@@ -86,11 +87,18 @@ class MultiRefTrain:
                                        "about a third more time."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip":
                        "Continue from the newest checkpoint in output_dir if there is one."}),
+        }, "optional": {
+            "adapter": ("MULTIREF_ADAPTER", {"tooltip":
+                        "An adapter to fine-tune too: its per-layer image key/value projections "
+                        "(and MIP routing gate) train with routing active; its image projection "
+                        "stays frozen. Saved as multiref_adapter.safetensors."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip":
+                            "The CLIP vision model the adapter reads (needed with an adapter)."}),
         }}
 
     def train(self, model, clip, vae, dataset, output_dir, steps, batch_size, grad_accumulation,
               learning_rate, lora_rank, resolution, save_every, keep_last, seed,
-              gradient_checkpointing, resume):
+              gradient_checkpointing, resume, adapter=None, clip_vision=None):
         config = TrainConfig(dataset=dataset, output_dir=_output_folder(output_dir), steps=steps,
                              batch_size=batch_size, grad_accumulation=grad_accumulation,
                              learning_rate=learning_rate, lora_rank=lora_rank,
@@ -99,13 +107,15 @@ class MultiRefTrain:
                              resume=resume)
         bar = comfy.utils.ProgressBar(steps)
         with torch.inference_mode(False):
-            result = loop.train(config, loop.Models(model, vae, clip, family_of(model)),
+            models = loop.Models(model, vae, clip, family_of(model), clip_vision, adapter)
+            result = loop.train(config, models,
                                 on_step=lambda step, total, loss: bar.update_absolute(step, total),
                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
             core = checkpoint.core_lora_tensors(result.lora_layers,
                                                 attention_paths(model.model.diffusion_model))
         trained, _ = comfy.sd.load_lora_for_models(model, None, core, 1.0, 0.0)
-        return trained, result.weights, plots.as_comfy_image(plots.loss_curve(result.losses))
+        return (trained, result.adapter_file or result.weights,
+                plots.as_comfy_image(plots.loss_curve(result.losses)))
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefTrain": MultiRefTrain}

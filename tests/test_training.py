@@ -281,3 +281,35 @@ def test_core_lora_file_applied_by_the_host_equals_the_training_path():
                 patcher.unpatch_model()
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
     assert (outputs[0] - outputs[2]).abs().max() > 1e-3  # the LoRA does something
+
+
+def test_adapter_training_updates_ip_layers_and_saves_a_loadable_adapter(data, tmp_path):
+    """With an adapter, its to_k_ip / to_v_ip / text_to_weight train (routing active) next to
+    the LoRA; the saved file is the pack's adapter format, read back by the adapter loader."""
+    import tiny_checkpoints
+    from multiref.kernels.checkpoints import load_adapter
+    path, _ = tiny_checkpoints.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15",
+                                                file_format="safetensors")
+    adapter = load_adapter(path)
+    original = {k: v.clone() for k, v in adapter.state_dict().items()}
+    models = loop.Models(tiny_models.tiny_unet("sd15"), tiny_models.tiny_vae(),
+                         tiny_models.tiny_text_encoder("sd15"), "sd15",
+                         tiny_models.tiny_clip_vision(), adapter)
+    result = loop.train(config(data, tmp_path / "run", steps=4, save_every=2, learning_rate=1e-2),
+                        models)
+    for key, value in adapter.state_dict().items():  # the input adapter is untouched
+        assert torch.equal(value, original[key]), key
+    saved = load_adapter(result.adapter_file)
+    assert saved.kind == "multiref" and saved.has_self_attn_lora
+    tensors = saved.state_dict()
+    changed = [k for k in original if k.startswith("ip_adapter.")
+               and not torch.equal(tensors[k].float(), original[k].float())]
+    assert len(changed) == len([k for k in original if k.startswith("ip_adapter.")])
+    for k in original:
+        if k.startswith("image_proj."):  # frozen
+            assert torch.equal(tensors[k], original[k]), k
+    located = saved.bind(list(result.adapter_layers))
+    for location, layer in result.adapter_layers.items():
+        assert torch.equal(located.layer(location).to_k_ip.weight, layer.to_k_ip.weight.detach())
+    assert os.path.isfile(os.path.join(str(tmp_path / "run"), "checkpoints", "step-000004",
+                                       checkpoint.ADAPTER_NAME))

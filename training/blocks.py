@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import msa
+from ..kernels import msa, routing
 from ..kernels.lora import new_self_attention_lora, project
 
 log = logging.getLogger("multiref")
@@ -55,32 +55,45 @@ class PassState:
     """What the patches of one training run share: the LoRA layers, whether the current UNet call
     is the reference pass or the target pass, and the reference rows recorded for MSA."""
 
-    def __init__(self, lora_layers, checkpointing):
+    def __init__(self, lora_layers, checkpointing, adapter_layers=None, ip_scale=1.0):
         self.lora_layers = lora_layers          # {location: ModuleDict of LoRAPair}
+        self.adapter_layers = adapter_layers or {}  # {location: AdapterLayer} (IP, routing gate)
+        self.ip_scale = ip_scale
         self.checkpointing = checkpointing
         self.mode = "plain"                     # plain | reference | target
         self.recorded = {}                      # location -> (B*K, L, C) detached
         self.ref_masks = None                   # (B, K, h, w) float 0/1 at latent resolution
+        self.image = None                       # target pass: ImageCondition or None
 
     def begin_reference(self):
         self.mode, self.recorded = "reference", {}
 
-    def begin_target(self, ref_masks):
-        self.mode, self.ref_masks = "target", ref_masks
+    def begin_target(self, ref_masks, image=None):
+        self.mode, self.ref_masks, self.image = "target", ref_masks, image
 
     def end(self):
-        self.mode, self.recorded, self.ref_masks = "plain", {}, None
+        self.mode, self.recorded, self.ref_masks, self.image = "plain", {}, None, None
 
     def snapshot(self):
         """What a layer call needs of this state, frozen at call time: a checkpointed layer
         recomputes in backward, after the pass has ended."""
-        return PassView(self.lora_layers, self.mode, self.recorded, self.ref_masks)
+        return PassView(self.lora_layers, self.adapter_layers, self.ip_scale, self.mode,
+                        self.recorded, self.ref_masks, self.image)
 
 
 class PassView:
-    def __init__(self, lora_layers, mode, recorded, ref_masks):
-        self.lora_layers, self.mode, self.recorded, self.ref_masks = \
-            lora_layers, mode, recorded, ref_masks
+    def __init__(self, lora_layers, adapter_layers, ip_scale, mode, recorded, ref_masks, image):
+        self.lora_layers, self.adapter_layers, self.ip_scale = lora_layers, adapter_layers, ip_scale
+        self.mode, self.recorded, self.ref_masks, self.image = mode, recorded, ref_masks, image
+
+
+class ImageCondition:
+    """The adapter's input for the target rows: tokens (B, K, T, C) per reference (uncond
+    tokens where the image condition was dropped), weights (B, K) (0 = padding), phrases: per
+    row, the (P_i, D) phrase embeddings of its references (routing)."""
+
+    def __init__(self, tokens, weights, phrases):
+        self.tokens, self.weights, self.phrases = tokens, weights, phrases
 
 
 def build_lora_layers(diffusion_model, rank, alpha=None):
@@ -199,7 +212,9 @@ class TrainingSpatialTransformer:
                 n, ctx, value = patch(n, ctx, value, extra)
             attn2 = replaces.get("attn2", {})
             key = location if location in attn2 else location[:2]
-            if key in attn2:
+            if view.image is not None and location in view.adapter_layers:
+                n = self._routed_cross_attention(block.attn2, n, ctx, value, location, extra, view)
+            elif key in attn2:
                 attn = block.attn2
                 n = attn.to_out(attn2[key](attn.to_q(n), attn.to_k(ctx), attn.to_v(value), extra))
             else:
@@ -210,6 +225,27 @@ class TrainingSpatialTransformer:
         skip = x
         x = block.ff(block.norm3(x))
         return x + skip if block.is_res else x
+
+    def _routed_cross_attention(self, attn, n, ctx, value, location, extra, view):
+        """Text attention plus the adapter's image attention, routed per reference by its
+        phrase (kernels/routing.py, MIP-Adapter's weighted merge; maps detached); each row reads
+        its own group's references."""
+        heads, layer, image = extra["n_heads"], view.adapter_layers[location], view.image
+        q, k, v = attn.to_q(n), attn.to_k(ctx), attn.to_v(value)
+        text_out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
+        gate = None if layer.text_to_weight is None else layer.text_to_weight.weight
+        rows = []
+        for b in range(q.shape[0]):
+            tokens = image.tokens[b].to(q.dtype)
+            ip_k, ip_v = layer.to_k_ip(tokens)[None], layer.to_v_ip(tokens)[None]
+            with torch.no_grad():
+                phrases = routing.phrase_keys([attn.to_k(e.to(q.device, q.dtype))
+                                               for e in image.phrases[b]])
+            out, _ = routing.routed_cross_attention(
+                q[b:b + 1], text_out[b:b + 1], heads, ip_k, ip_v, image.weights[b],
+                view.ip_scale, "weighted", phrases=phrases, text_to_weight=gate)
+            rows.append(out)
+        return attn.to_out(torch.cat(rows))
 
     def _self_attention(self, block, n, location, hw, extra, state):
         attn = block.attn1

@@ -7,6 +7,7 @@
         training_state.pt               everything resume needs: trainable tensors (fp32),
                                         optimizer, scheduler, step, RNG states
       multiref_lora.safetensors         the final weights
+      multiref_adapter.safetensors      with an adapter: the trained adapter (adapter format)
       multiref_lora_core.safetensors    the same LoRA (kohya names) for core LoRA loaders (models/loras)
       loss.json, loss.png               (step, loss) of every step, and its curve
       summary.json                      steps/s, images/s, peak GPU memory
@@ -25,11 +26,13 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from ..kernels.checkpoints import PACK_FORMAT_VERSION, published_order
+from ..kernels.adapter import AdapterLayer, LoadedAdapter
+from ..kernels.checkpoints import PACK_FORMAT_VERSION, published_order, save_adapter
 
 LORA_FORMAT = "multiref-lora"
 WEIGHTS_NAME = "multiref_lora.safetensors"
 CORE_LORA_NAME = "multiref_lora_core.safetensors"
+ADAPTER_NAME = "multiref_adapter.safetensors"
 STATE_NAME = "training_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,6 +56,18 @@ def write_weights(path, lora_layers, family):
                 "lora_rank": str(rank), "layers": str(len(lora_layers))}
     atomic_write(path, lambda tmp: save_file(lora_tensors(lora_layers), tmp, metadata=metadata))
     return path
+
+
+def write_adapter(path, base_adapter, lora_layers, adapter_layers):
+    """The trained adapter (the base adapter's frozen image projection, the trained IP layers
+    and LoRA) in the pack's adapter format: MultiRefAdapterLoader reads it."""
+    layers = tuple(AdapterLayer(adapter_layers[loc].to_k_ip, adapter_layers[loc].to_v_ip,
+                                adapter_layers[loc].text_to_weight, lora_layers[loc])
+                   for loc in published_order(adapter_layers))
+    adapter = LoadedAdapter(kind="multiref", family=base_adapter.family,
+                            image_proj=base_adapter.image_proj, layers=layers,
+                            source=os.path.basename(path))
+    return save_adapter(adapter, path)
 
 
 def core_lora_tensors(lora_layers, attention_paths):
@@ -90,7 +105,8 @@ def atomic_write(path, write):
         raise
 
 
-def save(output_dir, step, state, lora_layers, family, keep_last):
+def save(output_dir, step, state, lora_layers, family, keep_last, adapter=None,
+         adapter_layers=None):
     """Write checkpoints/step-NNNNNN (complete or not at all), then drop all but the newest
     `keep_last`. Returns the checkpoint folder."""
     root = os.path.join(output_dir, "checkpoints")
@@ -100,6 +116,8 @@ def save(output_dir, step, state, lora_layers, family, keep_last):
     try:
         torch.save(state, os.path.join(tmp, STATE_NAME))
         write_weights(os.path.join(tmp, WEIGHTS_NAME), lora_layers, family)
+        if adapter is not None:
+            write_adapter(os.path.join(tmp, ADAPTER_NAME), adapter, lora_layers, adapter_layers)
         if os.path.isdir(final):  # the same step saved again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -12,15 +12,30 @@ import sys
 
 import torch
 
-from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM
+from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, CheckpointError
 from . import config as config_mod, loop, manifest
 
 log = logging.getLogger("multiref")
 
 
-def load_models(spec, folder_paths=None):
-    """Models from the config's `model` entry: {"checkpoint": path} (a full SD1.5/SDXL
-    checkpoint file) or {"tiny": "sd15" | "sdxl"} (the pack's tiny random-weight models)."""
+def load_models(config):
+    """Models from the config: `model` is {"checkpoint": path} (a full SD1.5/SDXL checkpoint
+    file) or {"tiny": "sd15" | "sdxl"} (the pack's tiny random-weight models); `adapter` and
+    `clip_vision` (paths) add an adapter to train."""
+    models = _base_models(config.model)
+    if config.adapter:
+        import comfy.clip_vision
+        from ..kernels.checkpoints import load_adapter
+        if not config.clip_vision or not os.path.isfile(config.clip_vision):
+            raise config_mod.TrainConfigError(
+                f"clip_vision {config.clip_vision!r}: training an adapter needs the path of the "
+                "CLIP vision model it reads (e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)")
+        models.adapter = load_adapter(config.adapter)
+        models.clip_vision = comfy.clip_vision.load(config.clip_vision)
+    return models
+
+
+def _base_models(spec):
     if not isinstance(spec, dict) or len(spec) != 1 or not set(spec) & {"checkpoint", "tiny"}:
         raise config_mod.TrainConfigError('model must be {"checkpoint": "path/to/model.safetensors"}'
                                           ' or {"tiny": "sd15"} / {"tiny": "sdxl"}')
@@ -85,12 +100,12 @@ def main(argv, host=None):
         return 2
     try:
         loop.prepare(config)  # every check before loading any model
-        models = load_models(config.model)
+        models = load_models(config)
         result = loop.train(config, models, on_step=_report)
         if loop.distributed_context()[0] == 0:
             log.info("weights: %s", result.weights)
         return 0
-    except (manifest.DatasetError, config_mod.TrainConfigError) as exc:
+    except (manifest.DatasetError, config_mod.TrainConfigError, CheckpointError) as exc:
         log.error("error: %s", exc)
         return 2
     except KeyboardInterrupt:

@@ -18,8 +18,6 @@ from typing import Optional
 
 import torch
 
-from ..kernels.lora import SELF_ATTENTION_PROJECTIONS
-
 log = logging.getLogger("multiref")
 
 
@@ -39,9 +37,8 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     optimizer: str = "adamw"            # adamw | adamw8bit (bitsandbytes; falls back to adamw)
-    lora_rank: int = 16
+    lora_rank: int = 16                  # on q, k, v and out of every self-attention
     lora_alpha: Optional[float] = None  # None = rank (scale 1)
-    lora_projections: tuple = SELF_ATTENTION_PROJECTIONS
     resolution: int = 512
     max_references: int = 3
     text_dropout: float = 0.05
@@ -55,6 +52,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"                 # auto | cpu | cuda
+    adapter: Optional[str] = None        # CLI: an adapter file to train (its to_k_ip / to_v_ip /
+    clip_vision: Optional[str] = None    # text_to_weight), with the CLIP vision model it reads
+    ip_scale: float = 1.0                # strength of the image attention while training
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -68,16 +68,13 @@ class TrainConfig:
         if missing:
             raise TrainConfigError(f"the training config needs {missing}")
         data = dict(data)
-        for key in ("dataset", "output_dir"):
-            data[key] = os.path.normpath(os.path.join(base_dir, data[key]))
-        if "lora_projections" in data:
-            data["lora_projections"] = tuple(data["lora_projections"])
+        for key in ("dataset", "output_dir", "adapter", "clip_vision"):
+            if data.get(key):
+                data[key] = os.path.normpath(os.path.join(base_dir, data[key]))
         return cls(**data)
 
     def to_dict(self):
-        out = dataclasses.asdict(self)
-        out["lora_projections"] = list(self.lora_projections)
-        return out
+        return dataclasses.asdict(self)
 
 
 def resolve_device(config):
@@ -113,9 +110,6 @@ def validate(config):
         raise TrainConfigError(f"optimizer must be adamw or adamw8bit, got {c.optimizer!r}")
     if c.mixed_precision not in ("auto", "bf16", "fp32"):
         raise TrainConfigError(f"mixed_precision must be auto, bf16 or fp32, got {c.mixed_precision!r}")
-    if set(c.lora_projections) - set(SELF_ATTENTION_PROJECTIONS) or not c.lora_projections:
-        raise TrainConfigError(f"lora_projections must be a non-empty subset of "
-                               f"{list(SELF_ATTENTION_PROJECTIONS)}, got {list(c.lora_projections)}")
     if not 0 <= c.full_mask_probability <= 1:
         raise TrainConfigError("full_mask_probability must be between 0 and 1")
     if min(c.text_dropout, c.image_dropout, c.both_dropout) < 0 or \

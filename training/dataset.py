@@ -22,7 +22,8 @@ class EncodedGroup:
     adm: Optional[torch.Tensor]        # (A,) SDXL pooled + size embedding, None for SD1.5
     ref_latents: torch.Tensor          # (K, C, h, w)
     ref_masks: torch.Tensor            # (K, h, w) 1 = object (foreground for MSA)
-    ref_clip: Optional[torch.Tensor]   # (K, T, W) CLIP vision penultimate states, if encoded
+    ref_tokens: Optional[torch.Tensor] = None  # (K, T, C) adapter image tokens (frozen projection)
+    phrases: tuple = ()                # (P_i, D) text embeddings of each reference's phrase
 
 
 def square_crop(img, resolution, resample):
@@ -75,10 +76,20 @@ class TextEncoder:
         return self.cache[caption]
 
 
-def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None):
-    """Encode every group once. Returns (encoded groups, (empty context, empty adm))."""
+def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, adapter=None):
+    """Encode every group once. Returns (encoded groups, (empty context, empty adm), uncond
+    image tokens or None). With an adapter (which needs clip_vision), each reference also gets
+    its image tokens (the adapter's frozen projection of its CLIP vision output, cached: it
+    never trains) and its phrase embedding (for routing)."""
     text = TextEncoder(clip, base_model, resolution)
-    encoded = []
+    encoded, phrases = [], {}
+    uncond_tokens = None
+    if adapter is not None:
+        from ..nodes.routing import phrase_embeddings
+        with torch.no_grad():
+            # IP-Adapter's "no image": the projection of a black image's CLIP features.
+            uncond_tokens = adapter.project(clip_vision.encode_image(
+                torch.zeros(1, 224, 224, 3)))[0].float().cpu()
     with torch.no_grad():
         for group in groups:
             views = [group.target] + [ref.view for ref in group.references]
@@ -86,11 +97,15 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None):
             latents = base_model.process_latent_in(vae.encode(pixels).float()).cpu()
             hw = latents.shape[-2:]
             masks = torch.stack([latent_mask(load_mask(v.mask, resolution), hw) for v in views[1:]])
-            ref_clip = None
-            if clip_vision is not None:
-                ref_clip = clip_vision.encode_image(pixels[1:]).penultimate_hidden_states.float().cpu()
             context, adm = text(group.caption)
-            encoded.append(EncodedGroup(latents[0], context, adm, latents[1:], masks, ref_clip))
+            item = EncodedGroup(latents[0], context, adm, latents[1:], masks)
+            if adapter is not None:
+                item.ref_tokens = adapter.project(clip_vision.encode_image(pixels[1:])).float().cpu()
+                for ref in group.references:
+                    if ref.phrase not in phrases:
+                        phrases[ref.phrase] = phrase_embeddings(clip, ref.phrase, group.name)
+                item.phrases = tuple(phrases[ref.phrase] for ref in group.references)
+            encoded.append(item)
     log.info("encoded %d training groups (%d images) at %dpx", len(encoded),
              sum(1 + len(g.references) for g in groups), resolution)
-    return encoded, text("")
+    return encoded, text(""), uncond_tokens

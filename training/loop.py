@@ -33,6 +33,7 @@ class Models:
     clip: object
     family: str
     clip_vision: Optional[object] = None
+    adapter: Optional[object] = None   # a kernels.adapter.LoadedAdapter to train (IP layers)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TrainResult:
     losses: list
     summary: dict
     lora_layers: dict
+    adapter_layers: dict
+    adapter_file: Optional[str] = None
 
 
 class TrainStep(nn.Module):
@@ -50,9 +53,10 @@ class TrainStep(nn.Module):
     trainable parameters, so DistributedDataParallel can wrap it; the frozen model is held
     outside the module tree (DDP must not broadcast or hook it)."""
 
-    def __init__(self, lora_layers, patcher, state):
+    def __init__(self, lora_layers, adapter_layers, patcher, state):
         super().__init__()
         self.lora = nn.ModuleList(lora_layers.values())
+        self.adapter = nn.ModuleList(adapter_layers.values())
         self._frozen = (patcher, state)
 
     def forward(self, batch):
@@ -74,7 +78,9 @@ class TrainStep(nn.Module):
             with torch.no_grad():  # SynCD: the reference pass has no gradient and no LoRA
                 base.apply_model(xr, ref_sigma, c_crossattn=batch["context"].repeat_interleave(
                     per_group, 0), transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
-            state.begin_target(batch["ref_masks"])
+            image = None if batch["ref_tokens"] is None else blocks.ImageCondition(
+                batch["ref_tokens"], batch["ref_weights"], batch["phrases"])
+            state.begin_target(batch["ref_masks"], image)
         try:
             denoised = base.apply_model(x, sigma, c_crossattn=batch["context"],
                                         transformer_options=dict(options, sigmas=sigma), **extra)
@@ -87,8 +93,9 @@ class TrainStep(nn.Module):
 class Sampler:
     """Which groups a micro-batch holds and the random draws of each group (see module doc)."""
 
-    def __init__(self, config, groups, empty_text, sigmas):
+    def __init__(self, config, groups, empty_text, sigmas, uncond_tokens=None):
         self.config, self.groups, self.empty_text, self.sigmas = config, groups, empty_text, sigmas
+        self.uncond_tokens = uncond_tokens
 
     def indices(self, micro):
         size, count = self.config.batch_size, len(self.groups)
@@ -106,7 +113,8 @@ class Sampler:
         picked = [self.groups[indices[r]] for r in rows]
         refs = max(len(g.ref_latents) for g in picked)
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
-                               "ref_noise", "ref_masks")}
+                               "ref_noise", "ref_masks", "ref_tokens", "ref_weights")}
+        phrases = []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
             out["sigma"].append(self.sigmas[torch.randint(len(self.sigmas), (1,), generator=gen)][0])
@@ -123,6 +131,15 @@ class Sampler:
                                                  group.ref_latents.new_zeros(pad, *group.latent.shape)]))
             out["ref_masks"].append(torch.cat([masks, masks.new_zeros(pad, *masks.shape[1:])]))
             out["ref_noise"].append(ref_noise)
+            if group.ref_tokens is None:
+                out["ref_tokens"].append(None)
+                out["ref_weights"].append(None)
+            else:  # dropped image: every reference reads the uncond tokens
+                uncond = self.uncond_tokens.expand(refs, *self.uncond_tokens.shape)
+                tokens = uncond if drop_image else torch.cat([group.ref_tokens, uncond[k:]])
+                out["ref_tokens"].append(tokens)
+                out["ref_weights"].append(torch.tensor([1.0] * k + [0.0] * pad))
+                phrases.append(group.phrases + group.phrases[:1] * pad)
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
             out["latent"].append(group.latent)
             out["context"].append(context)
@@ -133,7 +150,8 @@ class Sampler:
                              "(a caption longer than 75 tokens); shorten the long captions or use "
                              "batch_size 1")
         batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
-        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm"):
+        batch["phrases"] = phrases
+        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens"):
             if batch[key] is not None:
                 batch[key] = batch[key].to(dtype)
         return batch
@@ -168,24 +186,62 @@ class Run:
         base = models.patcher.model
         # The host's VAE samples its latent distribution: seed it, so every process and every
         # resumed run caches the very same latents.
+        if models.adapter is not None and models.clip_vision is None:
+            raise config_mod.TrainConfigError("training an adapter needs the CLIP vision model "
+                                              "it reads (clip_vision)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.encoded, self.empty_text = dataset.encode_groups(
-                groups, config.resolution, models.vae, models.clip, base, models.clip_vision)
+            self.encoded, self.empty_text, uncond_tokens = dataset.encode_groups(
+                groups, config.resolution, models.vae, models.clip, base, models.clip_vision,
+                models.adapter)
+        adapter_layers = {}
+        if models.adapter is not None:
+            adapter_layers, adapter_lora = adapter_training_layers(models.adapter, base.diffusion_model)
+            if lora_layers is None and adapter_lora:
+                lora_layers = adapter_lora  # continue the adapter's own LoRA (SynCD files)
         if lora_layers is None:
             torch.manual_seed(config.seed)  # the fresh LoRA's down matrices
             lora_layers = blocks.build_lora_layers(base.diffusion_model, config.lora_rank,
                                                    config.lora_alpha)
         self.lora_layers = {loc: pairs.to(device) for loc, pairs in lora_layers.items()}
-        self.state = blocks.PassState(self.lora_layers, config.gradient_checkpointing)
+        self.adapter_layers = {loc: layer.to(device) for loc, layer in adapter_layers.items()}
+        self.state = blocks.PassState(self.lora_layers, config.gradient_checkpointing,
+                                      self.adapter_layers, config.ip_scale)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
-        self.step_module = TrainStep(self.lora_layers, self.patcher, self.state)
+        self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
         self.sampler = Sampler(config, self.encoded, self.empty_text,
-                               base.model_sampling.sigmas.detach().cpu())
+                               base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()
 
     def batch(self, micro, rows):
         return self.sampler.batch(micro, rows, self.device, self.model_dtype)
+
+
+def adapter_training_layers(adapter, diffusion_model):
+    """Trainable fp32 copies of an adapter's per-layer IP projections (+ routing gate), keyed
+    by location, and of its self-attention LoRA if it has one ({} otherwise). Copies: the
+    loaded adapter is shared with the rest of the graph and must not change."""
+    from ..kernels.adapter import AdapterLayer, linear_from_weight
+    from ..kernels.checkpoints import cross_attention_dims
+    locations = list(blocks.attention_paths(diffusion_model))
+    bound = adapter.bind(locations, cross_attention_dims(diffusion_model))
+    copy = lambda linear: linear_from_weight(linear.weight.detach().float().clone())
+    layers, lora = {}, {}
+    for location in locations:
+        layer = bound.layer(location)
+        layers[location] = AdapterLayer(copy(layer.to_k_ip), copy(layer.to_v_ip),
+                                        None if layer.text_to_weight is None
+                                        else copy(layer.text_to_weight))
+        if layer.self_attn_lora is not None:
+            pairs = nn.ModuleDict()
+            for name, pair in layer.self_attn_lora.items():
+                fresh = type(pair)(pair.down.in_features, pair.up.out_features,
+                                   pair.down.out_features, pair.alpha)
+                fresh.load_state_dict({k: v.detach().float().clone()
+                                       for k, v in pair.state_dict().items()})
+                pairs[name] = fresh
+            lora[location] = pairs
+    return layers, lora
 
 
 def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
@@ -244,7 +300,7 @@ def train(config, models, on_step=None, check_interrupt=None):
                        "step": torch.tensor(step),
                        "losses": torch.tensor(losses, dtype=torch.float64).reshape(-1, 2)}
         return checkpoint.save(config.output_dir, step, saved_state, lora_layers, models.family,
-                               config.keep_last)
+                               config.keep_last, models.adapter, run.adapter_layers)
 
     ddp = step_module
     if world > 1:
@@ -298,15 +354,21 @@ def train(config, models, on_step=None, check_interrupt=None):
                "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                if device.type == "cuda" else None}
     weights = os.path.join(config.output_dir, checkpoint.WEIGHTS_NAME)
+    adapter_file = None
     if rank == 0:
         checkpoint.write_weights(weights, lora_layers, models.family)
+        if models.adapter is not None:
+            adapter_file = checkpoint.write_adapter(
+                os.path.join(config.output_dir, checkpoint.ADAPTER_NAME), models.adapter,
+                lora_layers, run.adapter_layers)
         checkpoint.write_core_lora(os.path.join(config.output_dir, checkpoint.CORE_LORA_NAME),
                                    lora_layers, blocks.attention_paths(base.diffusion_model))
         checkpoint.write_json(os.path.join(config.output_dir, "loss.json"), losses)
         _save_png(os.path.join(config.output_dir, "loss.png"), plots.loss_curve(losses))
         checkpoint.write_json(os.path.join(config.output_dir, "summary.json"), summary)
         log.info("training done: %s", summary)
-    return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers)
+    return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers,
+                       run.adapter_layers, adapter_file)
 
 
 def _save_png(path, img):

@@ -18,16 +18,11 @@ self-attention input of every reference row at every layer; in the target pass e
 attends to [its own tokens | the foreground tokens of its group's references], the reference
 keys/values projected with the LoRA on (that LoRA is what trains on them).
 """
-import logging
-
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels import msa, routing
 from ..kernels.lora import new_self_attention_lora, project
-
-log = logging.getLogger("multiref")
 
 
 def spatial_transformers(diffusion_model):

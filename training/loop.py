@@ -181,19 +181,11 @@ class Run:
     """The pieces of a run that training and evaluation share: the encoded dataset, the LoRA,
     the patched clone and the loss module."""
 
-    def __init__(self, config, models, device, groups, lora_layers=None):
+    def __init__(self, config, models, device, encoded, lora_layers=None):
+        """encoded: (encoded groups, empty text, uncond image tokens), see `encode`."""
         self.config, self.models, self.device = config, models, device
         base = models.patcher.model
-        # The host's VAE samples its latent distribution: seed it, so every process and every
-        # resumed run caches the very same latents.
-        if models.adapter is not None and models.clip_vision is None:
-            raise config_mod.TrainConfigError("training an adapter needs the CLIP vision model "
-                                              "it reads (clip_vision)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.encoded, self.empty_text, uncond_tokens = dataset.encode_groups(
-                groups, config.resolution, models.vae, models.clip, base, models.clip_vision,
-                models.adapter)
+        self.encoded, self.empty_text, uncond_tokens = encoded
         adapter_layers = {}
         if models.adapter is not None:
             adapter_layers, adapter_lora = adapter_training_layers(models.adapter, base.diffusion_model)
@@ -215,6 +207,19 @@ class Run:
 
     def batch(self, micro, rows):
         return self.sampler.batch(micro, rows, self.device, self.model_dtype)
+
+
+def encode(config, models, groups):
+    """The dataset encoded once (dataset.encode_groups), reproducibly: the host's VAE samples
+    its latent distribution, so it is seeded and every process and every resumed run caches
+    the very same latents."""
+    if models.adapter is not None and models.clip_vision is None:
+        raise config_mod.TrainConfigError("training an adapter needs the CLIP vision model it "
+                                          "reads (clip_vision)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return dataset.encode_groups(groups, config.resolution, models.vae, models.clip,
+                                     models.patcher.model, models.clip_vision, models.adapter)
 
 
 def adapter_training_layers(adapter, diffusion_model):
@@ -249,7 +254,7 @@ def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
     timesteps, noise and dropout every call), no gradient: comparable before and after training.
     lora_layers None = a fresh LoRA (the base model's own loss)."""
     device, groups = prepare(config)
-    run = Run(config, models, device, groups, lora_layers)
+    run = Run(config, models, device, encode(config, models, groups), lora_layers)
     rows = list(range(config.batch_size))
     with torch.no_grad():
         _load(run.patcher, device)
@@ -270,7 +275,7 @@ def train(config, models, on_step=None, check_interrupt=None):
         raise config_mod.TrainConfigError(f"batch_size {config.batch_size} must be divisible by "
                                           f"the number of processes ({world})")
     bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
-    run = Run(config, models, device, groups)
+    run = Run(config, models, device, encode(config, models, groups))
     lora_layers, patcher, step_module = run.lora_layers, run.patcher, run.step_module
     base = models.patcher.model
     optimizer = config_mod.make_optimizer(config, list(step_module.parameters()))

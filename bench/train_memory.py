@@ -1,0 +1,151 @@
+"""Training step cost: peak memory and time per step of the trainer's real step (reference pass
+without gradient + target pass with LoRA and Masked Shared Attention + backward + AdamW), with
+and without gradient checkpointing of the layers that run.
+
+    python bench/train_memory.py            # CUDA: the host's UNetModel with the SDXL config
+                                            # (random weights, bf16), 1024px, batch 1, 2 references
+    python bench/train_memory.py --steps 3  # CPU: the tiny UNet at 256px (runs anywhere; the
+                                            # numbers that count are the GPU ones)
+
+Prints one line per setting: peak memory (CUDA), the bytes autograd keeps for backward,
+ms per step, images per second (targets), and on CUDA the model FLOPs utilization against
+--peak-tflops (H100 SXM bf16 dense: 989).
+"""
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pack():
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+    spec = importlib.util.spec_from_file_location("multiref_headless_host",
+                                                  os.path.join(HERE, "headless", "host.py"))
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    host.boot()
+    return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
+
+
+def sdxl_unet(device, dtype):
+    """The host's SDXL model class with the published SDXL UNet config and random weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+    config = dict(comfy.supported_models.SDXL.unet_config, in_channels=4, out_channels=4,
+                  image_size=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                  transformer_depth_middle=10, num_head_channels=64, num_heads=-1,
+                  use_spatial_transformer=True, use_temporal_resblock=False,
+                  num_classes="sequential")
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # the host's layers leave their memory uninitialized
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+                        .mul_(p[0].numel() ** -0.5))
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def saved_bytes(seen):
+    """Count the bytes autograd keeps for backward outside checkpointed regions (a checkpointed
+    region keeps only its inputs): {storage pointer: bytes} filled in `seen`."""
+    import torch
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def synthetic_encoded(dataset, latent_hw, context, adm, refs, groups=2):
+    """Encoded groups with random tensors of the right shapes (no VAE / text encoder needed)."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    h, w = latent_hw
+    masks = torch.zeros(refs, h, w)
+    masks[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1  # object = the central quarter
+    items = [dataset.EncodedGroup(torch.randn(4, h, w, generator=gen),
+                                  torch.randn(77, context, generator=gen),
+                                  None if adm is None else torch.randn(adm, generator=gen),
+                                  torch.randn(refs, 4, h, w, generator=gen), masks)
+             for _ in range(groups)]
+    return items, (torch.zeros(77, context), None if adm is None else torch.zeros(adm)), None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank (SynCD: 128)")
+    parser.add_argument("--refs", type=int, default=2, help="references per target")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak, for model FLOPs utilization")
+    args = parser.parse_args(argv)
+    module = _pack()
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    loop, config_mod, dataset = module("training.loop"), module("training.config"), module("training.dataset")
+    tiny = module("nodes.tiny_models")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        patcher, family, res, context, adm = sdxl_unet(device, torch.bfloat16), "sdxl", 1024, 2048, 2816
+    else:
+        torch.set_num_threads(1)
+        patcher, family, res, context, adm = tiny.tiny_unet("sdxl"), "sdxl", 256, tiny.SDXL_CONTEXT, tiny.SDXL_ADM
+    models = loop.Models(patcher, None, None, family)
+    encoded = synthetic_encoded(dataset, (res // 8, res // 8), context, adm, args.refs)
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; {res}px, batch 1, "
+          f"{args.refs} references, LoRA rank {args.rank}", flush=True)
+    for checkpointing in (False, True):
+        config = config_mod.TrainConfig(dataset="-", output_dir="-", lora_rank=args.rank,
+                                        resolution=res, gradient_checkpointing=checkpointing,
+                                        max_references=args.refs)
+        run = loop.Run(config, models, device, encoded)
+        optimizer = torch.optim.AdamW(run.step_module.parameters(), lr=1e-5)
+        loop._load(run.patcher, device)
+        try:
+            flops, saved = None, {}
+            for step in range(args.steps + 2):
+                if step == 2:
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    started = time.perf_counter()
+                counter = FlopCounterMode(display=False) if step == 1 else None
+                with counter or contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                    with saved_bytes(saved) if step == 1 else contextlib.nullcontext():
+                        loss = run.step_module(run.batch(step, [0]))
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if counter is not None:
+                    flops = counter.get_total_flops()
+            if cuda:
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - started) / args.steps * 1000
+            memory = (f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, " if cuda
+                      else "") + f"saved for backward {sum(saved.values()) / 2 ** 20:.1f} MiB"
+            mfu = f", MFU {flops / (ms / 1000) / (args.peak_tflops * 1e12):.1%}" if cuda else ""
+            print(f"checkpointing={'on ' if checkpointing else 'off'}: {memory}, {ms:.0f} ms/step, "
+                  f"{1000 / ms:.2f} images/s, {flops / 1e12:.2f} TFLOP/step{mfu}", flush=True)
+        finally:
+            loop._unload(run.patcher)
+        del run, optimizer
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

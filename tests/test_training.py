@@ -313,3 +313,39 @@ def test_adapter_training_updates_ip_layers_and_saves_a_loadable_adapter(data, t
         assert torch.equal(located.layer(location).to_k_ip.weight, layer.to_k_ip.weight.detach())
     assert os.path.isfile(os.path.join(str(tmp_path / "run"), "checkpoints", "step-000004",
                                        checkpoint.ADAPTER_NAME))
+
+
+def test_mass_inside_matches_a_slow_sum():
+    from multiref.training.quality import mass_inside
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, h, h, generator=gen) for h in (8, 4)]
+    maps = [m / m.sum((1, 2), keepdim=True) for m in maps]
+    masks = (torch.rand(2, 32, 32, generator=gen) > 0.5).float()
+    expected = torch.zeros(2)
+    for m in maps:
+        cell = 32 // m.shape[-1]
+        for i in range(2):
+            for y in range(m.shape[1]):
+                for x in range(m.shape[2]):
+                    covered = masks[i, y * cell:(y + 1) * cell, x * cell:(x + 1) * cell].mean()
+                    expected[i] += m[i, y, x] * covered / len(maps)
+    torch.testing.assert_close(mass_inside(maps, masks), expected)
+
+
+def test_quality_threshold_drops_low_scoring_groups_and_reports_them(tmp_path):
+    import json
+    from PIL import Image
+    data = training_data.write_object_dataset(str(tmp_path / "d"), groups=3, refs=1)
+    Image.new("L", (64, 64), 255).save(tmp_path / "d" / "g0_v0_mask.png")  # object = everything
+    cfg = config(data, tmp_path / "run", steps=1, quality_threshold=0.999)
+    loop.train(cfg, tiny_models_sd15())
+    report = json.loads((tmp_path / "run" / "data_selection.json").read_text())
+    scores = {name: s["apple" if name == "samples[0]" else "frog" if name == "samples[1]" else "ball"]
+              for name, s in report["scores"].items()}
+    assert abs(scores["samples[0]"] - 1.0) < 1e-4  # all relevance mass lies inside a full mask
+    assert all(0 < scores[n] < 0.999 for n in ("samples[1]", "samples[2]"))
+    assert sorted(report["dropped"]) == ["samples[1]", "samples[2]"]
+    plain = training_data.write_object_dataset(str(tmp_path / "d2"), groups=2, refs=1)
+    with pytest.raises(manifest.DatasetError, match="every group scored under"):
+        loop.train(config(plain, tmp_path / "run2", steps=1, quality_threshold=0.999),
+                   tiny_models_sd15())

@@ -59,6 +59,7 @@ class PassState:
         self.recorded = {}                      # location -> (B*K, L, C) detached
         self.ref_masks = None                   # (B, K, h, w) float 0/1 at latent resolution
         self.image = None                       # target pass: ImageCondition or None
+        self.relevance = None                   # quality scoring: RelevanceProbe or None
 
     def begin_reference(self):
         self.mode, self.recorded = "reference", {}
@@ -66,20 +67,40 @@ class PassState:
     def begin_target(self, ref_masks, image=None):
         self.mode, self.ref_masks, self.image = "target", ref_masks, image
 
+    def begin_relevance(self, probe):
+        self.mode, self.relevance = "plain", probe
+
     def end(self):
         self.mode, self.recorded, self.ref_masks, self.image = "plain", {}, None, None
+        self.relevance = None
 
     def snapshot(self):
         """What a layer call needs of this state, frozen at call time: a checkpointed layer
         recomputes in backward, after the pass has ended."""
         return PassView(self.lora_layers, self.adapter_layers, self.ip_scale, self.mode,
-                        self.recorded, self.ref_masks, self.image)
+                        self.recorded, self.ref_masks, self.image, self.relevance)
 
 
 class PassView:
-    def __init__(self, lora_layers, adapter_layers, ip_scale, mode, recorded, ref_masks, image):
+    def __init__(self, lora_layers, adapter_layers, ip_scale, mode, recorded, ref_masks, image,
+                 relevance):
         self.lora_layers, self.adapter_layers, self.ip_scale = lora_layers, adapter_layers, ip_scale
         self.mode, self.recorded, self.ref_masks, self.image = mode, recorded, ref_masks, image
+        self.relevance = relevance
+
+
+class RelevanceProbe:
+    """Collects, at every cross-attention layer, each object's relevance map R_i (DESIGN.md
+    3.2) for one target row: phrases = the (P_i, D) phrase embeddings of its objects."""
+
+    def __init__(self, phrases):
+        self.phrases, self.maps = phrases, []   # maps: [(N, h, w)] one per layer
+
+    def record(self, attn, n, heads, hw):
+        q = attn.to_q(n)
+        keys = routing.phrase_keys([attn.to_k(e.to(q.device, q.dtype)) for e in self.phrases])
+        relevance = routing.relevance_maps(q, keys, heads)[0]        # (L, N)
+        self.maps.append(relevance.transpose(0, 1).reshape(-1, *hw))
 
 
 class ImageCondition:
@@ -203,6 +224,8 @@ class TrainingSpatialTransformer:
             n = block.norm2(x)
             ctx = n if block.switch_temporal_ca_to_sa else context
             value = ctx
+            if view.relevance is not None:
+                view.relevance.record(block.attn2, n, block.n_heads, hw)
             for patch in patches.get("attn2_patch", ()):
                 n, ctx, value = patch(n, ctx, value, extra)
             attn2 = replaces.get("attn2", {})

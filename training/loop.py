@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (condition_dropout, output_scale_of,
                                            parameterization_loss)
-from . import blocks, checkpoint, config as config_mod, dataset, manifest, plots
+from . import blocks, checkpoint, config as config_mod, dataset, manifest, plots, quality
 
 log = logging.getLogger("multiref")
 
@@ -316,6 +316,8 @@ def train(config, models, on_step=None, check_interrupt=None):
         torch.cuda.reset_peak_memory_stats(device)
     _load(patcher, device)
     try:
+        if config.quality_threshold > 0:
+            _select_data(config, run, groups, models.clip, rank)
         while step < config.steps:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -374,6 +376,25 @@ def train(config, models, on_step=None, check_interrupt=None):
         log.info("training done: %s", summary)
     return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers,
                        run.adapter_layers, adapter_file)
+
+
+def _select_data(config, run, groups, clip, rank):
+    """Score every group's objects, drop those under the threshold, report both."""
+    scores = quality.score_groups(run, groups, clip, config.resolution, config.seed)
+    dropped = quality.dropped_groups(scores, config.quality_threshold)
+    if rank == 0:
+        checkpoint.write_json(os.path.join(config.output_dir, "data_selection.json"), {
+            "threshold": config.quality_threshold, "scores": scores, "dropped": dropped,
+            "unscored": [g.name for g in groups if g.name not in scores]})
+    keep = [i for i, g in enumerate(groups) if g.name not in dropped]
+    if not keep:
+        raise manifest.DatasetError(config.dataset, [
+            f"every group scored under quality_threshold {config.quality_threshold} (see "
+            "data_selection.json in the output folder); lower the threshold"])
+    if dropped:
+        log.warning("data selection dropped %d of %d groups under quality %.3f: %s", len(dropped),
+                    len(groups), config.quality_threshold, sorted(dropped))
+    run.sampler.groups = [run.encoded[i] for i in keep]
 
 
 def _save_png(path, img):

@@ -77,3 +77,39 @@ def test_trained_model_output_changes_the_sample_and_matches_the_core_lora_file(
     assert (trained_sample - base_sample).abs().max() > 1e-4
     torch.testing.assert_close(loaded_sample, trained_sample)  # the core-LoRA file is that model
     assert torch.equal(_sample(model, clip), base_sample)  # the input model is untouched
+
+
+def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host, tmp_path):
+    """Train an adapter with MultiRefTrain, load the file with MultiRefAdapterLoader from
+    models/multiref, apply it with the pack's nodes: the sample differs from the one with the
+    adapter it started from."""
+    import tiny_checkpoints
+    from multiref.kernels.checkpoints import load_adapter
+    from multiref.nodes.loaders import MultiRefAdapterLoader
+    from multiref.nodes.references import MultiRefEncodeReferences, MultiRefReference
+    from multiref.nodes.routing import MultiRefApplyAdapter
+    data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
+    start_file, _ = tiny_checkpoints.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15",
+                                                      file_format="safetensors")
+    models_dir = tmp_path / "models_multiref"
+    models_dir.mkdir()
+    host.folder_paths.add_model_folder_path("multiref", str(models_dir))
+    with torch.inference_mode():  # as the host runs nodes
+        model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
+                            tiny_models.tiny_vae())
+        clip_vision = tiny_models.tiny_clip_vision()
+        start = load_adapter(start_file)
+        _, weights, _ = MultiRefTrain().train(model, clip, vae, **_inputs(data, tmp_path / "r"),
+                                              adapter=start, clip_vision=clip_vision)
+        os.replace(weights, models_dir / "trained.safetensors")
+        (trained,) = MultiRefAdapterLoader().load("trained.safetensors")
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+        (refs,) = MultiRefReference().make(image, "apple", 1.0, 0.0, 1.0)
+        samples = []
+        for adapter in (start, trained):
+            (encoded,) = MultiRefEncodeReferences().encode(refs, adapter, clip_vision, model, 0)
+            (patched,) = MultiRefApplyAdapter().apply(model, adapter, encoded, clip, "sum", 1.0,
+                                                      0.0, 1.0)
+            samples.append(_sample(patched, clip))
+    assert trained.kind == "multiref" and trained.has_self_attn_lora
+    assert (samples[0] - samples[1]).abs().max() > 1e-4

@@ -113,3 +113,26 @@ def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host
             samples.append(_sample(patched, clip))
     assert trained.kind == "multiref" and trained.has_self_attn_lora
     assert (samples[0] - samples[1]).abs().max() > 1e-4
+
+
+def test_cancel_saves_a_resumable_state_and_the_next_run_resumes(tmp_path):
+    """ComfyUI's cancel (interrupt_current_processing) stops the node after the current step
+    with the state saved; queueing it again continues from there."""
+    import comfy.model_management as mm
+    data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
+    inputs = dict(_inputs(data, tmp_path / "r", steps=4), save_every=100)
+    with torch.inference_mode():
+        model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
+                            tiny_models.tiny_vae())
+        mm.interrupt_current_processing(True)
+        try:
+            with pytest.raises(Exception) as stopped:
+                MultiRefTrain().train(model, clip, vae, **inputs)
+        finally:
+            mm.interrupt_current_processing(False)
+        assert "Interrupt" in type(stopped.value).__name__
+        assert checkpoint.saved_steps(str(tmp_path / "r")) == [1]
+        MultiRefTrain().train(model, clip, vae, **inputs)
+    assert checkpoint.saved_steps(str(tmp_path / "r")) == [1, 4]
+    import json
+    assert [s for s, _ in json.loads((tmp_path / "r" / "loss.json").read_text())] == [1, 2, 3, 4]

@@ -40,3 +40,14 @@ def output_scale_of(calculate_denoised, sigma, like):
     D(out=1, x=0). `like` gives the per-sample shape, dtype and device."""
     ones = torch.ones_like(like)
     return calculate_denoised(sigma, ones, torch.zeros_like(like)).flatten(1)[:, 0]
+
+
+def euler_sample(denoise, noise, sigmas):
+    """The plain Euler sampler (training previews): x_0 = noise * sigmas[0], then
+    x <- x + (x - D(x, s)) / s * (s_next - s) down the decreasing `sigmas` (last one 0).
+    denoise(x, sigma (B,)) -> D; returns the final x."""
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        s = sigma.reshape(1).expand(x.shape[0])
+        x = x + (x - denoise(x, s)) / sigma * (sigma_next - sigma)
+    return x

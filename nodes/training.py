@@ -88,6 +88,11 @@ class MultiRefTrain:
             "resume": ("BOOLEAN", {"default": True, "tooltip":
                        "Continue from the newest checkpoint in output_dir if there is one."}),
         }, "optional": {
+            "preview_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
+                              "Save a preview image (the LoRA as trained so far, no reference) "
+                              "in output_dir/previews every N steps; 0 = none."}),
+            "preview_prompt": ("STRING", {"default": "", "tooltip":
+                               "Prompt of the previews; empty = the dataset's first caption."}),
             "quality_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Data selection: drop groups whose object quality "
                                   "score (share of the phrase's attention inside the object's "
@@ -103,14 +108,15 @@ class MultiRefTrain:
 
     def train(self, model, clip, vae, dataset, output_dir, steps, batch_size, grad_accumulation,
               learning_rate, lora_rank, resolution, save_every, keep_last, seed,
-              gradient_checkpointing, resume, quality_threshold=0.0, adapter=None,
-              clip_vision=None):
+              gradient_checkpointing, resume, preview_every=0, preview_prompt="",
+              quality_threshold=0.0, adapter=None, clip_vision=None):
         config = TrainConfig(dataset=dataset, output_dir=_output_folder(output_dir), steps=steps,
                              batch_size=batch_size, grad_accumulation=grad_accumulation,
                              learning_rate=learning_rate, lora_rank=lora_rank,
                              resolution=resolution, save_every=save_every, keep_last=keep_last,
                              seed=seed, gradient_checkpointing=gradient_checkpointing,
-                             resume=resume, quality_threshold=quality_threshold)
+                             resume=resume, quality_threshold=quality_threshold,
+                             preview_every=preview_every, preview_prompt=preview_prompt)
         bar = comfy.utils.ProgressBar(steps)
         with torch.inference_mode(False):
             models = loop.Models(model, vae, clip, family_of(model), clip_vision, adapter)

@@ -349,3 +349,26 @@ def test_quality_threshold_drops_low_scoring_groups_and_reports_them(tmp_path):
     with pytest.raises(manifest.DatasetError, match="every group scored under"):
         loop.train(config(plain, tmp_path / "run2", steps=1, quality_threshold=0.999),
                    tiny_models_sd15())
+
+
+def test_previews_every_n_steps(data, tmp_path):
+    from PIL import Image
+    models = tiny_models_sd15()
+    loop.train(config(data, tmp_path / "run", steps=4, preview_every=2,
+                      preview_prompt="a photo of a frog"), models)
+    files = sorted(os.listdir(tmp_path / "run" / "previews"))
+    assert files == ["step-000002.png", "step-000004.png"]
+    with Image.open(tmp_path / "run" / "previews" / files[0]) as img:
+        assert img.size == (64, 64)
+
+
+def test_preview_euler_equals_the_hosts_euler_sampler():
+    from comfy.k_diffusion.sampling import sample_euler
+    from multiref.kernels.diffusion_objective import euler_sample
+    target = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    denoise = lambda x, s: x / (1 + s.view(-1, 1, 1, 1) ** 2) + target  # any smooth denoiser
+    noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.3, 0.0])
+    ours = euler_sample(denoise, noise, sigmas)
+    host = sample_euler(denoise, noise * sigmas[0], sigmas, disable=True)
+    torch.testing.assert_close(ours, host)

@@ -55,6 +55,8 @@ class TrainConfig:
     adapter: Optional[str] = None        # CLI: an adapter file to train (its to_k_ip / to_v_ip /
     clip_vision: Optional[str] = None    # text_to_weight), with the CLIP vision model it reads
     ip_scale: float = 1.0                # strength of the image attention while training
+    preview_every: int = 0               # a preview image every N steps (0 = none), of
+    preview_prompt: str = ""             # this prompt (empty = the first caption)
     quality_threshold: float = 0.0       # drop groups whose object quality score is lower
                                          # (training/quality.py; 0 = keep all, no scoring)
 
@@ -112,6 +114,9 @@ def validate(config):
         raise TrainConfigError(f"optimizer must be adamw or adamw8bit, got {c.optimizer!r}")
     if c.mixed_precision not in ("auto", "bf16", "fp32"):
         raise TrainConfigError(f"mixed_precision must be auto, bf16 or fp32, got {c.mixed_precision!r}")
+    if not isinstance(c.preview_every, int) or c.preview_every < 0:
+        raise TrainConfigError(f"preview_every must be 0 (off) or a positive integer, got "
+                               f"{c.preview_every!r}")
     if not 0 <= c.quality_threshold <= 1:
         raise TrainConfigError(f"quality_threshold must be between 0 and 1 (a fraction of "
                                f"relevance mass), got {c.quality_threshold}")

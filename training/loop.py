@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..kernels.diffusion_objective import (condition_dropout, output_scale_of,
+from ..kernels.diffusion_objective import (condition_dropout, euler_sample, output_scale_of,
                                            parameterization_loss)
 from . import blocks, checkpoint, config as config_mod, dataset, manifest, plots, quality
 
@@ -343,6 +343,8 @@ def train(config, models, on_step=None, check_interrupt=None):
             if step % config.save_every == 0 or step == config.steps:
                 save(step)
                 last_saved = step
+            if config.preview_every and step % config.preview_every == 0 and rank == 0:
+                _preview(config, run, step)
             if check_interrupt is not None:
                 check_interrupt()
     except BaseException:
@@ -395,6 +397,40 @@ def _select_data(config, run, groups, clip, rank):
         log.warning("data selection dropped %d of %d groups under quality %.3f: %s", len(dropped),
                     len(groups), config.quality_threshold, sorted(dropped))
     run.sampler.groups = [run.encoded[i] for i in keep]
+
+
+PREVIEW_STEPS = 12
+
+
+def _preview(config, run, step):
+    """previews/step-NNNNNN.png: the model with the LoRA as it is now (no reference), the
+    preview prompt, a fixed seed, Euler over PREVIEW_STEPS of the model's own noise levels."""
+    from PIL import Image
+    base, models = run.patcher.model, run.models
+    if models.vae is None:
+        return
+    with torch.no_grad():
+        if config.preview_prompt:
+            context, adm = dataset.TextEncoder(models.clip, base, config.resolution)(config.preview_prompt)
+        else:
+            context, adm = run.encoded[0].context, run.encoded[0].adm
+        options = dict(run.patcher.model_options.get("transformer_options", {}))
+        dtype = run.model_dtype
+        extra = {} if adm is None else {"y": adm[None].to(run.device, dtype)}
+        context = context[None].to(run.device, dtype)
+        table = base.model_sampling.sigmas
+        picks = torch.linspace(len(table) - 1, 0, PREVIEW_STEPS).round().long()
+        sigmas = torch.cat([table[picks].float(), table.new_zeros(1).float()]).to(run.device)
+        noise = torch.randn((1, *run.encoded[0].latent.shape),
+                            generator=torch.Generator().manual_seed(config.seed)).to(run.device, dtype)
+        latent = euler_sample(lambda x, s: base.apply_model(
+            x, s, c_crossattn=context, transformer_options=dict(options, sigmas=s), **extra),
+            noise, sigmas)
+        pixels = models.vae.decode(base.process_latent_out(latent.float()))[0]
+    folder = os.path.join(config.output_dir, "previews")
+    os.makedirs(folder, exist_ok=True)
+    img = Image.fromarray((pixels.clamp(0, 1).cpu().numpy() * 255).round().astype("uint8"))
+    _save_png(os.path.join(folder, f"step-{step:06d}.png"), img)
 
 
 def _save_png(path, img):

@@ -27,12 +27,12 @@ def main(argv=None):
     host_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_module)
     try:
-        host = host_module.boot(comfyui_path=known.comfyui)
+        host_module.boot(comfyui_path=known.comfyui)
     except host_module.HostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cli = importlib.import_module(f"{host_module.PACK_FOLDER_NAME}.training.cli")
-    return cli.main(argv, host)
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

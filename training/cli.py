@@ -78,7 +78,7 @@ def _init_distributed():
     return True
 
 
-def main(argv, host=None):
+def main(argv):
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Train a MultiRef LoRA from a dataset manifest.")
     parser.add_argument("--config", required=True, help="training settings (JSON)")
@@ -87,7 +87,22 @@ def main(argv, host=None):
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch even if output_dir holds checkpoints")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    # Progress lines are INFO records of the pack's logger; the host usually has a root handler
+    # that prints them, else this command adds one for its duration.
+    handler = None if logging.getLogger().handlers else logging.StreamHandler(sys.stderr)
+    level = log.level
+    if handler is not None:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _run(args):
     try:
         with open(args.config) as f:
             data = json.load(f)
@@ -103,7 +118,7 @@ def main(argv, host=None):
         models = load_models(config)
         result = loop.train(config, models, on_step=_report)
         if loop.distributed_context()[0] == 0:
-            log.info("weights: %s", result.weights)
+            log.info("weights: %s", result.adapter_file or result.weights)
         return 0
     except (manifest.DatasetError, config_mod.TrainConfigError, CheckpointError) as exc:
         log.error("error: %s", exc)

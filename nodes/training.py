@@ -118,6 +118,9 @@ class MultiRefTrain:
                              resume=resume, quality_threshold=quality_threshold,
                              preview_every=preview_every, preview_prompt=preview_prompt)
         bar = comfy.utils.ProgressBar(steps)
+        # The trainer patches and moves the model itself: nothing the host holds loaded (the
+        # same weights with another clone's patches merged in) may stay patched under it.
+        comfy.model_management.unload_all_models()
         with torch.inference_mode(False):
             models = loop.Models(model, vae, clip, family_of(model), clip_vision, adapter)
             result = loop.train(config, models,

@@ -155,11 +155,12 @@ class CheckpointedResBlock:
     def __init__(self, module, state):
         self.module, self.state = module, state
 
-    def __call__(self, x, emb):
+    def __call__(self, x, emb, *args, **kwargs):
+        # Extra arguments: newer hosts pass more (e.g. transformer_options); hand them through.
         run = type(self.module).forward
         if self.state.checkpointing and torch.is_grad_enabled():
-            return checkpoint(run, self.module, x, emb, use_reentrant=False)
-        return run(self.module, x, emb)
+            return checkpoint(run, self.module, x, emb, *args, use_reentrant=False, **kwargs)
+        return run(self.module, x, emb, *args, **kwargs)
 
 
 class TrainingSpatialTransformer:

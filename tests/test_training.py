@@ -372,3 +372,17 @@ def test_preview_euler_equals_the_hosts_euler_sampler():
     ours = euler_sample(denoise, noise, sigmas)
     host = sample_euler(denoise, noise * sigmas[0], sigmas, disable=True)
     torch.testing.assert_close(ours, host)
+
+
+def test_encodings_are_cached_once_per_dataset(data, tmp_path, monkeypatch):
+    from multiref.training import dataset
+    cfg = config(data, tmp_path / "run", steps=2)
+    first = loop.train(cfg, tiny_models_sd15())
+    assert len(os.listdir(tmp_path / "run" / "cache")) == 1
+
+    def must_not_encode(*args, **kwargs):
+        raise AssertionError("encoded again although the cache holds this dataset")
+    monkeypatch.setattr(dataset, "encode_groups", must_not_encode)
+    cfg.steps, cfg.resume = 2, False
+    again = loop.train(cfg, tiny_models_sd15())
+    assert [l for _, l in again.losses] == [l for _, l in first.losses]  # same data, same run

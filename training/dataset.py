@@ -26,6 +26,22 @@ class EncodedGroup:
     phrases: tuple = ()                # (P_i, D) text embeddings of each reference's phrase
 
 
+FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases")
+
+
+def to_tensors(encoded):
+    """encode_groups' result as plain dicts/lists of tensors (torch.load(weights_only=True))."""
+    groups, (context, adm), uncond = encoded
+    return {"groups": [{f: getattr(g, f) for f in FIELDS} for g in groups],
+            "empty_text": [context, adm], "uncond_tokens": uncond}
+
+
+def from_tensors(data):
+    groups = [EncodedGroup(**{f: (tuple(g[f]) if f == "phrases" else g[f]) for f in FIELDS})
+              for g in data["groups"]]
+    return groups, tuple(data["empty_text"]), data["uncond_tokens"]
+
+
 def square_crop(img, resolution, resample):
     """Center crop to a square, then resize to resolution x resolution."""
     w, h = img.size

@@ -11,6 +11,9 @@
       multiref_lora_core.safetensors    the same LoRA (kohya names) for core LoRA loaders (models/loras)
       loss.json, loss.png               (step, loss) of every step, and its curve
       summary.json                      steps/s, images/s, peak GPU memory
+      cache/encoded-<key>.pt            the dataset's encodings (latents, text, image tokens)
+      previews/step-NNNNNN.png          preview images (preview_every)
+      data_selection.json               object quality scores and dropped groups (quality_threshold)
 
 Weights file: safetensors, tensor names as the adapter files use them
 (`self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight`, i = layer in the published

@@ -6,6 +6,7 @@ graph unchanged:
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
     the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
     MultiRefAdapterLoader;
+  * a training node gets a tiny generated dataset and a temporary run folder;
   * input images and masks are written, under the names the workflow uses, into a temporary
     input folder.
 Sizes and step counts shrink so a CPU runs every workflow in seconds."""
@@ -16,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 import tiny_checkpoints
+import training_data
 from multiref.nodes import tiny_models
 
-SMALL = {"width": 64, "height": 64, "steps": 2}
+SMALL = {"width": 64, "height": 64, "steps": 2, "resolution": 64}
 
 
 def _family(name):
@@ -95,7 +97,12 @@ def swap_in_tiny_models(prompt, host, tmp_path):
             _adapter_file(str(adapters), args["adapter_name"])
         elif kind in ("LoadImage", "LoadImageMask"):
             _image(os.path.join(inputs, args["image"]), seed, mask=kind == "LoadImageMask")
-        for key in ("width", "height", "steps"):
+        elif kind == "MultiRefTrain":
+            args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
+                                                                 groups=2, refs=1)
+            args["output_dir"] = str(tmp_path / "run")
+            args["save_every"] = 2
+        for key in SMALL:
             if key in args and not isinstance(args[key], list):
                 args[key] = SMALL[key]
         if kind == "MultiRefRoutingMaps":

@@ -44,6 +44,10 @@ EDITOR_PROBE_API = {
                                                "latent_image": ["3", 0], "denoise": 0.75}},
 }
 
+# Core nodes whose widgets a frontend extension replaces (webcamCapture.js: a live camera view);
+# no workflow of the pack uses them.
+EDITOR_REDRAWN = {"WebcamCapture"}
+
 LOAD_JS = """(async (workflow) => {
   app.ui.dialog.close();
   await app.loadGraphData(workflow);
@@ -143,13 +147,17 @@ def test_a_missing_node_type_is_caught(editor, host_nodes):
 
 
 def test_editor_widget_layout_matches_the_format_module(editor, host_nodes):
-    """Every pack node and every node a shipped workflow uses gets exactly the widgets and
-    sockets that headless/workflow_format.py assumes when it writes and reads UI files."""
+    """Every node type the editor knows (the pack's, those the shipped workflows use, all of
+    the host's) gets exactly the widgets and sockets that headless/workflow_format.py assumes
+    when it writes and reads UI files."""
     pack = {name for name, cls in host_nodes.items()
             if str(getattr(cls, "CATEGORY", "")).startswith("MultiRef")}
     used = {n["type"] for path in UI_FILES for n in fmt.load(path)["nodes"]}
-    types = sorted(pack | used | {n["class_type"] for n in EDITOR_PROBE_API.values()})
+    probe = {n["class_type"] for n in EDITOR_PROBE_API.values()}
+    registered = set(editor.evaluate("Object.keys(LiteGraph.registered_node_types)"))
     assert pack, "the host registered no MultiRef nodes"
+    assert pack | used | probe <= registered, sorted((pack | used | probe) - registered)
+    types = sorted(registered & set(host_nodes) - EDITOR_REDRAWN)
     layouts = editor.evaluate(LAYOUT_JS % json.dumps(types))
     for name in types:
         widgets = fmt.editor_widgets(host_nodes[name])

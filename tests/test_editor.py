@@ -167,30 +167,48 @@ def test_editor_widget_layout_matches_the_format_module(editor, host_nodes):
         assert layouts[name] == {"widgets": expected_widgets, "inputs": expected_inputs}, name
 
 
-def test_screenshot_of_a_loaded_workflow(editor, host_nodes, tmp_path):
+# LiteGraph draws no text below this zoom (litegraph.core.js: `low_quality = scale < 0.6`).
+SCREENSHOT_SCALE = 0.7
+SCREENSHOT_MARGIN = 30
+
+FIT_VIEW_JS = """((scale, margin) => {
+  const nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT;
+  const left = Math.min(...nodes.map(n => n.pos[0]));
+  const top = Math.min(...nodes.map(n => n.pos[1] - title));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [margin / scale - left, margin / scale - top];
+  app.canvas.draw(true, true);
+  return [Math.max(...nodes.map(n => n.pos[0] + n.size[0])) - left,
+          Math.max(...nodes.map(n => n.pos[1] + n.size[1])) - top];
+})(%s, %s)"""
+
+
+def test_screenshot_of_a_loaded_workflow(editor, host_nodes):
+    """The workflow with the most MultiRef nodes, drawn whole and readable: the page is sized
+    to the graph at a zoom where the editor still draws text."""
     def pack_nodes(path):
         return sum(str(getattr(host_nodes[n["type"]], "CATEGORY", "")).startswith("MultiRef")
                    for n in fmt.load(path)["nodes"])
 
     ui_path = max(UI_FILES, key=pack_nodes)
     _assert_loads_as_saved(_load(editor, fmt.load(ui_path)), fmt.load(ui_path))
-    editor.evaluate("""(() => {
-      document.querySelector(".comfy-menu").style.display = "none";
-      const nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT, margin = 30;
-      const left = Math.min(...nodes.map(n => n.pos[0]));
-      const top = Math.min(...nodes.map(n => n.pos[1] - title));
-      const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
-      const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-      const rect = app.canvasEl.getBoundingClientRect();
-      const scale = Math.min((rect.width - 2 * margin) / (right - left),
-                             (rect.height - 2 * margin) / (bottom - top), 1.25);
-      app.canvas.ds.scale = scale;
-      app.canvas.ds.offset = [margin / scale - left, margin / scale - top];
-      app.canvas.draw(true, true);
-    })()""")
-    png = editor.screenshot_png()
+    editor.evaluate('document.querySelector(".comfy-menu").style.display = "none"')
+    graph_w, graph_h = editor.evaluate(FIT_VIEW_JS % (SCREENSHOT_SCALE, SCREENSHOT_MARGIN))
+    width, height = (round(extent * SCREENSHOT_SCALE) + 2 * SCREENSHOT_MARGIN
+                     for extent in (graph_w, graph_h))
+    try:
+        editor.call("Emulation.setDeviceMetricsOverride", session=True, width=width,
+                    height=height, deviceScaleFactor=1, mobile=False)
+        editor.wait_for(f"app.canvasEl.width === {width} && app.canvasEl.height === {height}",
+                        timeout=10)  # the editor resizes its canvas on the window's resize
+        editor.evaluate(FIT_VIEW_JS % (SCREENSHOT_SCALE, SCREENSHOT_MARGIN))
+        png = editor.screenshot_png()
+    finally:
+        editor.call("Emulation.setDeviceMetricsOverride", session=True, width=1600,
+                    height=900, deviceScaleFactor=1, mobile=False)
+        editor.evaluate('document.querySelector(".comfy-menu").style.display = ""')
     image = Image.open(io.BytesIO(png)).convert("L")
-    assert image.size == (1600, 900)
+    assert image.size == (width, height)
     # A drawn graph has node bodies, text and links: many distinct grey levels, not a blank page.
     assert len(image.getcolors(256)) > 50
     target = os.environ.get(SCREENSHOT_ENV)

@@ -15,25 +15,18 @@ Run from the pack folder:  python -m bench.guidance_saturation  [--steps N]
 """
 import argparse
 import datetime
-import importlib
 import os
-import sys
 import time
 
 import torch
+
+from bench.common import boot_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 IMAGE_SCALES = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 TEXT_SCALE = 7.5
 LATENT = (1, 4, 8, 8)  # the saturation runs' latent: tiny, the denoiser is exact
-
-
-def _boot():
-    sys.path.insert(0, ROOT)
-    from headless import host as headless_host
-    headless_host.boot()
-    return lambda name: importlib.import_module(f"{headless_host.PACK_FOLDER_NAME}.{name}")
 
 
 class GaussianConditions:
@@ -123,10 +116,9 @@ def saturation_table(pack, steps):
 def step_timing(pack, steps):
     """One three-branch step vs. a two-branch CFG step, SDXL-shaped UNet, fp16, 1024px."""
     import comfy.samplers
-    from bench.msa_attention import _sdxl_shaped_unet
     guidance_nodes = pack("nodes.guidance")
     device = torch.device("cuda")
-    model = _sdxl_shaped_unet(device)
+    model = pack("nodes.tiny_models").sdxl_shaped_unet(device)
     gen = torch.Generator().manual_seed(0)
     extra = {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 1024, "height": 1024}
     positive = [[torch.randn(1, 77, 2048, generator=gen), extra]]
@@ -170,7 +162,7 @@ def main():
     device = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"guidance benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
           f"UTC, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    pack = _boot()
+    pack = boot_pack()
     saturation_table(pack, args.steps)
     if CUDA:
         step_timing(pack, args.timing_steps)

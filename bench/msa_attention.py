@@ -15,14 +15,14 @@ Run from the pack folder:  python -m bench.msa_attention  [--attention-only]
 """
 import argparse
 import datetime
-import importlib
 import importlib.util
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from bench.common import boot_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -146,42 +146,14 @@ class TwoPass:
 
 
 # The published SDXL UNet architecture (the host's detection dict for SDXL checkpoints).
-SDXL_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-             "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "num_head_channels": 64,
-             "num_heads": -1, "use_spatial_transformer": True, "use_linear_in_transformer": True,
-             "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
-             "use_temporal_attention": False, "use_temporal_resblock": False}
-
-
-def _sdxl_shaped_unet(device):
-    """The host's SDXL model class with the real SDXL UNet configuration, random fp16 weights
-    (the host's layers skip initialization, so every weight is drawn here)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    config.set_inference_dtype(torch.float16, None)
-    model = config.get_model({}, device=device)
-    with torch.no_grad():
-        for name, param in model.diffusion_model.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            else:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
-
-
 def bench_sampling(steps):
-    sys.path.insert(0, ROOT)
-    from headless import host as headless_host
-    headless_host.boot()
-    pack = lambda name: importlib.import_module(f"{headless_host.PACK_FOLDER_NAME}.{name}")
+    pack = boot_pack()
     kernel, patching, node = pack("kernels.msa"), pack("nodes.patching"), pack("nodes.msa")
     references = pack("kernels.references")
     import comfy.sample
     if CUDA:
-        model, latent, context, pooled = _sdxl_shaped_unet(DEVICE), (128, 128), 2048, 1280
+        model = pack("nodes.tiny_models").sdxl_shaped_unet(DEVICE)
+        latent, context, pooled = (128, 128), 2048, 1280
     else:
         tiny = pack("nodes.tiny_models")
         model, latent = tiny.tiny_unet("sdxl"), (16, 16)

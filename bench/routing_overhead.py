@@ -16,14 +16,14 @@ Run from the pack folder:  python -m bench.routing_overhead  [--attention-only]
 """
 import argparse
 import datetime
-import importlib
 import importlib.util
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from bench.common import boot_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -106,32 +106,6 @@ def bench_attention(kernel, repeats):
         print(line)
 
 
-SDXL_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
-             "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             "transformer_depth_middle": 10, "num_head_channels": 64, "num_heads": -1,
-             "use_spatial_transformer": True, "use_linear_in_transformer": True,
-             "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
-             "image_size": 32, "use_temporal_attention": False, "use_temporal_resblock": False}
-
-
-def _sdxl_unet():
-    """The host's SDXL model class with the published SDXL UNet layout, random fp16 weights."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    config.set_inference_dtype(torch.float16, None)
-    model = config.get_model({}, device=DEVICE)
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.diffusion_model.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen, device=DEVICE) / param[0].numel() ** 0.5)
-            else:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=DEVICE, offload_device=DEVICE)
-
-
 def _random_adapter(pack, model, seed=0):
     """Random weights in the published IP-Adapter layout sized for the model's cross-attentions."""
     checkpoints, adapter = pack("kernels.checkpoints"), pack("kernels.adapter")
@@ -175,15 +149,12 @@ def _plain_ip_adapter(patching, model, adapter, reference, scale):
 
 
 def bench_sampling(steps):
-    sys.path.insert(0, ROOT)
-    from headless import host as headless_host
-    headless_host.boot()
-    pack = lambda name: importlib.import_module(f"{headless_host.PACK_FOLDER_NAME}.{name}")
+    pack = boot_pack()
     patching, node, references = pack("nodes.patching"), pack("nodes.routing"), pack("kernels.references")
     tiny = pack("nodes.tiny_models")
     import comfy.sample
     if CUDA:
-        model, latent, pooled = _sdxl_unet(), (128, 128), 1280
+        model, latent, pooled = tiny.sdxl_shaped_unet(DEVICE), (128, 128), 1280
         clip = None  # phrase embeddings are given directly (no SDXL text encoder weights here)
     else:
         model, latent, pooled = tiny.tiny_unet("sdxl"), (16, 16), tiny.TEXT_G_WIDTH

@@ -2,9 +2,9 @@
 without gradient + target pass with LoRA and Masked Shared Attention + backward + AdamW), with
 and without gradient checkpointing of the layers that run.
 
-    python bench/train_memory.py            # CUDA: the host's UNetModel with the SDXL config
+    python -m bench.train_memory          # CUDA: the host's UNetModel with the SDXL config
                                             # (random weights, bf16), 1024px, batch 1, 2 references
-    python bench/train_memory.py --steps 3  # CPU: the tiny UNet at 256px (runs anywhere; the
+    python -m bench.train_memory --steps 3  # CPU: the tiny UNet at 256px (runs anywhere; the
                                             # numbers that count are the GPU ones)
 
 Prints one line per setting: peak memory (CUDA), the bytes autograd keeps for backward,
@@ -13,48 +13,11 @@ ms per step, images per second (targets), and on CUDA the model FLOPs utilizatio
 """
 import argparse
 import contextlib
-import importlib
-import importlib.util
-import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import boot_pack
 
-
-def _pack():
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-    spec = importlib.util.spec_from_file_location("multiref_headless_host",
-                                                  os.path.join(HERE, "headless", "host.py"))
-    host = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host)
-    host.boot()
-    return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
-
-
-def sdxl_unet(device, dtype):
-    """The host's SDXL model class with the published SDXL UNet config and random weights."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-    config = dict(comfy.supported_models.SDXL.unet_config, in_channels=4, out_channels=4,
-                  image_size=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-                  transformer_depth_middle=10, num_head_channels=64, num_heads=-1,
-                  use_spatial_transformer=True, use_temporal_resblock=False,
-                  num_classes="sequential")
-    model_config = comfy.supported_models.SDXL(config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():  # the host's layers leave their memory uninitialized
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
-                        .mul_(p[0].numel() ** -0.5))
-            else:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 def saved_bytes(seen):
@@ -91,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak, for model FLOPs utilization")
     args = parser.parse_args(argv)
-    module = _pack()
+    module = boot_pack()
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     loop, config_mod, dataset = module("training.loop"), module("training.config"), module("training.dataset")
@@ -99,7 +62,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        patcher, family, res, context, adm = sdxl_unet(device, torch.bfloat16), "sdxl", 1024, 2048, 2816
+        patcher, family, res, context, adm = tiny.sdxl_shaped_unet(device, torch.bfloat16), "sdxl", 1024, 2048, 2816
     else:
         torch.set_num_threads(1)
         patcher, family, res, context, adm = tiny.tiny_unet("sdxl"), "sdxl", 256, tiny.SDXL_CONTEXT, tiny.SDXL_ADM

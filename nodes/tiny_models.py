@@ -178,3 +178,20 @@ def tiny_vae(seed=3):
     from comfy.ldm.models.autoencoder import AutoencoderKL
     weights = randomize_(AutoencoderKL(**TINY_VAE_CONFIG["params"]), seed).state_dict()
     return comfy.sd.VAE(sd=weights, config=TINY_VAE_CONFIG)
+
+
+# The published SDXL UNet layout, for benchmarks at real shapes (random weights, no download).
+SDXL_UNET = dict(_UNET_COMMON, model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], num_head_channels=64,
+                 use_linear_in_transformer=True, context_dim=2048, adm_in_channels=2816,
+                 num_classes="sequential")
+
+
+def sdxl_shaped_unet(device, dtype=torch.float16, seed=0):
+    """The host's SDXL model class with the real SDXL UNet configuration and random weights."""
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=device)
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

@@ -1,5 +1,4 @@
 """MultiRefApplyAdapter / MultiRefRoutingMaps on the tiny real UNet through the host's sampler."""
-import math
 
 import pytest
 import torch

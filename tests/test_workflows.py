@@ -3,7 +3,6 @@ executes in the host with the downloadable models swapped for tiny ones of the s
 import copy
 import glob
 import importlib.util
-import json
 import os
 
 import pytest

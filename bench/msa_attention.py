@@ -145,7 +145,6 @@ class TwoPass:
         return attn1
 
 
-# The published SDXL UNet architecture (the host's detection dict for SDXL checkpoints).
 def bench_sampling(steps):
     pack = boot_pack()
     kernel, patching, node = pack("kernels.msa"), pack("nodes.patching"), pack("nodes.msa")

@@ -58,3 +58,13 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def host():
     return HOST
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared CPU: one thread is many times faster than several."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

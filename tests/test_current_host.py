@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from conftest import HOST, ROOT
+from test_runner import assert_demo_wrote_one_png
 
 # Test files that exercise the host; extend it when a test file depends on host behaviour.
 HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/test_runner.py",
@@ -66,13 +67,7 @@ def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):
     path = _checkout()
     result = _run([os.path.join(ROOT, "run.py"), "--comfyui", path, "--output", str(tmp_path)],
                   timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
-    assert len(pngs) == 1
-    with open(tmp_path / pngs[0], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "RANDOM weights" in result.stderr
-    assert str(tmp_path / pngs[0]) in result.stdout
+    assert_demo_wrote_one_png(result, tmp_path)
 
 
 def test_runner_refuses_a_folder_that_is_not_a_checkout(tmp_path):

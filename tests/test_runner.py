@@ -17,15 +17,19 @@ def _run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_workflow_writes_a_png(tmp_path):
-    result = _run("--output", str(tmp_path))
+def assert_demo_wrote_one_png(result, folder):
+    """The runner's demo succeeded, said its weights are random and printed the PNG it wrote."""
     assert result.returncode == 0, result.stderr[-3000:]
-    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    pngs = [p for p in os.listdir(folder) if p.endswith(".png")]
     assert len(pngs) == 1
-    with open(tmp_path / pngs[0], "rb") as f:
+    with open(folder / pngs[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "RANDOM weights" in result.stderr
-    assert str(tmp_path / pngs[0]) in result.stdout
+    assert str(folder / pngs[0]) in result.stdout
+
+
+def test_demo_workflow_writes_a_png(tmp_path):
+    assert_demo_wrote_one_png(_run("--output", str(tmp_path)), tmp_path)
 
 
 def test_ui_format_file_is_refused_with_one_line(tmp_path):

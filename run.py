@@ -7,25 +7,16 @@
 Without --comfyui it uses the installable ComfyUI package (`bash .ci/install-host.sh .venv`).
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 
+from headless import host as host_mod
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "workflows", "demo_tiny_api.json")
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "multiref", "ipadapter", "loras", "vae", "clip")
-
-
-def _headless_host():
-    # Loaded by path: this folder is not put on sys.path (its `nodes` package would shadow
-    # ComfyUI's top-level `nodes` module).
-    spec = importlib.util.spec_from_file_location("multiref_headless_host",
-                                                  os.path.join(HERE, "headless", "host.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None):
@@ -37,8 +28,6 @@ def main(argv=None):
     parser.add_argument("--models", help="a models folder laid out like ComfyUI's models/ "
                         "(checkpoints/, clip_vision/, multiref/, ...)")
     args = parser.parse_args(argv)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-    host_mod = _headless_host()
     path = args.workflow or DEMO
     try:
         with open(path) as f:

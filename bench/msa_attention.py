@@ -15,30 +15,18 @@ Run from the pack folder:  python -m bench.msa_attention  [--attention-only]
 """
 import argparse
 import datetime
-import importlib.util
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import boot_pack
+from bench.common import boot_pack, load_kernel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.float16 if CUDA else torch.float32
 # (target rows, heads, head width, level height, level width)
 SHAPES = (2, 10, 64, 64, 64) if CUDA else (2, 4, 32, 16, 16)
-
-
-def _load_kernel():
-    """kernels/msa.py imports only torch: load it by path, no host needed for part 1."""
-    spec = importlib.util.spec_from_file_location("multiref_bench_msa",
-                                                  os.path.join(ROOT, "kernels", "msa.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _timed(fn, repeats):
@@ -210,7 +198,7 @@ def main():
     device = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"MSA benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_attention(_load_kernel(), repeats=50 if CUDA else 30)
+    bench_attention(load_kernel("msa"), repeats=50 if CUDA else 30)
     if not args.attention_only:
         bench_sampling(args.steps)
 

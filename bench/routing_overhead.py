@@ -16,16 +16,13 @@ Run from the pack folder:  python -m bench.routing_overhead  [--attention-only]
 """
 import argparse
 import datetime
-import importlib.util
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import boot_pack
+from bench.common import boot_pack, load_kernel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.float16 if CUDA else torch.float32
@@ -38,15 +35,6 @@ PHRASE_TOKENS = 2
 LAYERS = (("SDXL 64x64 level", 2, 10, 64, 64 * 64, 77),
           ("SDXL 32x32 level", 2, 20, 64, 32 * 32, 77)) if CUDA else \
          (("tiny 16x16 level", 2, 4, 16, 16 * 16, 77),)
-
-
-def _load_kernel():
-    """kernels/routing.py imports only torch: load it by path, no host needed for part 1."""
-    spec = importlib.util.spec_from_file_location("multiref_bench_routing",
-                                                  os.path.join(ROOT, "kernels", "routing.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _timed(fn, repeats, rounds=5):
@@ -220,7 +208,7 @@ def main():
     if not CUDA:
         print("no CUDA device: SDXL 1024px shapes skipped, tiny shapes only (ratios on a CPU do "
               "not speak for the GPU target)")
-    bench_attention(_load_kernel(), repeats=20)
+    bench_attention(load_kernel("routing"), repeats=20)
     if not args.attention_only:
         bench_sampling(args.steps)
 

@@ -8,15 +8,15 @@
 Both are mechanism pictures: constructed queries and keys, and tiny random-weight models driven
 by a denoiser with a known answer. Neither is a trained model's output; the pictures say so.
 
-Run from the pack folder:  .venv/bin/python docs/make_pictures.py
+Run from the pack folder:  .venv/bin/python -m docs.make_pictures
 """
-import importlib
-import importlib.util
 import os
-import sys
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from bench import guidance_saturation as bench
+from bench.common import boot_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "docs", "images")
@@ -24,23 +24,6 @@ GUIDANCE_SCALES = (2.0, 6.0, 12.0)
 GUIDANCE_RANGE = 3.0  # latent values in [-3, 3] map to [0, 255]; beyond that is clipped
 BACKGROUND, INK, MUTED = (255, 255, 255), (20, 20, 20), (90, 90, 90)
 MARGIN, GAP = 14, 12
-
-
-def _load_by_path(name, relative):
-    # Loaded by path: the pack folder must not be on sys.path (its `nodes` package would shadow
-    # ComfyUI's top-level `nodes` module).
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def boot_pack():
-    """Boot the host the way run.py does; returns name -> the pack module the host loaded."""
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
-    host = _load_by_path("multiref_headless_host", os.path.join("headless", "host.py"))
-    host.boot()
-    return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
 
 
 def font(size):
@@ -268,7 +251,6 @@ def guidance_picture(pack, bench, steps=6):
 
 def main():
     pack = boot_pack()
-    bench = _load_by_path("multiref_bench_guidance", os.path.join("bench", "guidance_saturation.py"))
     os.makedirs(IMAGES, exist_ok=True)
     save(routing_picture(pack), "routing_maps.png")
     save(guidance_picture(pack, bench), "guidance_saturation.png")

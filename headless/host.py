@@ -162,7 +162,6 @@ def _boot_installable(workdir, custom_nodes, output_dir):
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
-    import comfy.cmd.execution as execution
 
     def run_prompt(prompt, progress):
         valid, error, outputs, node_errors = validate_prompt(prompt)
@@ -174,8 +173,6 @@ def _boot_installable(workdir, custom_nodes, output_dir):
             raise HostError(_format_failure(executor.status_messages))
         return executor.outputs_ui
 
-    # Node classes are looked up through the executor's own `nodes` module at run time.
-    assert execution.nodes is not None
     return Host("installable comfyui", _dist_version("comfyui"), exported.NODE_CLASS_MAPPINGS,
                 exported.NODE_DISPLAY_NAME_MAPPINGS, folder_paths, run_prompt)
 

@@ -1,24 +1,17 @@
 """Regenerate the UI-format twin of every workflows/*_api.json (run after editing one). The API
 file is rewritten too, in the form the editor's 'Export (API)' gives for the twin (every widget
-value present, defaults filled in), so both files stay the same graph:
+value present, defaults filled in), so both files stay the same graph. From the pack's folder:
 
-    .venv/bin/python headless/make_ui_twins.py
+    .venv/bin/python -m headless.make_ui_twins
 """
 import glob
-import importlib.util
 import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKFLOWS = os.path.join(os.path.dirname(HERE), "workflows")
+from headless import host, workflow_format
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"multiref_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 
 
 def ui_twin_path(api_path):
@@ -33,16 +26,14 @@ def _write(path, data):
 
 
 def main():
-    host = _load("host").boot()
-    fmt = _load("workflow_format")
+    nodes = host.boot().nodes
     for api_path in sorted(glob.glob(os.path.join(WORKFLOWS, "*_api.json"))):
-        ui = fmt.api_to_ui(fmt.load(api_path), host.nodes)
+        ui = workflow_format.api_to_ui(workflow_format.load(api_path), nodes)
         _write(ui_twin_path(api_path), ui)
-        _write(api_path, fmt.ui_to_api(ui, host.nodes))
+        _write(api_path, workflow_format.ui_to_api(ui, nodes))
         print(ui_twin_path(api_path))
     return 0
 
 
 if __name__ == "__main__":
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
     sys.exit(main())

@@ -7,7 +7,7 @@ API format (what POST /prompt takes): {id: {"class_type": ..., "inputs": {name: 
 [source_id, output_slot]}}}.
 
 The pack keeps one API file per capability as the source and generates its UI twin from it
-with `python headless/make_ui_twins.py`; tests convert each UI file back and require the same
+with `python -m headless.make_ui_twins` (from the pack's folder); tests convert each UI file back and require the same
 graph, and tests/test_editor.py loads each UI file in the real editor and requires that its
 own API export equals the API twin.
 """

@@ -14,17 +14,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Only until the boot: headless.host.boot() takes the pack's folder off sys.path again (the
+# `headless` package stays importable: its submodules are found through the package itself).
+sys.path.insert(0, ROOT)
+from headless import host as headless_host  # noqa: E402
 
-
-def _load_headless_host():
-    spec = importlib.util.spec_from_file_location("multiref_headless_host",
-                                                  os.path.join(ROOT, "headless", "host.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-headless_host = _load_headless_host()
 _checkout = os.environ.get("COMFYUI_PATH") if os.environ.get("MULTIREF_TEST_HOST") == "checkout" else None
 HOST = headless_host.boot(comfyui_path=_checkout)
 _PACK = headless_host.PACK_FOLDER_NAME

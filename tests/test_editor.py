@@ -3,7 +3,6 @@ frontend, served by its own server with the pack in custom_nodes, in headless Ch
 Each UI file loads with every node known, the editor would save it back unchanged, and the
 editor's own API export (app.graphToPrompt) equals the file's API twin."""
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -13,12 +12,8 @@ from PIL import Image
 
 from comfy_server import running_server
 from conftest import ROOT
+from headless import workflow_format as fmt
 from headless_browser import Browser, find_browser
-
-spec = importlib.util.spec_from_file_location("workflow_format",
-                                              os.path.join(ROOT, "headless", "workflow_format.py"))
-fmt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fmt)
 
 UI_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))
                   if not p.endswith("_api.json"))

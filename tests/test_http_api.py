@@ -1,6 +1,5 @@
 """The headless HTTP path users script against: a real ComfyUI server with the pack in its
 custom_nodes, POST /prompt, poll /history, download the image through /view."""
-import importlib.util
 import json
 import os
 import urllib.request
@@ -9,10 +8,7 @@ import pytest
 
 from comfy_server import running_server
 from conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("api_client", os.path.join(ROOT, "headless", "api_client.py"))
-api_client = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(api_client)
+from headless import api_client
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,13 @@
 executes in the host with the downloadable models swapped for tiny ones of the same kind."""
 import copy
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from conftest import ROOT, headless_host
+from headless import workflow_format as fmt
 import workflow_models
-
-spec = importlib.util.spec_from_file_location("workflow_format",
-                                              os.path.join(ROOT, "headless", "workflow_format.py"))
-fmt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fmt)
 
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json")))
 NAMES = [os.path.basename(p)[: -len("_api.json")] for p in API_FILES]

@@ -3,17 +3,15 @@
     python -m training --config my_run.json [--comfyui ~/ComfyUI]
     torchrun --nproc_per_node 2 -m training --config my_run.json     # DDP over 2 GPUs
 
-The pack's folder holds a `nodes` package and ComfyUI a top-level `nodes` module, so this entry
-takes the pack's folder off sys.path, boots a ComfyUI host the way run.py does (headless/host.py)
-and runs the trainer from the pack as the host loaded it.
+It boots a ComfyUI host the way run.py does (headless/host.py, which also takes the pack's
+folder off sys.path: its `nodes` package would shadow ComfyUI's top-level `nodes` module) and runs
+the trainer from the pack as the host loaded it.
 """
 import argparse
 import importlib
-import importlib.util
-import os
 import sys
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from headless import host as host_module
 
 
 def main(argv=None):
@@ -21,11 +19,6 @@ def main(argv=None):
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--comfyui")
     known, _ = early.parse_known_args(argv)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != PACK_ROOT]
-    spec = importlib.util.spec_from_file_location("multiref_headless_host",
-                                                  os.path.join(PACK_ROOT, "headless", "host.py"))
-    host_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_module)
     try:
         host_module.boot(comfyui_path=known.comfyui)
     except host_module.HostError as exc:

@@ -37,17 +37,7 @@ class _Call:
         self.grid, self.key, self.masks, self.unmasked = grid, key, masks, unmasked
 
 
-class _SharedAcrossClones:
-    """Per-run bookkeeping that the row provider and the attention patches must see as ONE
-    object. The installable host deep-copies model options on clone(), current ComfyUI shares
-    them; never copying keeps both hosts the same (closures holding it included) and keeps the
-    reference latents from being copied by every later node's clone."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class _StepState(_SharedAcrossClones):
+class _StepState(patching.SharedAcrossClones):
     """Shared by the row provider and the attention patches of one patched model.
     The host reuses the model options from run to run: a run starts when sigma goes up."""
 
@@ -95,7 +85,7 @@ class _Reference:
         self.latents, self.masks, self.bounds = latents, masks, bounds
 
 
-class _ReferenceRows(_SharedAcrossClones):
+class _ReferenceRows(patching.SharedAcrossClones):
     """Row provider (nodes.patching): appends the references re-noised to the step's sigma with
     fresh noise; their text/adm conditioning is that of the first full row (else image row)."""
 
@@ -132,7 +122,7 @@ class _ReferenceRows(_SharedAcrossClones):
         return rows, [source[0]] * rows.shape[0], TAG
 
 
-class _PhraseMaps(_SharedAcrossClones):
+class _PhraseMaps(patching.SharedAcrossClones):
     """Batch mode without masks but with a phrase: the phrase's cross-attention maps of the full
     rows, averaged over the layers of one step, give the next step's masks (Otsu + dilation, as
     SynCD's data generation); before the first maps exist the whole images are shared."""
@@ -178,7 +168,7 @@ class _PhraseMaps(_SharedAcrossClones):
         return attn2
 
 
-class _BatchCall(_SharedAcrossClones):
+class _BatchCall(patching.SharedAcrossClones):
     """Row provider for batch mode: adds no rows, only tells the patches whether this call is in
     the sigma range, whether it is the first (unmasked) step, and which masks hold."""
 
@@ -211,7 +201,7 @@ INPUT_KEY = "multiref_attn1_input"
 OUTPUT_KEY = "multiref_attn1_lora_output"
 
 
-class _StashInput(_SharedAcrossClones):
+class _StashInput(patching.SharedAcrossClones):
     """attn1_patch: keeps the self-attention input n (what to_q/to_k/to_v read) for the replace,
     which needs it for the LoRA deltas; the block passes the same extra_options to both."""
 
@@ -220,7 +210,7 @@ class _StashInput(_SharedAcrossClones):
         return n, context, value
 
 
-class _LoRAOutput(_SharedAcrossClones):
+class _LoRAOutput(patching.SharedAcrossClones):
     """attn1_output_patch: adds the to_out LoRA delta of the target rows after the host's to_out
     (the replace leaves the pre-to_out output it needs in extra_options)."""
 
@@ -244,7 +234,7 @@ class _LoRAWeights:
         return torch.func.functional_call(self.pair, self.weights, (x,))
 
 
-class _SharedSelfAttention(_SharedAcrossClones):
+class _SharedSelfAttention(patching.SharedAcrossClones):
     """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
     ran there before: the host's attention or another node's replace). With an adapter's
     self-attention LoRA, the target rows' q, k, v (and to_out) get its deltas and the reference

@@ -25,6 +25,16 @@ BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": 
                 "middle": ("middle",)}
 
 
+class SharedAcrossClones:
+    """Base of per-run state that patches, row providers and later nodes must see as ONE object.
+    The installable host deep-copies model options on clone(), current ComfyUI shares them;
+    never copying keeps both hosts the same (closures holding it included) and keeps large state
+    (reference latents) from being copied by every later node's clone."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def attention_locations(model):
     """Every transformer block of the UNet as ComfyUI's replace key
     (block_name, block_id, index inside its SpatialTransformer), in execution order."""

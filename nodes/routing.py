@@ -25,19 +25,15 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
            (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
 
 
-class RoutingRecorder:
+class RoutingRecorder(patching.SharedAcrossClones):
     """The routing maps of the prompt (`full`) rows of the last sampling run, summed per step,
     layer group and layer resolution. Steps are counted by sigma: a lower sigma starts the next
-    step, a higher one a new run (samplers that evaluate twice per step count twice)."""
+    step, a higher one a new run (samplers that evaluate twice per step count twice). Shared by
+    every later clone, so the sampler's model writes where MultiRefRoutingMaps reads."""
 
     def __init__(self):
         self.sigmas = []
         self.sums = {}
-
-    def __deepcopy__(self, memo):
-        # ModelPatcher.clone deep-copies model_options: every later clone (LoRA loaders, other
-        # patches) must keep writing where MultiRefRoutingMaps reads.
-        return self
 
     def record(self, sigma, block_name, grid, maps):
         sigma = 0.0 if sigma is None else sigma

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels import msa, routing
+from ..kernels.checkpoints import unet_transformer_blocks
 from ..kernels.lora import new_self_attention_lora, project
 
 
@@ -115,12 +116,9 @@ class ImageCondition:
 def build_lora_layers(diffusion_model, rank, alpha=None):
     """A fresh self-attention LoRA for every transformer block, keyed by the block's location
     (block_name, block_id, transformer_index), the key the adapter files are bound by."""
-    layers = {}
-    for path, spatial in spatial_transformers(diffusion_model):
-        for index, block in enumerate(spatial.transformer_blocks):
-            layers[(*location_of(path), index)] = new_self_attention_lora(
-                block.attn1.to_q.in_features, block.attn1.to_q.out_features, rank, alpha)
-    return layers
+    return {location: new_self_attention_lora(block.attn1.to_q.in_features,
+                                              block.attn1.to_q.out_features, rank, alpha)
+            for location, block in unet_transformer_blocks(diffusion_model)}
 
 
 def attention_paths(diffusion_model):

@@ -253,8 +253,9 @@ def adapter_training_layers(adapter, diffusion_model):
     loaded adapter is shared with the rest of the graph and must not change."""
     from ..kernels.adapter import AdapterLayer, linear_from_weight
     from ..kernels.checkpoints import cross_attention_dims
-    locations = list(blocks.attention_paths(diffusion_model))
-    bound = adapter.bind(locations, cross_attention_dims(diffusion_model))
+    dims = cross_attention_dims(diffusion_model)
+    locations = list(dims)
+    bound = adapter.bind(locations, dims)
     copy = lambda linear: linear_from_weight(linear.weight.detach().float().clone())
     layers, lora = {}, {}
     for location in locations:

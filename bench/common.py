@@ -12,10 +12,10 @@ from headless import host
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def boot_pack():
-    """Boot the installed host (as run.py does); returns name -> the pack's module as the host
-    loaded it, e.g. pack("nodes.tiny_models")."""
-    host.boot()
+def boot_pack(comfyui_path=None):
+    """Boot the installed host, or the ComfyUI checkout at `comfyui_path` (as run.py does);
+    returns name -> the pack's module as the host loaded it, e.g. pack("nodes.tiny_models")."""
+    host.boot(comfyui_path)
     return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
 
 

@@ -189,9 +189,11 @@ SDXL_UNET = dict(_UNET_COMMON, model_channels=320, num_res_blocks=[2, 2, 2], cha
 
 
 def sdxl_shaped_unet(device, dtype=torch.float16, seed=0):
-    """The host's SDXL model class with the real SDXL UNet configuration and random weights."""
+    """The host's SDXL model class with the real SDXL UNet configuration and random weights
+    (on the meta device: shapes only, for memory estimates)."""
     config = comfy.supported_models.SDXL(dict(SDXL_UNET))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
-    randomize_(model.diffusion_model, seed)
+    if torch.device(device).type != "meta":
+        randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

@@ -15,8 +15,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Only until the boot: headless.host.boot() takes the pack's folder off sys.path again (the
-# `headless` package stays importable: its submodules are found through the package itself).
+# `headless` and `bench` packages stay importable: their submodules are found through the
+# packages themselves).
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402,F401
 from headless import host as headless_host  # noqa: E402
 
 _checkout = os.environ.get("COMFYUI_PATH") if os.environ.get("MULTIREF_TEST_HOST") == "checkout" else None

@@ -169,7 +169,8 @@ SELF_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 class AdapterLayer(nn.Module):
     """What one transformer block's cross-attention gets from the adapter.
 
-    to_k_ip, to_v_ip: Linear(C_ctx -> inner, no bias), project image tokens to keys / values.
+    to_k_ip, to_v_ip: Linear(C_ctx -> inner, no bias), project image tokens to keys / values;
+        None in a LoRA-only file (see LoadedAdapter).
     text_to_weight: Linear(inner -> 1, no bias) of MIP-Adapter (routing gate on the text-attention
         output before to_out), or None.
     self_attn_lora: ModuleDict {to_q, to_k, to_v, to_out: LoRAPair} on the same block's
@@ -217,7 +218,8 @@ class LoadedAdapter:
         "multiref" (trained by this pack), as detected from the keys or the pack's metadata.
     family: base model family, "sd15" or "sdxl".
     image_proj: Resampler (Plus: 16 tokens from CLIP penultimate hidden states) or
-        LinearProjection (base: 4 tokens from CLIP image_embeds).
+        LinearProjection (base: 4 tokens from CLIP image_embeds); None in a LoRA-only file (the
+        trainer's self-attention LoRA without an adapter: it serves Masked Shared Attention only).
     layers: AdapterLayer per cross-attention layer, in the published order (diffusers attention
         order: down blocks, up blocks, mid block); published key `ip_adapter.{2*i+1}` is layers[i].
     locations: the ComfyUI attention location (block_name, block_id, transformer_index) of each
@@ -229,7 +231,7 @@ class LoadedAdapter:
     """
     kind: str
     family: str
-    image_proj: nn.Module
+    image_proj: Optional[nn.Module]
     layers: tuple
     source: str = ""
     locations: Optional[tuple] = None
@@ -240,6 +242,18 @@ class LoadedAdapter:
             object.__setattr__(self, "fingerprint", fingerprint_of(self.state_dict()))
 
     # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def has_image_layers(self):
+        return self.image_proj is not None
+
+    def require_image_layers(self, where):
+        """Raise a clear error when a LoRA-only file reaches a use that needs image layers."""
+        if not self.has_image_layers:
+            raise AdapterMismatchError(
+                f"{where}: {self.describe()} holds only a self-attention LoRA (trained without an "
+                "adapter), no image layers; connect it to MultiRef Apply MSA's adapter input, and "
+                "load an IP-Adapter or MIP-Adapter file here")
+
     @property
     def tokens(self):
         """Image tokens per view (16 Plus, 4 base)."""
@@ -268,12 +282,14 @@ class LoadedAdapter:
         return any(layer.self_attn_lora is not None for layer in self.layers)
 
     def describe(self):
-        return (f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} "
-                f"layers, {self.tokens} tokens of width {self.context_dim})")
+        contents = (f"{self.tokens} tokens of width {self.context_dim}" if self.has_image_layers
+                    else "self-attention LoRA only")
+        return f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} layers, {contents})"
 
     # -- use ------------------------------------------------------------------------------------
     def project(self, clip_vision_output):
         """CLIP vision output (a mapping with the host's keys) -> (B, T, C_ctx) image tokens."""
+        self.require_image_layers("encoding reference images")
         try:
             features = clip_vision_output[self.clip_input]
         except (KeyError, AttributeError):
@@ -306,7 +322,7 @@ class LoadedAdapter:
             raise AdapterMismatchError(
                 f"{self.describe()} has {len(self.layers)} cross-attention layers but the model "
                 f"has {len(ordered)}; use an adapter made for this base model")
-        for index, location in enumerate(ordered if attention_dims else ()):
+        for index, location in enumerate(ordered if attention_dims and self.has_image_layers else ()):
             context_dim, inner_dim = attention_dims[location]
             layer = self.layers[index]
             if (context_dim, inner_dim) != (layer.context_dim, layer.inner_dim):
@@ -329,11 +345,13 @@ class LoadedAdapter:
 
     def state_dict(self):
         """Flat tensors under the published names (plus `self_attn_lora.{2*i}.*` for LoRA)."""
-        out = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
+        out = {f"image_proj.{k}": v for k, v in
+               (self.image_proj.state_dict() if self.has_image_layers else {}).items()}
         for i, layer in enumerate(self.layers):
             number = 2 * i + 1
-            out[f"ip_adapter.{number}.to_k_ip.weight"] = layer.to_k_ip.weight
-            out[f"ip_adapter.{number}.to_v_ip.weight"] = layer.to_v_ip.weight
+            if layer.to_k_ip is not None:
+                out[f"ip_adapter.{number}.to_k_ip.weight"] = layer.to_k_ip.weight
+                out[f"ip_adapter.{number}.to_v_ip.weight"] = layer.to_v_ip.weight
             if layer.text_to_weight is not None:
                 out[f"ip_adapter.{number}.text_to_weight.weight"] = layer.text_to_weight.weight
             for name, pair in (layer.self_attn_lora or {}).items():
@@ -354,9 +372,11 @@ def clip_model_hint(clip_input, width):
 
 
 def build_adapter(kind, family, tensors, source="", lora_alpha=None):
-    """A LoadedAdapter from flat tensors under the names `state_dict()` writes."""
+    """A LoadedAdapter from flat tensors under the names `state_dict()` writes (a LoRA-only set,
+    `self_attn_lora.*` alone, gives an adapter without image layers)."""
     proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
-    count = len([k for k in tensors if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")])
+    count = len([k for k in tensors if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")]
+                or [k for k in tensors if k.startswith("self_attn_lora.") and k.endswith(".to_q.down.weight")])
     layers = []
     for i in range(count):
         number = 2 * i + 1
@@ -372,8 +392,10 @@ def build_adapter(kind, family, tensors, source="", lora_alpha=None):
                                     down.shape[0] if lora_alpha is None else lora_alpha)
                 pair.load_state_dict({"down.weight": down, "up.weight": up}, assign=True)
                 lora[name] = pair
-        layers.append(AdapterLayer(linear_from_weight(tensors[f"ip_adapter.{number}.to_k_ip.weight"]),
-                                   linear_from_weight(tensors[f"ip_adapter.{number}.to_v_ip.weight"]),
+        to_k, to_v = (tensors.get(f"ip_adapter.{number}.{name}.weight") for name in ("to_k_ip", "to_v_ip"))
+        layers.append(AdapterLayer(None if to_k is None else linear_from_weight(to_k),
+                                   None if to_v is None else linear_from_weight(to_v),
                                    None if gate is None else linear_from_weight(gate), lora))
-    return LoadedAdapter(kind=kind, family=family, image_proj=image_projection_from_state_dict(proj),
+    return LoadedAdapter(kind=kind, family=family,
+                         image_proj=image_projection_from_state_dict(proj) if proj else None,
                          layers=tuple(layers), source=source)

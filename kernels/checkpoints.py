@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .adapter import AdapterMismatchError, build_adapter
 
 PACK_FORMAT = "multiref-adapter"
+LORA_FORMAT = "multiref-lora"  # the trainer's self-attention LoRA alone (trained without an adapter)
 PACK_FORMAT_VERSION = "1"
 # Cross-attention context width -> base family. 16 / 48: the pack's tiny demo models
 # (nodes/tiny_models.py), so a machine without downloads can run the whole path.
@@ -303,11 +304,10 @@ def load_adapter(path):
     """Read, detect, convert and build a LoadedAdapter from any supported file."""
     source = os.path.basename(path)
     tensors, metadata = read_checkpoint(path)
+    if metadata.get("format") == LORA_FORMAT:
+        return _load_lora_only(tensors, metadata, source)
     if metadata.get("format") == PACK_FORMAT:
-        version = metadata.get("format_version")
-        if version != PACK_FORMAT_VERSION:
-            raise CheckpointError(f"{source}: pack adapter format version {version}; this version "
-                                  f"of the pack reads version {PACK_FORMAT_VERSION}: update the pack")
+        _check_version(metadata, source)
         kind, canonical, alpha = metadata["kind"], tensors, metadata.get("lora_alpha")
         alpha = float(alpha) if alpha else None
     else:
@@ -323,8 +323,30 @@ def load_adapter(path):
     return build_adapter(kind, family, canonical, source=source, lora_alpha=alpha)
 
 
+def _load_lora_only(tensors, metadata, source):
+    """The trainer's LoRA file: an adapter without image layers (Masked Shared Attention only)."""
+    _check_version(metadata, source)
+    if metadata.get("family") not in set(FAMILY_BY_CONTEXT_DIM.values()):
+        raise CheckpointError(f"{source}: LoRA file without a valid family in its metadata "
+                              f"({metadata.get('family')!r}); the file is damaged: train it again")
+    unexpected = sorted(k for k in tensors if not k.startswith("self_attn_lora."))
+    if unexpected or not tensors:
+        raise CheckpointError(f"{source}: a LoRA file holds only self_attn_lora.* tensors; found "
+                              f"{unexpected[:3] or 'none'}; the file is damaged: train it again")
+    alpha = metadata.get("lora_alpha")
+    return build_adapter("multiref", metadata["family"], tensors, source=source,
+                         lora_alpha=float(alpha) if alpha else None)
+
+
+def _check_version(metadata, source):
+    version = metadata.get("format_version")
+    if version != PACK_FORMAT_VERSION:
+        raise CheckpointError(f"{source}: pack file format version {version}; this version of "
+                              f"the pack reads version {PACK_FORMAT_VERSION}: update the pack")
+
+
 def contents_of(adapter):
-    parts = ["image_proj", "ip_adapter"]
+    parts = ["image_proj", "ip_adapter"] if adapter.has_image_layers else []
     if adapter.has_text_to_weight:
         parts.append("text_to_weight")
     if adapter.has_self_attn_lora:

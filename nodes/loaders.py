@@ -42,12 +42,15 @@ class MultiRefAdapterLoader:
     DESCRIPTION = ("Loads an image adapter: h94 IP-Adapter (base or Plus, SD1.5 or SDXL), "
                    "MIP-Adapter (model_sdxl.bin / model_sdxl_plus.bin, enables learned routing), "
                    "SynCD's sdxl_finetuned_20k.ckpt (fine-tuned IP layers + self-attention LoRA), "
-                   "or an adapter trained by this pack. The format is detected from the keys.")
+                   "or an adapter or LoRA trained by this pack (multiref_adapter.safetensors, "
+                   "multiref_lora.safetensors: the LoRA alone serves MultiRef Apply MSA). The "
+                   "format is detected from the keys.")
     CATEGORY = "MultiRef"
     FUNCTION = "load"
     RETURN_TYPES = ("MULTIREF_ADAPTER",)
     OUTPUT_TOOLTIPS = ("the loaded adapter (image projection + per-layer image key/value "
-                       "projections), for MultiRef Encode References and the apply nodes",)
+                       "projections), for MultiRef Encode References and the apply nodes; a "
+                       "LoRA-only file, for MultiRef Apply MSA only",)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -472,7 +472,8 @@ class MultiRefApplyMSA:
                               "prompt (encodes the phrase)."}),
             "adapter": ("MULTIREF_ADAPTER", {"tooltip":
                         "references mode: an adapter carrying a self-attention LoRA (SynCD's "
-                        "checkpoint, or one the pack trained) applies it here: on the generated "
+                        "checkpoint, or a multiref_adapter / multiref_lora file the pack trained) "
+                        "applies it here: on the generated "
                         "image, not on the references' own pass, as SynCD trains it."}),
         }}
 

@@ -223,6 +223,7 @@ class MultiRefApplyAdapter:
 
     def apply(self, model, adapter, references, clip, mode, scale, start_percent, end_percent,
               phrases="", region_masks=None):
+        adapter.require_image_layers("adapter")
         references = tuple(references)
         if not references:
             raise ValueError("references: no encoded references; connect MultiRef Encode "

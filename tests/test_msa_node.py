@@ -249,6 +249,45 @@ def test_adapter_lora_on_the_target_pass_only(parts, tmp_path):
         _msa(model, None, mode="batch", adapter=adapter)
 
 
+def test_lora_only_file_from_the_trainer_serves_msa_like_the_full_adapter(parts, tmp_path):
+    """The trainer's LoRA file (written by its own writer, no adapter) loads as an adapter
+    without image layers; in MSA it gives exactly what the full adapter carrying the same LoRA
+    gives; the uses that need image layers refuse it, naming where it belongs."""
+    import tiny_checkpoints
+    from multiref.kernels.adapter import AdapterMismatchError
+    from multiref.nodes.references import MultiRefEncodeReferences, MultiRefReference
+    from multiref.nodes.routing import MultiRefApplyAdapter
+    from multiref.training import checkpoint as train_checkpoint
+    from multiref.training.loop import adapter_training_layers
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sdxl")
+    unet = model.model.diffusion_model
+    full = checkpoints.load_adapter(
+        tiny_checkpoints.write_checkpoint(str(tmp_path), "syncd", "sdxl")[0])
+    locations = [loc for loc, _ in unet_transformer_blocks(unet)]
+    bound = full.bind(locations, cross_attention_dims(unet))
+    lora_file = train_checkpoint.write_weights(
+        str(tmp_path / train_checkpoint.WEIGHTS_NAME),
+        {loc: bound.layer(loc).self_attn_lora for loc in locations}, "sdxl")
+    lora_only = checkpoints.load_adapter(lora_file)
+    assert not lora_only.has_image_layers and lora_only.has_self_attn_lora
+    assert "self-attention LoRA only" in lora_only.describe()
+    refs = _encoded(vae, 2)
+    with_full = _sample(_msa(model, refs, adapter=full), clips, "sdxl")
+    with_lora = _sample(_msa(model, refs, adapter=lora_only), clips, "sdxl")
+    assert torch.equal(with_lora, with_full)
+    assert _diff(with_lora, _sample(_msa(model, refs), clips, "sdxl")) > 1e-3  # the LoRA acts
+    image = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(3))
+    (ref,) = MultiRefReference().make(image, "dog", 1.0, 0.0, 1.0)
+    where = "holds only a self-attention LoRA.*MultiRef Apply MSA"
+    with pytest.raises(AdapterMismatchError, match=where):
+        MultiRefEncodeReferences().encode(ref, lora_only, tiny_models.tiny_clip_vision(), model, 0)
+    with pytest.raises(AdapterMismatchError, match="adapter: .*" + where):
+        MultiRefApplyAdapter().apply(model, lora_only, refs, clips["sdxl"], "weighted", 1.0, 0.0, 1.0)
+    with pytest.raises(AdapterMismatchError, match="adapter \\(to train\\): .*" + where):
+        adapter_training_layers(lora_only, unet)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_uncond_rows_untouched(parts, count):
     """The sampler follows the uncond prediction only (a cfg function returning it): with MSA

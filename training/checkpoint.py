@@ -30,9 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..kernels.adapter import AdapterLayer, LoadedAdapter
-from ..kernels.checkpoints import PACK_FORMAT_VERSION, published_order, save_adapter
+from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, published_order, save_adapter
 
-LORA_FORMAT = "multiref-lora"
 WEIGHTS_NAME = "multiref_lora.safetensors"
 CORE_LORA_NAME = "multiref_lora_core.safetensors"
 ADAPTER_NAME = "multiref_adapter.safetensors"

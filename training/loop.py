@@ -253,6 +253,7 @@ def adapter_training_layers(adapter, diffusion_model):
     loaded adapter is shared with the rest of the graph and must not change."""
     from ..kernels.adapter import AdapterLayer, linear_from_weight
     from ..kernels.checkpoints import cross_attention_dims
+    adapter.require_image_layers("adapter (to train)")
     dims = cross_attention_dims(diffusion_model)
     locations = list(dims)
     bound = adapter.bind(locations, dims)

@@ -25,23 +25,39 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
            (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
 
 
+def schedule_step(schedule, sigma):
+    """The step k of a sampler schedule (sigma_0 > ... > sigma_n) with sigma_k >= sigma >
+    sigma_k+1; the tolerance absorbs the float rounding of the sigma the host hands on."""
+    upper = [float(s) for s in schedule.reshape(-1)[:-1]]
+    count = sum(1 for s in upper if s >= sigma * (1 - 1e-5))
+    return min(max(count - 1, 0), max(len(upper) - 1, 0))
+
+
 class RoutingRecorder(patching.SharedAcrossClones):
     """The routing maps of the prompt (`full`) rows of the last sampling run, summed per step,
-    layer group and layer resolution. Steps are counted by sigma: a lower sigma starts the next
-    step, a higher one a new run (samplers that evaluate twice per step count twice). Shared by
-    every later clone, so the sampler's model writes where MultiRefRoutingMaps reads."""
+    layer group and layer resolution. A higher sigma than the last one starts a new run. The
+    step of an evaluation is its place in the sampler's schedule when the host passes it
+    (`sample_sigmas`): sigma_k >= sigma > sigma_k+1 is step k, so samplers that evaluate the model
+    twice per step (heun, dpm_2) still count their own steps. Hosts that do not pass it (the
+    installable one) count each lower sigma as the next step. Shared by every later clone, so the
+    sampler's model writes where MultiRefRoutingMaps reads."""
 
     def __init__(self):
-        self.sigmas = []
+        self.last_sigma = None
+        self.seen = 0   # sigmas seen in this run (the step count without a schedule)
+        self.steps = 0  # steps recorded in this run
         self.sums = {}
 
-    def record(self, sigma, block_name, grid, maps):
+    def record(self, sigma, block_name, grid, maps, schedule=None):
         sigma = 0.0 if sigma is None else sigma
-        if not self.sigmas or sigma > self.sigmas[-1]:
-            self.sigmas, self.sums = [], {}
-        if not self.sigmas or sigma < self.sigmas[-1]:
-            self.sigmas.append(sigma)
-        key = (len(self.sigmas) - 1, block_name, grid)
+        if self.last_sigma is None or sigma > self.last_sigma:
+            self.seen, self.steps, self.sums = 0, 0, {}
+        if sigma != self.last_sigma or not self.seen:
+            self.seen += 1
+        self.last_sigma = sigma
+        step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
+        self.steps = max(self.steps, step + 1)
+        key = (step, block_name, grid)
         maps = maps.detach().float()
         entry = self.sums.get(key)
         if entry is None or entry[0].shape != maps.shape:
@@ -170,7 +186,8 @@ class _RoutedReferences:
                 if shown is None:
                     shown = torch.ones(1, 1, len(weights), device=q.device)
                 shown = shown.expand(len(rows), q.shape[1], len(weights))
-                self.recorder.record(sigma, location[0], grid, shown[full])
+                self.recorder.record(sigma, location[0], grid, shown[full],
+                                     extra_options.get("sample_sigmas"))
             if not subset:
                 return out
             merged = text_out.clone()
@@ -310,13 +327,13 @@ class MultiRefRoutingMaps:
         if recorder is None:
             raise ValueError("model: carries no routing; connect the MODEL output of MultiRef "
                              "Apply Adapter (the one the sampler used)")
-        if not recorder.sigmas:
+        if not recorder.steps:
             raise ValueError("samples: no routing was recorded; run a sampler with this model "
                              "and connect its LATENT output here")
-        if step >= len(recorder.sigmas):
+        if step >= recorder.steps:
             log.warning("MultiRefRoutingMaps: step %d not recorded, showing the last step (%d)",
-                        step, len(recorder.sigmas) - 1)
-            step = len(recorder.sigmas) - 1
+                        step, recorder.steps - 1)
+            step = recorder.steps - 1
         latent = samples["samples"]
         size = tuple(image.shape[1:3]) if image is not None else (latent.shape[-2] * 8,
                                                                  latent.shape[-1] * 8)

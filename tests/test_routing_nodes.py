@@ -10,7 +10,8 @@ from multiref.kernels.adapter import build_adapter
 from multiref.kernels.checkpoints import cross_attention_dims, published_order
 from multiref.kernels.references import EncodedReference
 from multiref.nodes import patching, tiny_models
-from multiref.nodes.routing import RECORDER_KEY, MultiRefApplyAdapter, MultiRefRoutingMaps
+from multiref.nodes.routing import (RECORDER_KEY, MultiRefApplyAdapter, MultiRefRoutingMaps,
+                                    RoutingRecorder)
 
 TOKENS = 4
 
@@ -120,6 +121,51 @@ def test_mask_mode_zero_is_no_adapter_one_is_full_strength(sd15):
     assert torch.equal(full, shared["sum"])
 
 
+def test_recorder_counts_schedule_steps_for_two_evaluation_samplers():
+    """dpm_2 evaluates at sigma_k and at a midpoint, heun at sigma_k and sigma_k+1: with the
+    schedule each evaluation lands in its step; without it each lower sigma is a step."""
+    schedule = torch.tensor([10.0, 5.0, 2.0, 0.0])
+    maps = torch.ones(1, 4, 2)
+    for evaluations, steps in (([10, 7, 5, 3.2, 2], [0, 0, 1, 1, 2]),  # dpm_2
+                               ([10, 5, 5, 2, 2], [0, 1, 1, 2, 2])):  # heun
+        with_schedule, without = RoutingRecorder(), RoutingRecorder()
+        for sigma in evaluations:
+            with_schedule.record(float(sigma), "input", (2, 2), maps, schedule)
+            without.record(float(sigma), "input", (2, 2), maps)
+        assert with_schedule.steps == 3
+        assert without.steps == len(set(evaluations))
+        assert sorted(k[0] for k in with_schedule.sums) == sorted(set(steps))
+        assert [with_schedule.sums[(k, "input", (2, 2))][1] for k in range(3)] == \
+            [steps.count(k) for k in range(3)]
+        # A higher sigma starts a new run.
+        with_schedule.record(10.0, "input", (2, 2), maps, schedule)
+        assert with_schedule.steps == 1
+
+
+def test_maps_of_a_two_evaluation_sampler_through_the_host(sd15):
+    """A real dpm_2 run: the maps count the schedule's steps where the host passes its schedule
+    to the model (current ComfyUI), each distinct sigma where it does not (the installable one)."""
+    model, clip, adapter, _, _ = sd15
+    refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat"]))
+    patched = apply(model, adapter, refs, clip, "weighted")
+    passed, sigmas = [], set()
+
+    def wrapper(apply_model, args):
+        passed.append("sample_sigmas" in args["c"].get("transformer_options", {}))
+        sigmas.add(float(args["timestep"][0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    watched = patched.clone()
+    watched.set_model_unet_function_wrapper(wrapper)
+    cond, _ = clip.encode_from_tokens(clip.tokenize("a dog and a cat"), return_pooled=True)
+    noise = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    comfy.sample.sample(watched, noise, 3, 5.0, "dpm_2", "normal", [[cond, {}]],
+                        [[torch.zeros_like(cond), {}]], torch.zeros(1, 4, 6, 10), seed=0,
+                        disable_pbar=True)
+    recorder = patched.model_options["transformer_options"][RECORDER_KEY]
+    assert len(sigmas) == 5  # three steps, two of them with a midpoint evaluation
+    assert recorder.steps == (3 if all(passed) else 5)
+
+
 def test_three_references_sample_non_square_with_maps(sd15, host):
     model, clip, adapter, _, _ = sd15
     refs = tuple(encoded(adapter, p, i, views=1 + i % 2, start=0.0 if i < 2 else 0.5)
@@ -129,7 +175,7 @@ def test_three_references_sample_non_square_with_maps(sd15, host):
     assert out.shape == (2, 4, 6, 10) and torch.isfinite(out).all()
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
     recorder = patched.model_options["transformer_options"][RECORDER_KEY]
-    assert len(recorder.sigmas) == 3
+    assert recorder.steps == 3
     images, = MultiRefRoutingMaps().show(patched, {"samples": out}, 1, "all")
     assert images.shape == (2, 48, 80, 3)
     # weighted maps sum to one over the references: each pixel is a convex mix of the colours

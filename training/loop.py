@@ -1,11 +1,8 @@
 """The training loop (DESIGN.md 3.5): LoRA on self-attention, Masked Shared Attention against the
 group's references, one timestep per group, loss on the target only in the model's own
 parameterization, condition dropout, AdamW, gradient accumulation, checkpoints, resume, DDP.
-
-Randomness is drawn per group from a generator seeded by (seed, micro-batch, position in the
-global batch), never from a global stream: a group gets the same timestep, noise and dropout
-whichever process trains it and whether or not the run was resumed in between, so a run split
-over N processes or interrupted and resumed computes exactly what one straight run computes.
+What each micro-batch holds and its random draws: training/batches.py; the one-time encoding of
+the dataset: training/encoding.py.
 """
 import contextlib
 import logging
@@ -17,9 +14,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..kernels.diffusion_objective import (condition_dropout, euler_sample, output_scale_of,
+from ..kernels.diffusion_objective import (euler_sample, output_scale_of,
                                            parameterization_loss)
-from . import blocks, checkpoint, config as config_mod, dataset, manifest, plots, quality
+from . import (batches, blocks, checkpoint, config as config_mod, dataset, encoding, manifest, plots,
+               quality)
 
 log = logging.getLogger("multiref")
 
@@ -90,73 +88,6 @@ class TrainStep(nn.Module):
         return parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
 
 
-class Sampler:
-    """Which groups a micro-batch holds and the random draws of each group (see module doc)."""
-
-    def __init__(self, config, groups, empty_text, sigmas, uncond_tokens=None):
-        self.config, self.groups, self.empty_text, self.sigmas = config, groups, empty_text, sigmas
-        self.uncond_tokens = uncond_tokens
-
-    def indices(self, micro):
-        size, count = self.config.batch_size, len(self.groups)
-        out = []
-        for position in range(micro * size, (micro + 1) * size):
-            epoch, offset = divmod(position, count)
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(
-                self.config.seed * 1_000_003 + epoch))
-            out.append(int(order[offset]))
-        return out
-
-    def batch(self, micro, rows, device, dtype):
-        """The micro-batch rows `rows` (positions in the global batch) as tensors on `device`."""
-        c, indices = self.config, self.indices(micro)
-        picked = [self.groups[indices[r]] for r in rows]
-        refs = max(len(g.ref_latents) for g in picked)
-        out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
-                               "ref_noise", "ref_masks", "ref_tokens", "ref_weights")}
-        phrases = []
-        for r, group in zip(rows, picked):
-            gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
-            out["sigma"].append(self.sigmas[torch.randint(len(self.sigmas), (1,), generator=gen)][0])
-            out["noise"].append(torch.randn(group.latent.shape, generator=gen))
-            k = len(group.ref_latents)
-            ref_noise = torch.randn((refs, *group.latent.shape), generator=gen)
-            drop_text, drop_image = condition_dropout(float(torch.rand((), generator=gen)),
-                                                      c.text_dropout, c.image_dropout, c.both_dropout)
-            full_mask = float(torch.rand((), generator=gen)) < c.full_mask_probability
-            masks = torch.ones_like(group.ref_masks) if full_mask else group.ref_masks
-            masks = torch.zeros_like(masks) if drop_image else masks
-            pad = refs - k  # groups with fewer references: padded rows with an empty mask
-            out["ref_latents"].append(torch.cat([group.ref_latents,
-                                                 group.ref_latents.new_zeros(pad, *group.latent.shape)]))
-            out["ref_masks"].append(torch.cat([masks, masks.new_zeros(pad, *masks.shape[1:])]))
-            out["ref_noise"].append(ref_noise)
-            if group.ref_tokens is None:
-                out["ref_tokens"].append(None)
-                out["ref_weights"].append(None)
-            else:  # dropped image: every reference reads the uncond tokens
-                uncond = self.uncond_tokens.expand(refs, *self.uncond_tokens.shape)
-                tokens = uncond if drop_image else torch.cat([group.ref_tokens, uncond[k:]])
-                out["ref_tokens"].append(tokens)
-                out["ref_weights"].append(torch.tensor([1.0] * k + [0.0] * pad))
-                phrases.append(group.phrases + group.phrases[:1] * pad)
-            context, adm = self.empty_text if drop_text else (group.context, group.adm)
-            out["latent"].append(group.latent)
-            out["context"].append(context)
-            out["adm"].append(adm)
-        lengths = {t.shape[0] for t in out["context"]}
-        if len(lengths) > 1:
-            raise ValueError(f"captions of one batch encode to different lengths {sorted(lengths)} "
-                             "(a caption longer than 75 tokens); shorten the long captions or use "
-                             "batch_size 1")
-        batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
-        batch["phrases"] = phrases
-        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens"):
-            if batch[key] is not None:
-                batch[key] = batch[key].to(dtype)
-        return batch
-
-
 def distributed_context():
     """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -201,50 +132,12 @@ class Run:
                                       self.adapter_layers, config.ip_scale)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
-        self.sampler = Sampler(config, self.encoded, self.empty_text,
+        self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
                                base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()
 
     def batch(self, micro, rows):
         return self.sampler.batch(micro, rows, self.device, self.model_dtype)
-
-
-def encode(config, models, groups):
-    """The dataset encoded once (dataset.encode_groups), reproducibly: the host's VAE samples
-    its latent distribution, so it is seeded and every process and every resumed run gets the
-    very same latents. Kept in <output_dir>/cache/ under a key of everything it depends on
-    (groups, file sizes and times, resolution, seed, encoder weights), so a resumed run or a
-    rerun on the same data never encodes again."""
-    if models.adapter is not None and models.clip_vision is None:
-        raise config_mod.TrainConfigError("training an adapter needs the CLIP vision model it "
-                                          "reads (clip_vision)")
-    path = os.path.join(config.output_dir, "cache", f"encoded-{_cache_key(config, models, groups)}.pt")
-    if os.path.isfile(path):
-        log.info("using the cached encodings %s", path)
-        return dataset.from_tensors(torch.load(path, map_location="cpu", weights_only=True))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        encoded = dataset.encode_groups(groups, config.resolution, models.vae, models.clip,
-                                        models.patcher.model, models.clip_vision, models.adapter)
-    if distributed_context()[0] == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        checkpoint.atomic_write(path, lambda tmp: torch.save(dataset.to_tensors(encoded), tmp))
-    return encoded
-
-
-def _cache_key(config, models, groups):
-    import hashlib
-    import json
-    from ..kernels.adapter import fingerprint_of
-    files = sorted({p for g in groups for p in (g.target.image, g.target.mask, *(
-        q for r in g.references for q in (r.view.image, r.view.mask, r.target_mask))) if p})
-    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
-    encoders = [fingerprint_of(m.state_dict()) for m in (
-        models.vae.first_stage_model, models.clip.cond_stage_model)]
-    if models.adapter is not None:
-        encoders += [models.adapter.fingerprint, fingerprint_of(models.clip_vision.model.state_dict())]
-    text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def adapter_training_layers(adapter, diffusion_model):
@@ -281,7 +174,7 @@ def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
     timesteps, noise and dropout every call), no gradient: comparable before and after training.
     lora_layers None = a fresh LoRA (the base model's own loss)."""
     device, groups = prepare(config)
-    run = Run(config, models, device, encode(config, models, groups), lora_layers)
+    run = Run(config, models, device, encoding.encode(config, models, groups, distributed_context()[0]), lora_layers)
     rows = list(range(config.batch_size))
     with torch.no_grad():
         _load(run.patcher, device)
@@ -302,7 +195,7 @@ def train(config, models, on_step=None, check_interrupt=None):
         raise config_mod.TrainConfigError(f"batch_size {config.batch_size} must be divisible by "
                                           f"the number of processes ({world})")
     bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
-    run = Run(config, models, device, encode(config, models, groups))
+    run = Run(config, models, device, encoding.encode(config, models, groups, distributed_context()[0]))
     lora_layers, patcher, step_module = run.lora_layers, run.patcher, run.step_module
     base = models.patcher.model
     optimizer = config_mod.make_optimizer(config, list(step_module.parameters()))

@@ -1,0 +1,77 @@
+"""What each micro-batch of training holds and its random draws.
+
+Randomness is drawn per group from a generator seeded by (seed, micro-batch, position in the
+global batch), never from a global stream: a group gets the same timestep, noise and dropout
+whichever process trains it and whether or not the run was resumed in between, so a run split
+over N processes or interrupted and resumed computes exactly what one straight run computes.
+"""
+import torch
+
+from ..kernels.diffusion_objective import condition_dropout
+
+
+class Sampler:
+    """Which groups a micro-batch holds and the random draws of each group (see module doc)."""
+
+    def __init__(self, config, groups, empty_text, sigmas, uncond_tokens=None):
+        self.config, self.groups, self.empty_text, self.sigmas = config, groups, empty_text, sigmas
+        self.uncond_tokens = uncond_tokens
+
+    def indices(self, micro):
+        size, count = self.config.batch_size, len(self.groups)
+        out = []
+        for position in range(micro * size, (micro + 1) * size):
+            epoch, offset = divmod(position, count)
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(
+                self.config.seed * 1_000_003 + epoch))
+            out.append(int(order[offset]))
+        return out
+
+    def batch(self, micro, rows, device, dtype):
+        """The micro-batch rows `rows` (positions in the global batch) as tensors on `device`."""
+        c, indices = self.config, self.indices(micro)
+        picked = [self.groups[indices[r]] for r in rows]
+        refs = max(len(g.ref_latents) for g in picked)
+        out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
+                               "ref_noise", "ref_masks", "ref_tokens", "ref_weights")}
+        phrases = []
+        for r, group in zip(rows, picked):
+            gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
+            out["sigma"].append(self.sigmas[torch.randint(len(self.sigmas), (1,), generator=gen)][0])
+            out["noise"].append(torch.randn(group.latent.shape, generator=gen))
+            k = len(group.ref_latents)
+            ref_noise = torch.randn((refs, *group.latent.shape), generator=gen)
+            drop_text, drop_image = condition_dropout(float(torch.rand((), generator=gen)),
+                                                      c.text_dropout, c.image_dropout, c.both_dropout)
+            full_mask = float(torch.rand((), generator=gen)) < c.full_mask_probability
+            masks = torch.ones_like(group.ref_masks) if full_mask else group.ref_masks
+            masks = torch.zeros_like(masks) if drop_image else masks
+            pad = refs - k  # groups with fewer references: padded rows with an empty mask
+            out["ref_latents"].append(torch.cat([group.ref_latents,
+                                                 group.ref_latents.new_zeros(pad, *group.latent.shape)]))
+            out["ref_masks"].append(torch.cat([masks, masks.new_zeros(pad, *masks.shape[1:])]))
+            out["ref_noise"].append(ref_noise)
+            if group.ref_tokens is None:
+                out["ref_tokens"].append(None)
+                out["ref_weights"].append(None)
+            else:  # dropped image: every reference reads the uncond tokens
+                uncond = self.uncond_tokens.expand(refs, *self.uncond_tokens.shape)
+                tokens = uncond if drop_image else torch.cat([group.ref_tokens, uncond[k:]])
+                out["ref_tokens"].append(tokens)
+                out["ref_weights"].append(torch.tensor([1.0] * k + [0.0] * pad))
+                phrases.append(group.phrases + group.phrases[:1] * pad)
+            context, adm = self.empty_text if drop_text else (group.context, group.adm)
+            out["latent"].append(group.latent)
+            out["context"].append(context)
+            out["adm"].append(adm)
+        lengths = {t.shape[0] for t in out["context"]}
+        if len(lengths) > 1:
+            raise ValueError(f"captions of one batch encode to different lengths {sorted(lengths)} "
+                             "(a caption longer than 75 tokens); shorten the long captions or use "
+                             "batch_size 1")
+        batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
+        batch["phrases"] = phrases
+        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens"):
+            if batch[key] is not None:
+                batch[key] = batch[key].to(dtype)
+        return batch

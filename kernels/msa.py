@@ -49,17 +49,32 @@ def _split_heads(x, heads):
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def shared_attention(q, k, v, k_fg, v_fg, heads):
+def shared_attention(q, k, v, k_fg, v_fg, heads, fg_bias=None):
     """Every row of q (B, N, C) attends to [its own k, v | k_fg, v_fg] with one unmasked fused
-    attention. k_fg, v_fg: (M, C) shared by all rows, or (B, M, C) one set per row."""
+    attention. k_fg, v_fg: (M, C) shared by all rows, or (B, M, C) one set per row.
+    fg_bias: optional (M,) logit offsets of the foreground tokens, log(weight) of the reference
+    each token comes from: a token of a reference with weight w counts as w tokens in the
+    softmax. Only then does the attention carry a (broadcast) bias."""
     b, n, c = q.shape
     if k_fg.ndim == 2:
         k_fg, v_fg = k_fg.expand(b, -1, -1), v_fg.expand(b, -1, -1)
     keys = torch.cat([k, k_fg.to(k.dtype)], dim=1)
     values = torch.cat([v, v_fg.to(v.dtype)], dim=1)
+    bias = None
+    if fg_bias is not None:
+        bias = torch.cat([fg_bias.new_zeros(k.shape[1]), fg_bias]).to(q.dtype)[None, None, None]
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(keys, heads),
-                                         _split_heads(values, heads))
+                                         _split_heads(values, heads), attn_mask=bias)
     return out.transpose(1, 2).reshape(b, n, c)
+
+
+def reference_bias(row_weights, tokens_per_row, index):
+    """(R,) weights of the reference rows -> (M,) log-weight of each foreground token picked by
+    `index` (foreground_index over rows of `tokens_per_row` tokens); None when every weight is 1
+    (the unbiased fused attention)."""
+    if bool((row_weights == 1).all()):
+        return None
+    return row_weights.log().repeat_interleave(tokens_per_row).index_select(0, index)
 
 
 def batch_shared_attention(q, k, v, fg, heads):

@@ -33,8 +33,9 @@ class _Call:
     """What the attention patches need to know about the current UNet call: the latent grid,
     which reference rows (or batch masks) give foreground, and whether the mask is off."""
 
-    def __init__(self, grid, key, masks, unmasked):
+    def __init__(self, grid, key, masks, unmasked, weights=None):
         self.grid, self.key, self.masks, self.unmasked = grid, key, masks, unmasked
+        self.weights = weights  # (rows,) weight of the reference each reference row belongs to
 
 
 class _StepState(patching.SharedAcrossClones):
@@ -45,7 +46,7 @@ class _StepState(patching.SharedAcrossClones):
         self.run_first_sigma = None
         self.last_sigma = None
         self.call = None
-        self.foreground = {}  # (grid, key, unmasked, h, w, device) -> flat foreground index
+        self.foreground_cache = {}  # (grid, key, unmasked, h, w, device) -> (index, bias)
 
     def is_first_step(self, sigma):
         if self.last_sigma is None or sigma > self.last_sigma:
@@ -53,19 +54,22 @@ class _StepState(patching.SharedAcrossClones):
         self.last_sigma = sigma
         return sigma == self.run_first_sigma
 
-    def foreground_index(self, h, w, device):
-        """Flat indices of the foreground tokens of the call's reference rows at an h x w layer;
-        cached: the masks only change when the set of active references does."""
+    def foreground(self, h, w, device):
+        """(flat indices of the foreground tokens of the call's reference rows at an h x w
+        layer, their log-weight bias or None); cached: the masks only change when the set of
+        active references does."""
         call = self.call
         cache_key = (call.grid, call.key, call.unmasked, h, w, str(device))
-        index = self.foreground.get(cache_key)
-        if index is None:
+        found = self.foreground_cache.get(cache_key)
+        if found is None:
             fg = msa.resize_masks(call.masks, h, w)
             if call.unmasked:
                 fg = torch.ones_like(fg)
-            index = msa.foreground_index(fg).to(device)
-            self.foreground[cache_key] = index
-        return index
+            index = msa.foreground_index(fg)
+            bias = msa.reference_bias(call.weights, h * w, index)
+            found = (index.to(device), None if bias is None else bias.to(device))
+            self.foreground_cache[cache_key] = found
+        return found
 
     def batch_foreground(self, rows, h, w, device):
         """(rows, h*w) bool foreground of the batch images (batch mode)."""
@@ -81,8 +85,8 @@ class _StepState(patching.SharedAcrossClones):
 class _Reference:
     """One reference's rows, ready to re-noise: latents after the model's process_latent_in."""
 
-    def __init__(self, latents, masks, bounds):
-        self.latents, self.masks, self.bounds = latents, masks, bounds
+    def __init__(self, latents, masks, bounds, weight):
+        self.latents, self.masks, self.bounds, self.weight = latents, masks, bounds, weight
 
 
 class _ReferenceRows(patching.SharedAcrossClones):
@@ -101,24 +105,26 @@ class _ReferenceRows(patching.SharedAcrossClones):
             return None
         height, width = x.shape[-2:]
         source = patching.rows_with_role(roles, "full") or patching.rows_with_role(roles, "image")
+        # A reference of weight 0 is left out: no rows, no tokens.
         active = tuple(i for i, ref in enumerate(self.references)
-                       if patching.in_sigma_range(sigma, ref.bounds))
+                       if ref.weight > 0 and patching.in_sigma_range(sigma, ref.bounds))
         if not source or not active:
             # No reference rows in this call; an adapter's LoRA still applies to the target.
             self.state.call = _Call((height, width), None, None, False)
             return None
-        latents, masks = [], []
+        latents, masks, weights = [], [], []
         for i in active:
             ref = self.references[i]
             lat, mask = msa.fit_to_grid(ref.latents, ref.masks, height, width)
             latents.append(lat)
             masks.append(torch.ones(lat.shape[0], height, width) if mask is None else mask)
+            weights += [float(ref.weight)] * lat.shape[0]
         latents = torch.cat(latents).to(x.device, torch.float32)
         noise = msa.step_noise(latents.shape, sigma).to(x.device)
         sigmas = torch.full((latents.shape[0], 1, 1, 1), sigma, device=x.device)
         rows = self.sampling.noise_scaling(sigmas, noise, latents)
         self.state.call = _Call((height, width), active, torch.cat(masks),
-                                first and self.first_step_unmasked)
+                                first and self.first_step_unmasked, torch.tensor(weights))
         return rows, [source[0]] * rows.shape[0], TAG
 
 
@@ -280,14 +286,14 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         h, w = layer_grid(call.grid, q.shape[1])
         if self.mode == "references":
             start, end = span
-            index = self.state.foreground_index(h, w, q.device)
+            index, bias = self.state.foreground(h, w, q.device)
             k_fg = msa.gather_foreground(k[start:end], index)
             v_fg = msa.gather_foreground(v[start:end], index)
             if lora is not None:  # the target projects the references' inputs with its LoRA
                 n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
                 k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
             shared = msa.shared_attention(_take(q, readers), _take(k, readers), _take(v, readers),
-                                          k_fg, v_fg, heads)
+                                          k_fg, v_fg, heads, bias)
         else:
             shared = q.new_empty((len(readers),) + q.shape[1:])
             for role in patching.IMAGE_ROLES:
@@ -350,7 +356,8 @@ def _prepare_references(model, unet, references):
         bounds = patching.sigma_range(model, ref.start_percent, ref.end_percent)
         with torch.no_grad():
             latents = model.model.process_latent_in(latents.detach().float()).cpu()
-        prepared.append(_Reference(latents, None if masks is None else masks.float().cpu(), bounds))
+        prepared.append(_Reference(latents, None if masks is None else masks.float().cpu(), bounds,
+                                   ref.weight))
     return prepared
 
 

@@ -57,6 +57,25 @@ def test_compacted_equals_masked_bias(kinds):
     assert index.numel() == int(fg.sum())
 
 
+def test_reference_weight_counts_each_token_weight_times():
+    """Weight 2 on reference B equals B's foreground tokens listed twice (no bias); weights of
+    1 give no bias at all (the unbiased fused attention)."""
+    h, w, c = 4, 5, 16
+    q, k, v = _rows(2, h * w, c, seed=5)
+    _, k_refs, v_refs = _rows(2, h * w, c, seed=6)
+    fg = msa.resize_masks(_random_masks(2, h, w, 7, ("random", "random")), h, w)
+    index = msa.foreground_index(fg)
+    bias = msa.reference_bias(torch.tensor([1.0, 2.0]), h * w, index)
+    out = msa.shared_attention(q, k, v, msa.gather_foreground(k_refs, index),
+                               msa.gather_foreground(v_refs, index), HEADS, bias)
+    again = msa.foreground_index(fg[1:])
+    twice_k = torch.cat([msa.gather_foreground(k_refs, index), msa.gather_foreground(k_refs[1:], again)])
+    twice_v = torch.cat([msa.gather_foreground(v_refs, index), msa.gather_foreground(v_refs[1:], again)])
+    expected = msa.shared_attention(q, k, v, twice_k, twice_v, HEADS)
+    assert (out - expected).abs().max() < 1e-5
+    assert msa.reference_bias(torch.ones(2), h * w, index) is None
+
+
 def test_empty_foreground_is_plain_attention():
     q, k, v = _rows(2, 12, 16, seed=3)
     empty = torch.zeros(0, 16)

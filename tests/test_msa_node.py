@@ -1,5 +1,6 @@
 """MultiRefApplyMSA on the tiny real UNet through the host's sampler: identity when off, uncond
 rows untouched, one call per step equal to SynCD's two passes, clear errors."""
+import dataclasses
 import math
 
 import pytest
@@ -116,12 +117,14 @@ class TwoPass:
     """SynCD's form, the slow reference: per step a separate reference pass banks every attn1
     layer's input, then the target pass projects the banked inputs with its own weights (plus
     its LoRA, when given); reading rows attend to [own | every reference token] with a -inf bias
-    on the background, in float64. The reference pass runs without the LoRA."""
+    on the background and log(weight) on a weighted reference's tokens, in float64. The
+    reference pass runs without the LoRA."""
 
     def __init__(self, model, refs, lora=None):
         self.sampling = model.get_model_object("model_sampling")
         self.latents = model.model.process_latent_in(torch.cat([r.latents for r in refs]))
         self.masks = torch.cat([r.masks for r in refs])
+        self.row_weights = torch.cat([torch.full((r.latents.shape[0],), float(r.weight)) for r in refs])
         self.blocks = dict(unet_transformer_blocks(model.model.diffusion_model))
         self.lora = lora  # {location: {projection: LoRAPair}} or None
         self.bank, self.inputs, self.outputs, self.writing = {}, {}, {}, False
@@ -190,7 +193,8 @@ class TwoPass:
                     continue
                 keys = torch.cat([k[i].double(), k_ref])
                 values = torch.cat([v[i].double(), v_ref])
-                bias = torch.cat([torch.zeros(q.shape[1]), torch.where(fg, 0.0, -math.inf)])
+                weight = self.row_weights.repeat_interleave(h * w)
+                bias = torch.cat([torch.zeros(q.shape[1]), torch.where(fg, weight.log(), -math.inf)])
                 for hd in range(heads):
                     sl = slice(hd * d, (hd + 1) * d)
                     logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
@@ -286,6 +290,22 @@ def test_lora_only_file_from_the_trainer_serves_msa_like_the_full_adapter(parts,
         MultiRefApplyAdapter().apply(model, lora_only, refs, clips["sdxl"], "weighted", 1.0, 0.0, 1.0)
     with pytest.raises(AdapterMismatchError, match="adapter \\(to train\\): .*" + where):
         adapter_training_layers(lora_only, unet)
+
+
+def test_reference_weights_scale_their_share(parts):
+    """A reference of weight w counts each of its foreground tokens w times in the softmax: the
+    one-call form equals the two-pass reference with a log(w) bias; weight 0 equals leaving the
+    reference out."""
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    refs = _encoded(vae, 2)
+    weighted = tuple(dataclasses.replace(r, weight=w) for r, w in zip(refs, (0.5, 2.5)))
+    one_call = _sample(_msa(model, weighted), clips, "sd15")
+    assert _diff(one_call, _sample(TwoPass(model, weighted).install(model), clips, "sd15")) < 1e-5
+    assert _diff(one_call, _sample(_msa(model, refs), clips, "sd15")) > 1e-4
+    dropped = (refs[0], dataclasses.replace(refs[1], weight=0.0))
+    assert _diff(_sample(_msa(model, dropped), clips, "sd15"),
+                 _sample(_msa(model, refs[:1]), clips, "sd15")) < 1e-5
 
 
 @pytest.mark.parametrize("count", [1, 3])

@@ -29,7 +29,9 @@ class RoutingInputError(ValueError):
 class PhraseKeys:
     """The phrase tokens of every reference, projected by one layer's to_k.
 
-    keys: (P, heads*d) all references' phrase tokens, reference after reference.
+    keys: (P, heads*d) all references' phrase tokens, reference after reference; or
+        (B, P, heads*d), one set per row of q (same token counts: MIP-Adapter's uncond rows
+        read the empty prompt's tokens at the phrases' positions).
     average: (P, N) column i holds 1/P_i on reference i's tokens, 0 elsewhere (the token mean).
     """
     keys: torch.Tensor
@@ -60,7 +62,9 @@ def split_heads(x, heads):
 def relevance_maps(q, phrases, heads):
     """R (B, L, N) float32: each reference's relevance at each position (sums to 1 over L)."""
     qh = split_heads(q, heads)
-    kh = phrases.keys.to(q).view(-1, heads, q.shape[-1] // heads).transpose(0, 1)  # (heads, P, d)
+    keys = phrases.keys.to(q)
+    # (heads, P, d) shared by every row, or (B, heads, P, d) per row.
+    kh = split_heads(keys, heads) if keys.ndim == 3 else split_heads(keys[None], heads)[0]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * (1.0 / math.sqrt(qh.shape[-1]))
     spatial = torch.softmax(scores, dim=2, dtype=torch.float32)  # over positions: (B, heads, L, P)
     return torch.matmul(spatial.mean(dim=1), phrases.average.to(spatial.device))

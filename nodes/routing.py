@@ -98,6 +98,13 @@ def phrase_embeddings(clip, phrase, what):
     return cond[0, 1:1 + count].detach().float().cpu()
 
 
+def empty_phrase_embeddings(clip, counts):
+    """MIP-Adapter's phrases for the uncond rows: the encoding of the empty prompt at the same
+    token positions (1..P_i) as each phrase, so the negative prediction is routed by no words."""
+    cond = clip.encode_from_tokens(clip.tokenize(""))
+    return [cond[0, 1:1 + count].detach().float().cpu() for count in counts]
+
+
 def _pad_tokens(token_list):
     """(1, n_i, C) per reference -> (N, n_max, C) zero-padded, and the counts."""
     counts = [t.shape[1] for t in token_list]
@@ -111,6 +118,7 @@ class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
     def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds):
+        """embeddings: None, or (phrase embeddings, empty-prompt embeddings) per reference."""
         self.adapter = adapter
         self.mode, self.scale, self.bounds = mode, scale, bounds
         self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
@@ -140,16 +148,26 @@ class _RoutedReferences:
                               "gate": None if gate is None else gate.weight.to(device, dtype)}
             return cache[key]
 
-        def phrase_keys(device, dtype):
+        def phrase_keys(device, dtype, row_roles):
+            """Image-conditioned rows read the phrases' keys, uncond rows the empty prompt's."""
             # Cached per layer, valid while to_k holds the same weight tensor: a LoRA patch puts
             # a new tensor there (a weak reference, so the cache never keeps a weight alive).
             key = ("phrases", device, dtype)
             entry = cache.get(key)
             if entry is None or entry[0]() is not to_k.weight:
                 with torch.no_grad():
-                    keys = routing.phrase_keys([to_k(e.to(device, dtype)) for e in self.embeddings])
-                entry = cache[key] = (weakref.ref(to_k.weight), keys)
-            return entry[1]
+                    phrases, empty = (routing.phrase_keys([to_k(e.to(device, dtype)) for e in group])
+                                      for group in self.embeddings)
+                entry = cache[key] = (weakref.ref(to_k.weight), phrases, empty, {})
+            _, phrases, empty, per_rows = entry
+            image = [r in patching.IMAGE_ROLES for r in row_roles]
+            if all(image):
+                return phrases
+            if tuple(image) not in per_rows:
+                pick = torch.tensor(image, device=device)[:, None, None]
+                per_rows[tuple(image)] = routing.PhraseKeys(
+                    torch.where(pick, phrases.keys[None], empty.keys[None]), phrases.average)
+            return per_rows[tuple(image)]
 
         def patch(q, k, v, extra_options):
             text_out = inner(q, k, v, extra_options)
@@ -178,7 +196,7 @@ class _RoutedReferences:
             out, shown = routing.routed_cross_attention(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], self.scale, self.mode,
-                phrases=phrase_keys(q.device, q.dtype) if self.embeddings else None,
+                phrases=phrase_keys(q.device, q.dtype, row_roles) if self.embeddings else None,
                 masks=self.masks, grid=grid, text_to_weight=cached["gate"],
                 token_counts=self.counts)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
@@ -258,13 +276,14 @@ class MultiRefApplyAdapter:
         adapter = adapter.bind(list(blocks), cross_attention_dims(unet))
         embeddings = None
         if mode == "weighted" and len(references) > 1:
-            embeddings = [phrase_embeddings(clip, text, f"phrase of reference {i + 1}")
-                          for i, text in enumerate(texts)]
+            named = [phrase_embeddings(clip, text, f"phrase of reference {i + 1}")
+                     for i, text in enumerate(texts)]
             context = adapter.context_dim
-            if embeddings[0].shape[-1] != context:
-                raise ValueError(f"clip: the text encoder gives width {embeddings[0].shape[-1]} "
+            if named[0].shape[-1] != context:
+                raise ValueError(f"clip: the text encoder gives width {named[0].shape[-1]} "
                                  f"but the model's cross-attention reads width {context}; "
                                  "connect the text encoder of this model's checkpoint")
+            embeddings = (named, empty_phrase_embeddings(clip, [e.shape[0] for e in named]))
         masks = _region_masks(region_masks, len(references)) if mode == "mask" else None
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
                                   patching.sigma_range(model, start_percent, end_percent))

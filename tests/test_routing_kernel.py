@@ -88,6 +88,18 @@ def test_relevance_maps_equal_slow_loops():
     torch.testing.assert_close(fast.sum(1), torch.ones(2, 3), atol=1e-5, rtol=0)
 
 
+def test_relevance_maps_with_keys_per_row_equal_each_row_on_its_own():
+    """Row 0 reads the phrases' keys, row 1 other keys of the same token counts (MIP-Adapter's
+    uncond rows: the empty prompt at the phrases' positions)."""
+    q, _, _, _, phrase = _case(2, length=15)
+    other = [torch.randn(p.shape, generator=_gen(9)) for p in phrase]
+    first, second = routing.phrase_keys(phrase), routing.phrase_keys(other)
+    per_row = routing.PhraseKeys(torch.stack([first.keys, second.keys]), first.average)
+    fast = routing.relevance_maps(q, per_row, HEADS)
+    torch.testing.assert_close(fast[0:1].double(), slow_relevance(q[0:1], phrase, HEADS), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast[1:2].double(), slow_relevance(q[1:2], other, HEADS), atol=1e-6, rtol=1e-5)
+
+
 def test_weighted_with_learned_gate_equals_slow_formula():
     q, text_out, ks, vs, phrase = _case(1)
     u = torch.randn(1, WIDTH, generator=_gen(7))

@@ -230,6 +230,37 @@ def test_patch_rows_by_role_and_composition(sd15):
     assert torch.equal(out[3], text[3])
 
 
+def test_uncond_rows_are_routed_by_the_empty_prompt(sd15):
+    """As MIP-Adapter: image-conditioned rows are routed by the phrases, uncond rows by the
+    empty prompt's tokens at the phrases' positions (with the uncond image tokens)."""
+    from multiref.kernels import routing as routing_kernel
+    from multiref.nodes.routing import empty_phrase_embeddings, phrase_embeddings
+    model, clip, adapter, _, _ = sd15
+    refs = (encoded(adapter, "dog", 0), encoded(adapter, "red hat", 1))
+    patch = apply(model, adapter, refs, clip, "weighted").model_options["transformer_options"][
+        "patches_replace"]["attn2"][("input", 1, 0)]
+    heads, width = 4, 32
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 12, width, generator=g) for _ in range(3))
+    options = {"n_heads": heads, "original_shape": [2, 4, 3, 4], "block": ("input", 1),
+               "sigmas": torch.ones(2), patching.ROLES_KEY: ("full", "uncond")}
+    out = patch(q, k, v, options)
+    text = patching.host_attention_call(q, k, v, options)
+    unet = model.model.diffusion_model
+    layer = adapter.bind(cross_attention_dims(unet)).layer(("input", 1, 0))
+    to_k = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+    named = [phrase_embeddings(clip, r.phrase, "test") for r in refs]
+    assert [e.shape[0] for e in named] == [1, 2]
+    for row, embeddings, tokens in ((0, named, "image_tokens"),
+                                    (1, empty_phrase_embeddings(clip, [1, 2]), "uncond_tokens")):
+        ip = torch.stack([getattr(r, tokens)[0] for r in refs])[None]
+        expected, _ = routing_kernel.routed_cross_attention(
+            q[row:row + 1], text[row:row + 1], heads, layer.to_k_ip(ip), layer.to_v_ip(ip),
+            torch.ones(2), 0.8, "weighted",
+            phrases=routing_kernel.phrase_keys([to_k(e) for e in embeddings]))
+        torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_composes_with_a_core_lora_on_to_k(sd15):
     """A LoRA on every cross-attention to_k (what the phrase keys are projected with) loaded
     after the routing acts exactly as one loaded before it, and differs from no LoRA: the

@@ -40,21 +40,24 @@ def host_fused_attention():
         attention.optimized_attention, attention.optimized_attention_masked = saved
 
 
-def phase_peaks(step, known, device, steps=2):
-    """Run `step()` -> (forward, backward, optimizer) callables `steps` times under LiveBytes;
-    returns ({phase: peak bytes} of the last step, FLOPs of one step)."""
+def phase_peaks(loss_of_step, optimizer, known, device, steps=2):
+    """`steps` training steps (loss_of_step() -> loss, backward, optimizer step) under
+    LiveBytes; returns ({phase: peak bytes} of the last step, FLOPs of forward + backward)."""
     peaks, flops = {}, 0
     with LiveBytes(known, device) as live:
         for index in range(steps):
             counter = FlopCounterMode(display=False) if index == 0 else contextlib.nullcontext()
             with counter:
-                forward, backward, optimizer = step()
-                for name, run in (("forward", forward), ("backward", backward)):
-                    live.reset_peak()
-                    run()
-                    peaks[name] = live.peak
+                live.reset_peak()
+                loss = loss_of_step()
+                peaks["forward"] = live.peak
+                live.reset_peak()
+                loss.backward()
+                del loss
+                peaks["backward"] = live.peak
             live.reset_peak()
-            optimizer()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             peaks["optimizer"] = live.peak
             if index == 0:
                 flops = counter.get_total_flops()
@@ -82,21 +85,9 @@ def trainer_peaks(pack, patcher, res, context, adm, refs, rank, checkpointing, d
     try:
         known = [*run.patcher.model.parameters(), *run.patcher.model.buffers(),
                  *run.step_module.parameters()]
-        state = {}
-
-        def step():
-            def forward():
-                state["loss"] = run.step_module(run.batch(0, [0]))
-
-            def backward():
-                state.pop("loss").backward()
-
-            def update():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            return forward, backward, update
         with host_fused_attention(), cuda_kernels_on_meta():
-            peaks, flops = phase_peaks(step, known, device)
+            peaks, flops = phase_peaks(lambda: run.step_module(run.batch(0, [0])), optimizer,
+                                       known, device)
     finally:
         loop._unload(run.patcher)
     return peaks, flops, trainable
@@ -113,26 +104,16 @@ def anchor_peaks(diffusion_model, rows, res):
             trainable.append(param)
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     h = res // 8
-    state = {}
 
-    def step():
-        def forward():
-            x = torch.randn(rows, 4, h, h, device=META, dtype=torch.bfloat16)
-            context = torch.randn(rows, 77, 2048, device=META, dtype=torch.bfloat16)
-            y = torch.randn(rows, 2816, device=META, dtype=torch.bfloat16)
-            out = diffusion_model(x, torch.full((rows,), 500.0, device=META), context=context, y=y)
-            state["loss"] = out.float().pow(2).mean()
-
-        def backward():
-            state.pop("loss").backward()
-
-        def update():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return forward, backward, update
+    def loss():
+        x = torch.randn(rows, 4, h, h, device=META, dtype=torch.bfloat16)
+        context = torch.randn(rows, 77, 2048, device=META, dtype=torch.bfloat16)
+        y = torch.randn(rows, 2816, device=META, dtype=torch.bfloat16)
+        out = diffusion_model(x, torch.full((rows,), 500.0, device=META), context=context, y=y)
+        return out.float().pow(2).mean()
     known = [*diffusion_model.parameters(), *diffusion_model.buffers()]
     with host_fused_attention(), cuda_kernels_on_meta():
-        return phase_peaks(step, known, META)
+        return phase_peaks(loss, optimizer, known, META)
 
 
 def describe(label, base_bytes, peaks, flops):

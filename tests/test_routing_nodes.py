@@ -197,6 +197,20 @@ def test_sdxl_weighted_with_learned_gate_samples():
     assert (out - sample(model, clip, "sdxl", height=8, width=6)).abs().max() > 1e-3
 
 
+HEADS, WIDTH = 4, 32  # the tiny SD1.5 UNet's first cross-attention: 4 heads, 32 wide
+
+
+def call_layer_patch(patched, roles, seed):
+    """Call the patched model's input-1 cross-attention patch on random q, k, v (12 positions of
+    a 4 x 3 grid), one row per role; returns q, k, v, its output and plain text attention."""
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(len(roles), 12, WIDTH, generator=g) for _ in range(3))
+    options = {"n_heads": HEADS, "original_shape": [len(roles), 4, 3, 4], "block": ("input", 1),
+               "sigmas": torch.ones(len(roles)), patching.ROLES_KEY: roles}
+    return q, k, v, patch(q, k, v, options), patching.host_attention_call(q, k, v, options)
+
+
 def test_patch_rows_by_role_and_composition(sd15):
     """full/image rows read image tokens, uncond rows uncond tokens, ref rows nothing; an attn2
     replace put before keeps running underneath."""
@@ -210,15 +224,9 @@ def test_patch_rows_by_role_and_composition(sd15):
     base = model.clone()
     base.set_model_attn2_replace(earlier, "input", 1, 0)
     refs = (encoded(adapter, "dog", 0),)
-    patch = apply(base, adapter, refs, clip, "sum").model_options["transformer_options"][
-        "patches_replace"]["attn2"][("input", 1, 0)]
-    heads, width = 4, 32
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(4, 12, width, generator=g) for _ in range(3))
-    options = {"n_heads": heads, "original_shape": [4, 4, 6, 8], "block": ("input", 1),
-               "sigmas": torch.ones(4), patching.ROLES_KEY: ("full", "image", "uncond", "ref")}
-    out = patch(q, k, v, options)
-    text = patching.host_attention_call(q, k, v, options)
+    roles = ("full", "image", "uncond", "ref")
+    q, k, v, out, text = call_layer_patch(apply(base, adapter, refs, clip, "sum"), roles, seed=1)
+    heads, width = HEADS, WIDTH
     assert seen == [("input", 1)]
     bound = adapter.bind(cross_attention_dims(model.model.diffusion_model)).layer(("input", 1, 0))
     for row, tokens in ((0, refs[0].image_tokens), (1, refs[0].image_tokens), (2, refs[0].uncond_tokens)):
@@ -237,15 +245,9 @@ def test_uncond_rows_are_routed_by_the_empty_prompt(sd15):
     from multiref.nodes.routing import empty_phrase_embeddings, phrase_embeddings
     model, clip, adapter, _, _ = sd15
     refs = (encoded(adapter, "dog", 0), encoded(adapter, "red hat", 1))
-    patch = apply(model, adapter, refs, clip, "weighted").model_options["transformer_options"][
-        "patches_replace"]["attn2"][("input", 1, 0)]
-    heads, width = 4, 32
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 12, width, generator=g) for _ in range(3))
-    options = {"n_heads": heads, "original_shape": [2, 4, 3, 4], "block": ("input", 1),
-               "sigmas": torch.ones(2), patching.ROLES_KEY: ("full", "uncond")}
-    out = patch(q, k, v, options)
-    text = patching.host_attention_call(q, k, v, options)
+    q, k, v, out, text = call_layer_patch(apply(model, adapter, refs, clip, "weighted"),
+                                          ("full", "uncond"), seed=2)
+    heads = HEADS
     unet = model.model.diffusion_model
     layer = adapter.bind(cross_attention_dims(unet)).layer(("input", 1, 0))
     to_k = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k

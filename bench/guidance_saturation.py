@@ -5,25 +5,24 @@
    scales 2..12, plain three-branch guidance vs. normalized (SynCD eq. 4): mean |x| and
    per-channel mean of the final denoised latent, and the raw norm ratio |d_img| / |d_txt|
    averaged over the steps;
-2. with CUDA only: the time of one three-branch step (batch 3, one call) vs. a two-branch CFG
-   step (the host's CFGGuider, batch 2) on an SDXL-shaped UNet (the host's UNetModel with the
-   SDXL configuration, random fp16 weights) at 1024px (128x128 latent), and their ratio.
+2. with CUDA (or --sdxl): the time of one three-branch step (batch 3, one call) vs. a two-branch
+   CFG step (the host's CFGGuider, batch 2) on an SDXL-shaped UNet (the host's UNetModel with the
+   SDXL configuration, random fp16 weights) at 1024px (128x128 latent), and their ratio. On a CPU
+   --sdxl runs it in fp32 (--resolution 256 --timing-steps 1 for a smoke run of that code).
 
 Part 2 uses random weights: it measures time, not images.
 
-Run from the pack folder:  python -m bench.guidance_saturation  [--steps N]
+Run from the pack folder:  python -m bench.guidance_saturation  [--steps N] [--sdxl]
+    [--resolution N] [--timing-steps N]
 """
 import argparse
 import datetime
-import os
-import time
 
 import torch
 
+from bench import common
 from bench.common import boot_pack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA = torch.cuda.is_available()
 IMAGE_SCALES = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 TEXT_SCALE = 7.5
 LATENT = (1, 4, 8, 8)  # the saturation runs' latent: tiny, the denoiser is exact
@@ -113,17 +112,12 @@ def saturation_table(pack, steps):
         print(f"{image_scale:5.1f} | {cells[0]} | {cells[1]}")
 
 
-def step_timing(pack, steps):
-    """One three-branch step vs. a two-branch CFG step, SDXL-shaped UNet, fp16, 1024px."""
+def step_timing(setup, pack, steps):
+    """One three-branch step vs. a two-branch CFG step, SDXL-shaped UNet (fp16, 1024px on CUDA)."""
     import comfy.samplers
     guidance_nodes = pack("nodes.guidance")
-    device = torch.device("cuda")
-    model = pack("nodes.tiny_models").sdxl_shaped_unet(device)
-    gen = torch.Generator().manual_seed(0)
-    extra = {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 1024, "height": 1024}
-    positive = [[torch.randn(1, 77, 2048, generator=gen), extra]]
-    negative = [[torch.zeros(1, 77, 2048), dict(extra)]]
-    noise = torch.randn(1, 4, 128, 128, generator=gen)
+    model = setup.unet(pack)
+    positive, negative, noise = setup.sampling_inputs(pack, torch.Generator().manual_seed(0))
     sampling = model.get_model_object("model_sampling")
 
     def per_step(guider):
@@ -131,12 +125,7 @@ def step_timing(pack, steps):
                                       comfy.samplers.sampler_object("euler"),
                                       comfy.samplers.calculate_sigmas(sampling, "normal", n),
                                       disable_pbar=True, seed=0)
-        run(2)  # warm-up: model load, kernel selection
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(steps)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return setup.per_step(run, steps)
 
     two = comfy.samplers.CFGGuider(model)
     two.set_conds(positive, negative)
@@ -148,7 +137,9 @@ def step_timing(pack, steps):
                                           guidance_nodes.THREE_BRANCH)
     three.set_conds(positive, negative)
     two_ms, three_ms = per_step(two) * 1e3, per_step(three) * 1e3
-    print(f"\nstep time, SDXL-shaped UNet fp16, 1024x1024 (latent 128x128), euler, {steps} steps:"
+    (h, w), side = setup.latent, setup.resolution
+    print(f"\nstep time, {setup.model_label()}, {side}x{side} (latent {h}x{w}), euler, "
+          f"{steps} steps:"
           f"\n  two-branch CFG (host CFGGuider, batch 2): {two_ms:.1f} ms/step"
           f"\n  three-branch normalized (one batch-3 call): {three_ms:.1f} ms/step"
           f"\n  ratio three/two: {three_ms / two_ms:.3f} (target <= 1.10)")
@@ -157,18 +148,21 @@ def step_timing(pack, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="steps of the saturation runs")
-    parser.add_argument("--timing-steps", type=int, default=10, help="timed steps (CUDA only)")
+    parser.add_argument("--timing-steps", type=int, default=10,
+                        help="timed steps (CUDA, or CPU with --sdxl)")
+    common.add_setup_options(parser)
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    setup = common.setup(parser, args)
     print(f"guidance benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-          f"UTC, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"UTC, {setup.describe()}")
     pack = boot_pack()
     saturation_table(pack, args.steps)
-    if CUDA:
-        step_timing(pack, args.timing_steps)
+    if setup.sdxl:
+        step_timing(setup, pack, args.timing_steps)
     else:
         print("\nstep timing skipped: no CUDA device. The three-branch vs. two-branch step ratio "
-              "is measured on a GPU (SDXL-shaped UNet, 1024px); run this script there.")
+              "is measured on a GPU (SDXL-shaped UNet, 1024px); run this script there (--sdxl "
+              "runs it on this CPU in fp32, as a smoke run).")
 
 
 if __name__ == "__main__":

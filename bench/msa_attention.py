@@ -10,8 +10,11 @@
 CUDA: SDXL 1024px shapes in fp16 (2 target rows, 10 heads x 64, 4096 tokens at the 64x64 level;
 sampling on the host's UNetModel with the SDXL configuration, random weights, 1024x1024).
 CPU: tiny shapes (and the tiny SDXL-like UNet) so it runs in seconds; its ratios mean little.
+CPU with --sdxl: the CUDA mode's shapes and model in fp32 (--resolution 256 --steps 1
+--repeats 2 for a smoke run of that code).
 
-Run from the pack folder:  python -m bench.msa_attention  [--attention-only]
+Run from the pack folder:  python -m bench.msa_attention  [--attention-only] [--sdxl]
+    [--resolution N] [--steps N] [--repeats N]
 """
 import argparse
 import datetime
@@ -20,24 +23,24 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench import common
 from bench.common import boot_pack, load_kernel
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.float16 if CUDA else torch.float32
-# (target rows, heads, head width, level height, level width)
-SHAPES = (2, 10, 64, 64, 64) if CUDA else (2, 4, 32, 16, 16)
+
+def attention_shapes(setup):
+    """(target rows, heads, head width, level height, level width): SDXL's first attention
+    level (1/16 of the image side, 10 heads x 64) or tiny ones."""
+    side = setup.resolution // 16
+    return (2, 10, 64, side, side) if setup.sdxl else (2, 4, 32, 16, 16)
 
 
-def _timed(fn, repeats):
+def _timed(setup, fn, repeats):
     fn()
-    if CUDA:
-        torch.cuda.synchronize()
+    setup.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if CUDA:
-        torch.cuda.synchronize()
+    setup.synchronize()
     return (time.perf_counter() - start) / repeats
 
 
@@ -52,31 +55,33 @@ def _masked_sdpa(q, k, v, k_refs, v_refs, bias, heads):
     return out.transpose(1, 2).reshape(b, n, c)
 
 
-def bench_attention(kernel, repeats):
-    rows, heads, width, h, w = SHAPES
+def bench_attention(setup, kernel, repeats):
+    rows, heads, width, h, w = attention_shapes(setup)
     n, c = h * w, heads * width
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=DTYPE)
+    device, dtype = setup.device, setup.dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)
     q, k, v = rand(rows, n, c), rand(rows, n, c), rand(rows, n, c)
     split = lambda x: x.view(rows, n, heads, width).transpose(1, 2)
-    plain = _timed(lambda: F.scaled_dot_product_attention(split(q), split(k), split(v)), repeats)
+    plain = _timed(setup, lambda: F.scaled_dot_product_attention(split(q), split(k), split(v)),
+                   repeats)
     print(f"attention, {rows} target rows, {heads} heads x {width}, {n} tokens ({h}x{w}), "
-          f"{DTYPE}: plain {plain * 1e3:.3f} ms")
+          f"{dtype}: plain {plain * 1e3:.3f} ms")
     print(f"{'refs':>4} {'fg':>5} {'masked ms':>10} {'compact ms':>10} {'floor ms':>9} "
           f"{'compact/floor':>13} {'masked/compact':>14} {'max |diff|':>10}")
     for refs in (1, 3):
         k_refs, v_refs = rand(refs, n, c), rand(refs, n, c)
         for fraction in (0.3, 0.6):
-            fg = torch.rand(refs, n, generator=gen, device=DEVICE) < fraction
-            bias = torch.zeros(1, 1, n, n * (1 + refs), device=DEVICE, dtype=DTYPE)
-            bias[..., n:] = torch.where(fg.reshape(-1), 0.0, float("-inf")).to(DTYPE)
+            fg = torch.rand(refs, n, generator=gen, device=device) < fraction
+            bias = torch.zeros(1, 1, n, n * (1 + refs), device=device, dtype=dtype)
+            bias[..., n:] = torch.where(fg.reshape(-1), 0.0, float("-inf")).to(dtype)
             bias = bias.expand(rows, 1, n, -1)
             index = kernel.foreground_index(fg)  # once per layer shape, cached by the node
             masked_fn = lambda: _masked_sdpa(q, k, v, k_refs, v_refs, bias, heads)
             compact_fn = lambda: kernel.shared_attention(
                 q, k, v, kernel.gather_foreground(k_refs, index),
                 kernel.gather_foreground(v_refs, index), heads)
-            masked, compact = _timed(masked_fn, repeats), _timed(compact_fn, repeats)
+            masked, compact = _timed(setup, masked_fn, repeats), _timed(setup, compact_fn, repeats)
             floor = (1 + refs * index.numel() / (refs * n)) * plain
             diff = (masked_fn().float() - compact_fn().float()).abs().max().item()
             print(f"{refs:>4} {fraction:>5.0%} {masked * 1e3:>10.3f} {compact * 1e3:>10.3f} "
@@ -133,40 +138,23 @@ class TwoPass:
         return attn1
 
 
-def bench_sampling(steps):
+def bench_sampling(setup, steps):
     pack = boot_pack()
     kernel, patching, node = pack("kernels.msa"), pack("nodes.patching"), pack("nodes.msa")
     references = pack("kernels.references")
     import comfy.sample
-    if CUDA:
-        model = pack("nodes.tiny_models").sdxl_shaped_unet(DEVICE)
-        latent, context, pooled = (128, 128), 2048, 1280
-    else:
-        tiny = pack("nodes.tiny_models")
-        model, latent = tiny.tiny_unet("sdxl"), (16, 16)
-        context, pooled = tiny.SDXL_CONTEXT, tiny.TEXT_G_WIDTH
+    model, latent, (context, _, _) = setup.unet(pack), setup.latent, setup.widths(pack)
     gen = torch.Generator().manual_seed(0)
-    extra = {"pooled_output": torch.randn(1, pooled, generator=gen), "width": 8 * latent[1],
-             "height": 8 * latent[0]}
-    positive = [[torch.randn(1, 77, context, generator=gen), extra]]
-    negative = [[torch.zeros(1, 77, context), dict(extra)]]
-    noise = torch.randn(1, 4, *latent, generator=gen)
+    positive, negative, noise = setup.sampling_inputs(pack, gen)
 
     def per_step(patched):
         run = lambda n: comfy.sample.sample(patched, noise, n, 5.0, "euler", "normal", positive,
                                             negative, torch.zeros_like(noise), seed=0,
                                             disable_pbar=True)
-        run(2)  # warm-up (model load, kernels)
-        if CUDA:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(steps)
-        if CUDA:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return setup.per_step(run, steps)
 
     plain = per_step(model)
-    print(f"\nsampling, {'SDXL-shaped UNet fp16' if CUDA else 'tiny SDXL-like UNet fp32'}, "
+    print(f"\nsampling, {setup.model_label()}, "
           f"latent {latent[0]}x{latent[1]}, euler, CFG (batch 2), {steps} steps: "
           f"plain {plain * 1e3:.1f} ms/step")
     for refs in (1, 3):
@@ -193,14 +181,18 @@ def bench_sampling(steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--attention-only", action="store_true", help="skip the sampling part")
-    parser.add_argument("--steps", type=int, default=8 if CUDA else 4)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--steps", type=int, default=8 if cuda else 4, help="timed sampler steps")
+    parser.add_argument("--repeats", type=int, default=50 if cuda else 30,
+                        help="timed calls per attention case")
+    common.add_setup_options(parser)
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if CUDA else "CPU"
+    setup = common.setup(parser, args)
     print(f"MSA benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_attention(load_kernel("msa"), repeats=50 if CUDA else 30)
+          f"{setup.describe()}")
+    bench_attention(setup, load_kernel("msa"), repeats=args.repeats)
     if not args.attention_only:
-        bench_sampling(args.steps)
+        bench_sampling(setup, args.steps)
 
 
 if __name__ == "__main__":

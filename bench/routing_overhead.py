@@ -11,8 +11,11 @@ process; its ratios mean little for the GPU.
 CUDA: SDXL 1024px shapes in fp16 (layers at 64x64 with 10 heads and 32x32 with 20 heads, 77 text
 tokens, context 2048; the host's SDXL UNet configuration with random weights). The design
 target is the CUDA sampling ratio: routing with 2 references <= 1.10x plain IP-Adapter Plus.
+CPU with --sdxl: the CUDA mode's shapes and model in fp32 on all threads (--resolution 256
+--steps 1 --repeats 2 for a smoke run of that code).
 
-Run from the pack folder:  python -m bench.routing_overhead  [--attention-only]
+Run from the pack folder:  python -m bench.routing_overhead  [--attention-only] [--sdxl]
+    [--resolution N] [--steps N] [--repeats N]
 """
 import argparse
 import datetime
@@ -21,35 +24,36 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench import common
 from bench.common import boot_pack, load_kernel
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.float16 if CUDA else torch.float32
-# On a CPU shared with other work, wall time measures the neighbours: count this process's CPU
-# time on one thread instead.
-CLOCK = time.perf_counter if CUDA else time.process_time
 IP_TOKENS = 16
 PHRASE_TOKENS = 2
-# (label, rows, heads, head width, positions, text tokens)
-LAYERS = (("SDXL 64x64 level", 2, 10, 64, 64 * 64, 77),
-          ("SDXL 32x32 level", 2, 20, 64, 32 * 32, 77)) if CUDA else \
-         (("tiny 16x16 level", 2, 4, 16, 16 * 16, 77),)
 
 
-def _timed(fn, repeats, rounds=5):
-    """Seconds per call: the fastest of `rounds` rounds (robust to other work on the machine)."""
+def layers(setup):
+    """(label, rows, heads, head width, positions, text tokens) per cross-attention level timed:
+    SDXL's two attention levels (1/16 and 1/32 of the image side) or a tiny one."""
+    if not setup.sdxl:
+        return (("tiny 16x16 level", 2, 4, 16, 16 * 16, 77),)
+    return tuple((f"SDXL {s}x{s} level", 2, heads, 64, s * s, 77)
+                 for s, heads in ((setup.resolution // 16, 10), (setup.resolution // 32, 20)))
+
+
+def _timed(setup, fn, repeats, rounds=5):
+    """Seconds per call: the fastest of `rounds` rounds (robust to other work on the machine).
+    On a CPU shared with other work, wall time measures the neighbours: count this process's CPU
+    time instead."""
+    clock = time.perf_counter if setup.cuda else time.process_time
     fn()
     best = float("inf")
     for _ in range(rounds):
-        if CUDA:
-            torch.cuda.synchronize()
-        start = CLOCK()
+        setup.synchronize()
+        start = clock()
         for _ in range(repeats):
             fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        best = min(best, (CLOCK() - start) / repeats)
+        setup.synchronize()
+        best = min(best, (clock() - start) / repeats)
     return best
 
 
@@ -62,11 +66,11 @@ def _attention(q, k, v, heads):
     return out.transpose(1, 2).reshape(q.shape)
 
 
-def bench_attention(kernel, repeats):
+def bench_attention(setup, kernel, repeats):
     print("\n1. one cross-attention layer (image keys/values and phrase keys cached, as in the "
           "patches)")
-    for label, rows, heads, d, positions, text in LAYERS:
-        make = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=DTYPE)
+    for label, rows, heads, d, positions, text in layers(setup):
+        make = lambda *shape: torch.randn(*shape, device=setup.device, dtype=setup.dtype)
         width = heads * d
         q, k_text, v_text = make(rows, positions, width), make(rows, text, width), make(rows, text, width)
 
@@ -76,12 +80,12 @@ def bench_attention(kernel, repeats):
             k_ip, v_ip = ip_keys[:, 0], ip_values[:, 0]
             return _attention(q, k_text, v_text, heads) + 0.7 * _attention(q, k_ip, v_ip, heads)
 
-        plain_time = _timed(plain, repeats)
+        plain_time = _timed(setup, plain, repeats)
         line = f"  {label} ({rows} rows, {heads} heads x {d}, {positions} positions): plain " \
                f"{plain_time * 1e3:.3f} ms"
         for refs in (2, 3):
             phrases = kernel.phrase_keys([make(PHRASE_TOKENS, width) for _ in range(refs)])
-            weights = torch.ones(refs, device=DEVICE)
+            weights = torch.ones(refs, device=setup.device)
             k_ip, v_ip = ip_keys[:, :refs], ip_values[:, :refs]
 
             def routed():
@@ -89,7 +93,7 @@ def bench_attention(kernel, repeats):
                 return kernel.routed_cross_attention(q, text_out, heads, k_ip, v_ip, weights, 0.7,
                                                      "weighted", phrases=phrases)[0]
 
-            routed_time = _timed(routed, repeats)
+            routed_time = _timed(setup, routed, repeats)
             line += f"; routed {refs} refs {routed_time * 1e3:.3f} ms ({routed_time / plain_time:.2f}x)"
         print(line)
 
@@ -136,24 +140,16 @@ def _plain_ip_adapter(patching, model, adapter, reference, scale):
     return patched
 
 
-def bench_sampling(steps):
+def bench_sampling(setup, steps):
     pack = boot_pack()
     patching, node, references = pack("nodes.patching"), pack("nodes.routing"), pack("kernels.references")
-    tiny = pack("nodes.tiny_models")
     import comfy.sample
-    if CUDA:
-        model, latent, pooled = tiny.sdxl_shaped_unet(DEVICE), (128, 128), 1280
-        clip = None  # phrase embeddings are given directly (no SDXL text encoder weights here)
-    else:
-        model, latent, pooled = tiny.tiny_unet("sdxl"), (16, 16), tiny.TEXT_G_WIDTH
-        clip = tiny.tiny_text_encoder("sdxl")
+    model, latent = setup.unet(pack), setup.latent
+    # SDXL-shaped: phrase embeddings are given directly (no SDXL text encoder weights here).
+    clip = None if setup.sdxl else pack("nodes.tiny_models").tiny_text_encoder("sdxl")
     adapter, context = _random_adapter(pack, model)
     gen = torch.Generator().manual_seed(0)
-    extra = {"pooled_output": torch.randn(1, pooled, generator=gen), "width": 8 * latent[1],
-             "height": 8 * latent[0]}
-    positive = [[torch.randn(1, 77, context, generator=gen), extra]]
-    negative = [[torch.zeros(1, 77, context), dict(extra)]]
-    noise = torch.randn(1, 4, *latent, generator=gen)
+    positive, negative, noise = setup.sampling_inputs(pack, gen)
     encoded = tuple(references.EncodedReference(
         image_tokens=torch.randn(1, IP_TOKENS, context, generator=gen),
         uncond_tokens=torch.zeros(1, IP_TOKENS, context), latents=None, masks=None,
@@ -164,10 +160,10 @@ def bench_sampling(steps):
         run = lambda: comfy.sample.sample(patched, noise, steps, 5.0, "euler", "normal", positive,
                                           negative, torch.zeros_like(noise), seed=0,
                                           disable_pbar=True)
-        return _timed(run, 1, rounds=3) / steps
+        return _timed(setup, run, 1, rounds=3) / steps
 
     plain = per_step(_plain_ip_adapter(patching, model, adapter, encoded[0], 0.7))
-    print(f"\n2. sampling, {'SDXL UNet fp16' if CUDA else 'tiny SDXL-like UNet fp32'}, latent "
+    print(f"\n2. sampling, {setup.model_label()}, latent "
           f"{latent[0]}x{latent[1]}, euler, CFG (batch 2), {steps} steps: plain IP-Adapter Plus "
           f"{plain * 1e3:.1f} ms/step")
     for refs in (2, 3):
@@ -187,7 +183,7 @@ class _Embeddings:
         self.context, self.gen = context, gen
 
     def tokenize(self, text):
-        ids = [49406] + ([320, 321] if text else []) + [49407] * (75 if text else 76)
+        ids = [49406] + ([320, 321] if text else []) + [49407] * (74 if text else 76)
         return {"l": [[(i, 1.0) for i in ids]]}
 
     def encode_from_tokens(self, tokens):
@@ -197,20 +193,23 @@ class _Embeddings:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--attention-only", action="store_true", help="skip the sampling part")
-    parser.add_argument("--steps", type=int, default=8 if CUDA else 4)
+    parser.add_argument("--steps", type=int, default=8 if torch.cuda.is_available() else 4,
+                        help="sampler steps per timed sample")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per layer case")
+    common.add_setup_options(parser)
     args = parser.parse_args()
-    if not CUDA:
+    setup = common.setup(parser, args)
+    if not setup.sdxl:
         torch.set_num_threads(1)
-    device = torch.cuda.get_device_name() if CUDA else "CPU"
     now = datetime.datetime.now(datetime.timezone.utc)
-    print(f"routing overhead benchmark, {now:%Y-%m-%d %H:%M} UTC, device {device}, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}")
-    if not CUDA:
-        print("no CUDA device: SDXL 1024px shapes skipped, tiny shapes only (ratios on a CPU do "
-              "not speak for the GPU target)")
-    bench_attention(load_kernel("routing"), repeats=20)
+    print(f"routing overhead benchmark, {now:%Y-%m-%d %H:%M} UTC, {setup.describe()}")
+    if not setup.cuda:
+        shapes = (f"SDXL-shaped model at {setup.resolution}px in fp32, a smoke run of the GPU "
+                  f"mode" if setup.sdxl else "SDXL 1024px shapes skipped, tiny shapes only")
+        print(f"no CUDA device: {shapes} (ratios on a CPU do not speak for the GPU target)")
+    bench_attention(setup, load_kernel("routing"), repeats=args.repeats)
     if not args.attention_only:
-        bench_sampling(args.steps)
+        bench_sampling(setup, args.steps)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ and without gradient checkpointing of the layers that run.
                                             # (random weights, bf16), 1024px, batch 1, 2 references
     python -m bench.train_memory --steps 3  # CPU: the tiny UNet at 256px (runs anywhere; the
                                             # numbers that count are the GPU ones)
+    python -m bench.train_memory --sdxl --resolution 256 --steps 1
+        # CPU: the CUDA mode's SDXL-shaped UNet in fp32 (no autocast), a smoke run of that code
 
 Prints one line per setting: peak memory (CUDA), the bytes autograd keeps for backward,
 ms per step, images per second (targets), and on CUDA the model FLOPs utilization against
@@ -16,17 +18,21 @@ import contextlib
 import sys
 import time
 
+from bench import common
 from bench.common import boot_pack
 
 
-
-def saved_bytes(seen):
+def saved_bytes(seen, resident=frozenset()):
     """Count the bytes autograd keeps for backward outside checkpointed regions (a checkpointed
-    region keeps only its inputs): {storage pointer: bytes} filled in `seen`."""
+    region keeps only its inputs): {storage pointer: bytes} filled in `seen`. Storages in
+    `resident` (the weights, which live on anyway) are not counted: autograd saves a layer's
+    weight for its input's gradient, and those bytes are not the activations' cost."""
     import torch
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        pointer = t.untyped_storage().data_ptr()
+        if pointer not in resident:
+            seen[pointer] = t.untyped_storage().nbytes()
         return t
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
@@ -53,23 +59,21 @@ def main(argv=None):
     parser.add_argument("--refs", type=int, default=2, help="references per target")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak, for model FLOPs utilization")
+    common.add_setup_options(parser)
     args = parser.parse_args(argv)
-    module = boot_pack()
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+    setup = common.setup(parser, args, cuda_dtype=torch.bfloat16, tiny_resolution=256)
+    module = boot_pack()
     loop, config_mod, dataset = module("training.loop"), module("training.config"), module("training.dataset")
-    tiny = module("nodes.tiny_models")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        patcher, family, res, context, adm = tiny.sdxl_shaped_unet(device, torch.bfloat16), "sdxl", 1024, 2048, 2816
-    else:
+    cuda, device, res = setup.cuda, setup.device, setup.resolution
+    if not setup.sdxl:
         torch.set_num_threads(1)
-        patcher, family, res, context, adm = tiny.tiny_unet("sdxl"), "sdxl", 256, tiny.SDXL_CONTEXT, tiny.SDXL_ADM
-    models = loop.Models(patcher, None, None, family)
+    patcher, (context, _, adm) = setup.unet(module), setup.widths(module)
+    models = loop.Models(patcher, None, None, "sdxl")
     encoded = synthetic_encoded(dataset, (res // 8, res // 8), context, adm, args.refs)
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; {res}px, batch 1, "
-          f"{args.refs} references, LoRA rank {args.rank}", flush=True)
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; {setup.model_label()}, "
+          f"{res}px, batch 1, {args.refs} references, LoRA rank {args.rank}", flush=True)
     for checkpointing in (False, True):
         config = config_mod.TrainConfig(dataset="-", output_dir="-", lora_rank=args.rank,
                                         resolution=res, gradient_checkpointing=checkpointing,
@@ -77,6 +81,9 @@ def main(argv=None):
         run = loop.Run(config, models, device, encoded)
         optimizer = torch.optim.AdamW(run.step_module.parameters(), lr=1e-5)
         loop._load(run.patcher, device)
+        resident = {t.untyped_storage().data_ptr()
+                    for module in (run.patcher.model, run.step_module)
+                    for t in (*module.parameters(), *module.buffers())}
         try:
             flops, saved = None, {}
             for step in range(args.steps + 2):
@@ -87,7 +94,7 @@ def main(argv=None):
                     started = time.perf_counter()
                 counter = FlopCounterMode(display=False) if step == 1 else None
                 with counter or contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                    with saved_bytes(saved) if step == 1 else contextlib.nullcontext():
+                    with saved_bytes(saved, resident) if step == 1 else contextlib.nullcontext():
                         loss = run.step_module(run.batch(step, [0]))
                     loss.backward()
                 optimizer.step()

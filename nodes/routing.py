@@ -44,20 +44,26 @@ class RoutingRecorder(patching.SharedAcrossClones):
 
     def __init__(self):
         self.last_sigma = None
-        self.seen = 0   # sigmas seen in this run (the step count without a schedule)
-        self.steps = 0  # steps recorded in this run
+        self.seen = 0  # sigmas seen in this run (the step count without a schedule)
+        self.step = 0  # the step of the current model evaluation
         self.sums = {}
+
+    @property
+    def steps(self):
+        """Steps recorded in this run."""
+        return 1 + max((step for step, _, _ in self.sums), default=-1)
 
     def record(self, sigma, block_name, grid, maps, schedule=None):
         sigma = 0.0 if sigma is None else sigma
-        if self.last_sigma is None or sigma > self.last_sigma:
-            self.seen, self.steps, self.sums = 0, 0, {}
-        if sigma != self.last_sigma or not self.seen:
+        # Every routed layer of one model evaluation records; the step is worked out once, at
+        # its first layer (the schedule lives on the GPU: reading it is a device sync).
+        if sigma != self.last_sigma:
+            if self.last_sigma is None or sigma > self.last_sigma:
+                self.seen, self.sums = 0, {}
             self.seen += 1
-        self.last_sigma = sigma
-        step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
-        self.steps = max(self.steps, step + 1)
-        key = (step, block_name, grid)
+            self.step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
+            self.last_sigma = sigma
+        key = (self.step, block_name, grid)
         maps = maps.detach().float()
         entry = self.sums.get(key)
         if entry is None or entry[0].shape != maps.shape:

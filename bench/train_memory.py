@@ -37,6 +37,33 @@ def saved_bytes(seen, resident=frozenset()):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
+@contextlib.contextmanager
+def trainer_step(pack, models, device, encoded, resolution, refs, rank, checkpointing,
+                 building=None):
+    """The trainer's Run (LoRA, patched clone, loss module) loaded on `device`, with its AdamW
+    optimizer: yields (run, optimizer) and unloads the clone on exit. `building`: a context
+    around building the Run (the meta-device estimate lends it a schedule with values)."""
+    import torch
+    loop, config_mod = pack("training.loop"), pack("training.config")
+    config = config_mod.TrainConfig(dataset="-", output_dir="-", lora_rank=rank,
+                                    resolution=resolution, gradient_checkpointing=checkpointing,
+                                    max_references=refs)
+    with building or contextlib.nullcontext():
+        run = loop.Run(config, models, device, encoded)
+    optimizer = torch.optim.AdamW(run.step_module.parameters(), lr=1e-5)
+    loop._load(run.patcher, device)
+    try:
+        yield run, optimizer
+    finally:
+        loop._unload(run.patcher)
+
+
+def resident_tensors(run):
+    """What lives through a whole step anyway: the weights, buffers and trainable parameters."""
+    return [t for module in (run.patcher.model, run.step_module)
+            for t in (*module.parameters(), *module.buffers())]
+
+
 def synthetic_encoded(dataset, latent_hw, context, adm, refs, groups=2):
     """Encoded groups with random tensors of the right shapes (no VAE / text encoder needed)."""
     import torch
@@ -65,7 +92,7 @@ def main(argv=None):
     from torch.utils.flop_counter import FlopCounterMode
     setup = common.setup(parser, args, cuda_dtype=torch.bfloat16, tiny_resolution=256)
     module = boot_pack()
-    loop, config_mod, dataset = module("training.loop"), module("training.config"), module("training.dataset")
+    loop, dataset = module("training.loop"), module("training.dataset")
     cuda, device, res = setup.cuda, setup.device, setup.resolution
     if not setup.sdxl:
         torch.set_num_threads(1)
@@ -75,16 +102,9 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; {setup.model_label()}, "
           f"{res}px, batch 1, {args.refs} references, LoRA rank {args.rank}", flush=True)
     for checkpointing in (False, True):
-        config = config_mod.TrainConfig(dataset="-", output_dir="-", lora_rank=args.rank,
-                                        resolution=res, gradient_checkpointing=checkpointing,
-                                        max_references=args.refs)
-        run = loop.Run(config, models, device, encoded)
-        optimizer = torch.optim.AdamW(run.step_module.parameters(), lr=1e-5)
-        loop._load(run.patcher, device)
-        resident = {t.untyped_storage().data_ptr()
-                    for module in (run.patcher.model, run.step_module)
-                    for t in (*module.parameters(), *module.buffers())}
-        try:
+        with trainer_step(module, models, device, encoded, res, args.refs, args.rank,
+                          checkpointing) as (run, optimizer):
+            resident = {t.untyped_storage().data_ptr() for t in resident_tensors(run)}
             flops, saved = None, {}
             for step in range(args.steps + 2):
                 if step == 2:
@@ -109,8 +129,6 @@ def main(argv=None):
             mfu = f", MFU {flops / (ms / 1000) / (args.peak_tflops * 1e12):.1%}" if cuda else ""
             print(f"checkpointing={'on ' if checkpointing else 'off'}: {memory}, {ms:.0f} ms/step, "
                   f"{1000 / ms:.2f} images/s, {flops / 1e12:.2f} TFLOP/step{mfu}", flush=True)
-        finally:
-            loop._unload(run.patcher)
         del run, optimizer
         if cuda:
             torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import boot_pack
 from bench.live_memory import LiveBytes, cuda_kernels_on_meta
-from bench.train_memory import synthetic_encoded
+from bench.train_memory import resident_tensors, synthetic_encoded, trainer_step
 
 META = torch.device("meta")
 GIB = 2 ** 30
@@ -38,6 +38,18 @@ def host_fused_attention():
         yield
     finally:
         attention.optimized_attention, attention.optimized_attention_masked = saved
+
+
+@contextlib.contextmanager
+def schedule_with_values(base_model):
+    """The trainer reads the noise schedule once, to draw timesteps, and a meta model's has no
+    values: inside, the model carries a fresh one on the CPU."""
+    sampling = base_model.model_sampling
+    base_model.model_sampling = type(sampling)(base_model.model_config)
+    try:
+        yield
+    finally:
+        base_model.model_sampling = sampling
 
 
 def phase_peaks(loss_of_step, optimizer, known, device, steps=2):
@@ -67,29 +79,15 @@ def phase_peaks(loss_of_step, optimizer, known, device, steps=2):
 def trainer_peaks(pack, patcher, res, context, adm, refs, rank, checkpointing, device=META):
     """The trainer's step on `patcher` (its UNet already on `device`), batch 1 with `refs`
     references; returns (phase peaks, FLOPs, bytes of trainable parameters)."""
-    loop, config_mod, dataset = pack("training.loop"), pack("training.config"), pack("training.dataset")
-    base = patcher.model
+    loop, dataset = pack("training.loop"), pack("training.dataset")
     encoded = synthetic_encoded(dataset, (res // 8, res // 8), context, adm, refs)
-    config = config_mod.TrainConfig(dataset="-", output_dir="-", lora_rank=rank, resolution=res,
-                                    gradient_checkpointing=checkpointing, max_references=refs)
-    sampling = base.model_sampling
-    # The trainer reads the noise schedule once, to draw timesteps: a meta model has no values.
-    base.model_sampling = type(sampling)(base.model_config)
-    try:
-        run = loop.Run(config, loop.Models(patcher, None, None, "sdxl"), device, encoded)
-    finally:
-        base.model_sampling = sampling
-    optimizer = torch.optim.AdamW(run.step_module.parameters(), lr=1e-5)
-    trainable = sum(p.numel() * p.element_size() for p in run.step_module.parameters())
-    loop._load(run.patcher, device)
-    try:
-        known = [*run.patcher.model.parameters(), *run.patcher.model.buffers(),
-                 *run.step_module.parameters()]
+    models = loop.Models(patcher, None, None, "sdxl")
+    with trainer_step(pack, models, device, encoded, res, refs, rank, checkpointing,
+                      building=schedule_with_values(patcher.model)) as (run, optimizer):
+        trainable = sum(p.numel() * p.element_size() for p in run.step_module.parameters())
         with host_fused_attention(), cuda_kernels_on_meta():
             peaks, flops = phase_peaks(lambda: run.step_module(run.batch(0, [0])), optimizer,
-                                       known, device)
-    finally:
-        loop._unload(run.patcher)
+                                       resident_tensors(run), device)
     return peaks, flops, trainable
 
 

@@ -74,6 +74,19 @@ def test_multi_object_manifest_parses_and_checks_phrases(tmp_path):
     assert group.references[1].view.mask is None and group.references[0].target_mask.endswith("g0_v0_mask.png")
 
 
+
+def test_manifest_lists_empty_reference_lists_of_every_sample(tmp_path):
+    import json
+    path = tmp_path / "manifest.json"
+    samples = [{"kind": "object", "caption": "a pear", "phrase": "pear",
+                "target": {"image": "t.png"}, "references": []},
+               {"kind": "multi_object", "caption": "a pear", "image": "t.png"}]
+    path.write_text(json.dumps({"format": "multiref-dataset", "version": 1, "samples": samples}))
+    _, problems = manifest.parse(str(path))
+    assert problems == ["samples[0]: `references` must be a non-empty list",
+                        "samples[1]: `objects` must be a non-empty list"]
+
+
 def test_bad_settings_fail_before_any_step(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -129,6 +129,13 @@ def _group(sample, where, root):
         value = text(obj, key, at, required)
         return None if value is None else os.path.normpath(os.path.join(root, value))
 
+    def entries(obj, key, at):
+        value = obj.get(key)
+        if not isinstance(value, list) or not value:
+            problems.append(f"{at}: `{key}` must be a non-empty list")
+            return []
+        return value
+
     if not isinstance(sample, dict):
         raise _SampleProblems([f"{where}: must be an object"])
     kind = sample.get("kind")
@@ -141,10 +148,7 @@ def _group(sample, where, root):
             target = {}
         target_view = View(path(target, "image", f"{where}.target"),
                            path(target, "mask", f"{where}.target", required=False))
-        refs = sample.get("references")
-        if not isinstance(refs, list) or not refs:
-            problems.append(f"{where}: `references` must be a non-empty list")
-            refs = []
+        refs = entries(sample, "references", where)
         references = tuple(
             Reference(View(path(r, "image", f"{where}.references[{i}]"),
                            path(r, "mask", f"{where}.references[{i}]", required=False)), phrase)
@@ -153,10 +157,7 @@ def _group(sample, where, root):
             problems.append(f"{where}: every reference must be an object with `image`")
     elif kind == "multi_object":
         target_view = View(path(sample, "image", where))
-        objects = sample.get("objects")
-        if not isinstance(objects, list) or not objects:
-            problems.append(f"{where}: `objects` must be a non-empty list")
-            objects = []
+        objects = entries(sample, "objects", where)
         references = tuple(
             Reference(View(path(o, "reference", f"{where}.objects[{i}]"),
                            path(o, "reference_mask", f"{where}.objects[{i}]", required=False)),

@@ -8,10 +8,7 @@ set -euo pipefail
 VENV="$1"
 CHECKOUT="${2:-${COMFYUI_PATH:-}}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0
+source "$HERE/venv.sh"
 "${PIP[@]}" -c "$HERE/constraints.txt" -r "$HERE/checkout-requirements.txt"
 # The checkout imports torchvision when comfy.sd loads; 0.16.2 is the newest whose pure-Python
 # import works beside a CPU-only torch 2.13 (later wheels abort on missing compiled ops).

@@ -5,10 +5,7 @@
 set -euo pipefail
 VENV="$1"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0
+source "$HERE/venv.sh"
 "${PIP[@]}" -c "$HERE/constraints.txt" -r "$HERE/host-requirements.txt"
 # --no-deps: comfyui 0.0.1 declares ~50 packages (bitsandbytes, open-clip, fschat, ...) that the
 # paths exercised here never import. torchvision 0.16.2 is the newest release whose pure-Python

@@ -12,10 +12,9 @@ import os
 import sys
 import time
 
-from headless import host as host_mod
+from headless import host as host_mod, shipped
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = os.path.join(HERE, "workflows", "demo_tiny_api.json")
+DEMO = shipped.api_path("demo_tiny")
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "multiref", "ipadapter", "loras", "vae", "clip")
 
 

@@ -98,7 +98,7 @@ def check_api_format(prompt):
     if isinstance(prompt, dict) and "nodes" in prompt and "links" in prompt:
         raise HostError("this is a UI-format workflow (editor save file); the headless runner "
                         "needs the API format: in ComfyUI use 'Export (API)' / 'Save (API Format)' "
-                        "and pass that file, or use the *_api.json twin in workflows/")
+                        "and pass that file, or use the *_api.json twin in api_workflows/")
     if isinstance(prompt, dict) and "prompt" in prompt and isinstance(prompt["prompt"], dict):
         raise HostError("this file wraps the workflow in a {'prompt': ...} request body; pass the "
                         "inner API-format workflow (the value of 'prompt')")

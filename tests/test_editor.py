@@ -2,7 +2,6 @@
 frontend, served by its own server with the pack in custom_nodes, in headless Chromium.
 Each UI file loads with every node known, the editor would save it back unchanged, and the
 editor's own API export (app.graphToPrompt) equals the file's API twin."""
-import glob
 import io
 import json
 import os
@@ -11,13 +10,11 @@ import pytest
 from PIL import Image
 
 from comfy_server import running_server
-from conftest import ROOT
-from headless import workflow_format as fmt
+from headless import shipped, workflow_format as fmt
 from headless_browser import Browser, find_browser
 
-UI_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))
-                  if not p.endswith("_api.json"))
-NAMES = [os.path.basename(p)[: -len(".json")] for p in UI_FILES]
+UI_FILES = shipped.ui_files()
+NAMES = [shipped.name_of(p) for p in UI_FILES]
 # Set to a path to (re)write the README picture of a loaded workflow from the screenshot test.
 SCREENSHOT_ENV = "MULTIREF_EDITOR_SCREENSHOT"
 
@@ -119,7 +116,7 @@ def test_ui_workflow_loads_and_exports_its_api_twin(editor, ui_path):
     loaded = _load(editor, ui)
     _assert_loads_as_saved(loaded, ui)
     # Python's == treats 5 and 5.0 alike, as JSON (and the editor) do.
-    assert loaded["output"] == fmt.load(ui_path[: -len(".json")] + "_api.json")
+    assert loaded["output"] == fmt.load(shipped.api_path(shipped.name_of(ui_path)))
     assert editor.page_errors() == []
 
 

@@ -7,8 +7,7 @@ import urllib.request
 import pytest
 
 from comfy_server import running_server
-from conftest import ROOT
-from headless import api_client
+from headless import api_client, shipped
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +17,7 @@ def server(tmp_path_factory):
 
 
 def test_post_prompt_poll_history_fetch_image(server, tmp_path):
-    with open(os.path.join(ROOT, "workflows", "demo_tiny_api.json")) as f:
+    with open(shipped.api_path("demo_tiny")) as f:
         workflow = json.load(f)
     info = json.loads(urllib.request.urlopen(f"{server}/object_info/MultiRefTinyDemoModels").read())
     assert info["MultiRefTinyDemoModels"]["category"].startswith("MultiRef")

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, headless_host
+from headless import shipped
 
-DEMO = os.path.join(ROOT, "workflows", "demo_tiny_api.json")
+DEMO = shipped.api_path("demo_tiny")
 
 
 def _run(*args, timeout=300):

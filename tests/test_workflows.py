@@ -1,21 +1,20 @@
 """Every shipped workflow: its UI file and API twin describe the same graph, and the API file
 executes in the host with the downloadable models swapped for tiny ones of the same kind."""
 import copy
-import glob
 import os
 
 import pytest
 
-from conftest import ROOT, headless_host
-from headless import workflow_format as fmt
+from conftest import headless_host
+from headless import shipped, workflow_format as fmt
 import workflow_models
 
-API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*_api.json")))
-NAMES = [os.path.basename(p)[: -len("_api.json")] for p in API_FILES]
+API_FILES = shipped.api_files()
+NAMES = [shipped.name_of(p) for p in API_FILES]
 
 
 def _ui_path(api_path):
-    return api_path[: -len("_api.json")] + ".json"
+    return shipped.ui_path(shipped.name_of(api_path))
 
 
 def test_every_capability_has_both_formats():
@@ -46,7 +45,7 @@ def test_api_workflow_executes_in_the_host(host, api_path, tmp_path):
 def test_a_workflow_out_of_step_with_its_nodes_fails(host, tmp_path):
     """Renaming an input (what an incompatible node change does) must be caught, in both the API
     file (by the host's validation) and the UI file (by the widget layout)."""
-    api_path = os.path.join(ROOT, "workflows", "single_subject_views_api.json")
+    api_path = shipped.api_path("single_subject_views")
     api, ui = fmt.load(api_path), fmt.load(_ui_path(api_path))
     broken = workflow_models.swap_in_tiny_models(api, host, tmp_path)
     node = next(n for n in broken.values() if n["class_type"] == "MultiRefApplyAdapter")

@@ -1,0 +1,31 @@
+"""Where the shipped workflows live. UI files (what the editor loads) are in example_workflows/,
+which current ComfyUI serves as the pack's templates; their API twins (what `POST /prompt`
+takes) are in api_workflows/, a folder the template browser does not list, since the editor
+cannot open an API file."""
+import glob
+import os
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UI_DIR = os.path.join(PACK_ROOT, "example_workflows")
+API_DIR = os.path.join(PACK_ROOT, "api_workflows")
+
+
+def api_files():
+    return sorted(glob.glob(os.path.join(API_DIR, "*_api.json")))
+
+
+def ui_files():
+    return sorted(glob.glob(os.path.join(UI_DIR, "*.json")))
+
+
+def api_path(name):
+    return os.path.join(API_DIR, f"{name}_api.json")
+
+
+def ui_path(name):
+    return os.path.join(UI_DIR, f"{name}.json")
+
+
+def name_of(path):
+    base = os.path.basename(path)
+    return base[: -len("_api.json")] if base.endswith("_api.json") else base[: -len(".json")]

@@ -37,6 +37,14 @@ class PhraseKeys:
     keys: torch.Tensor
     average: torch.Tensor
 
+    def select(self, references):
+        """The phrase keys of the given references only (indices in order): an inactive
+        reference is left out of the normalization rather than weighted by zero."""
+        columns = self.average[:, list(references)]
+        tokens = columns.sum(dim=1).nonzero().flatten()
+        keys = self.keys[..., tokens.to(self.keys.device), :]
+        return PhraseKeys(keys, columns[tokens])
+
 
 def phrase_keys(per_reference_keys):
     """Stack the projected phrase tokens of each reference ((P_i, heads*d) each, P_i >= 1)."""

@@ -183,7 +183,10 @@ class _RoutedReferences:
             weights = self.reference_weights(sigma)
             roles = patching.row_roles(extra_options, q.shape[0])
             rows = patching.rows_with_role(roles, ROUTED_ROLES)
-            if not rows or not any(weights):
+            # References gated off at this step are left out of the computation (not multiplied
+            # by zero), so they contribute exactly nothing on any CPU or GPU.
+            active = tuple(i for i, w in enumerate(weights) if w != 0)
+            if not rows or not active:
                 return text_out
             cached = tensors(q.device, q.dtype)
             row_roles = tuple(roles[i] for i in rows)
@@ -193,23 +196,36 @@ class _RoutedReferences:
                 pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
                 cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
             if weights not in cached["weights"]:
-                cached["weights"][weights] = torch.tensor(weights, device=q.device)
+                cached["weights"][weights] = torch.tensor([weights[i] for i in active],
+                                                          device=q.device)
             ip_k, ip_v = cached["rows"][row_roles]
+            phrases = phrase_keys(q.device, q.dtype, row_roles) if self.embeddings else None
+            masks, counts = self.masks, self.counts
+            if len(active) < len(weights):
+                counts = [counts[i] for i in active]
+                # Padding only as long as the active references need: the shapes, and so the
+                # summation order, are those of a node holding the active references alone.
+                ip_k, ip_v = (t[:, list(active), :max(counts)] for t in (ip_k, ip_v))
+                # One reference left: plain IP-Adapter, as a one-reference node would compute.
+                phrases = phrases.select(active) if phrases is not None and len(active) > 1 else None
+                masks = None if masks is None else masks[list(active)]
             subset = len(rows) < q.shape[0]
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
             grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
             out, shown = routing.routed_cross_attention(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
-                cached["weights"][weights], self.scale, self.mode,
-                phrases=phrase_keys(q.device, q.dtype, row_roles) if self.embeddings else None,
-                masks=self.masks, grid=grid, text_to_weight=cached["gate"],
-                token_counts=self.counts)
+                cached["weights"][weights], self.scale, self.mode, phrases=phrases,
+                masks=masks, grid=grid, text_to_weight=cached["gate"], token_counts=counts)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:
-                    shown = torch.ones(1, 1, len(weights), device=q.device)
-                shown = shown.expand(len(rows), q.shape[1], len(weights))
+                    shown = torch.ones(1, 1, len(active), device=q.device)
+                shown = shown.expand(len(rows), q.shape[1], len(active))
+                if len(active) < len(weights):  # inactive references show as zero
+                    every = shown.new_zeros(len(rows), q.shape[1], len(weights))
+                    every[..., list(active)] = shown
+                    shown = every
                 self.recorder.record(sigma, location[0], grid, shown[full],
                                      extra_options.get("sample_sigmas"))
             if not subset:

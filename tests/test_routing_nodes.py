@@ -308,6 +308,18 @@ def test_sigma_ranges_gate_the_node_and_each_reference(sd15):
     text = patching.host_attention_call(q, k, v, options(early_sigma))
     assert torch.equal(windowed(q, k, v, options(early_sigma)), text)
     assert not torch.equal(windowed(q, k, v, options(late_sigma)), text)
+    # Weighted and mask routing: a gated-off reference (with more views, so more padding) is
+    # out of the normalization too; the others equal a node holding them alone, bit for bit.
+    wide_late = encoded(adapter, "cat", 1, views=2, start=0.5)
+    third = encoded(adapter, "hat", 2)
+    masks = torch.rand(3, 4, 6, generator=g)
+    for mode, kw, kw_pair in (("weighted", {}, {}),
+                              ("mask", {"region_masks": masks}, {"region_masks": masks[[0, 2]]})):
+        trio = patch_of(apply(model, adapter, (first, wide_late, third), clip, mode, **kw))
+        pair = patch_of(apply(model, adapter, (first, third), clip, mode, **kw_pair))
+        assert torch.equal(trio(q, k, v, options(early_sigma)), pair(q, k, v, options(early_sigma)))
+        assert not torch.allclose(trio(q, k, v, options(late_sigma)),
+                                  pair(q, k, v, options(late_sigma)))
 
 
 def test_bad_inputs_are_refused_with_clear_errors(sd15):

@@ -41,6 +41,18 @@ def plain_three_branch_guidance(u, i, f, text_scale, image_scale):
     return i + image_scale * (i - u) + text_scale * (f - i)
 
 
+# Relative size of i - u below which the image branch counts as equal to uncond: the two rows
+# then hold the same inputs, and only the batch position (a different GEMM tile on some CPUs)
+# can leave a last-bit difference between them.
+SAME_PREDICTION_TOLERANCE = 1e-5
+
+
+def lacks_image_condition(u, i):
+    """(B, 1, ...) True where the image-only prediction equals uncond (to the tolerance above):
+    no image condition acts on that sample at this step."""
+    return per_sample_norm(i - u) <= SAME_PREDICTION_TOLERANCE * per_sample_norm(u)
+
+
 def two_branch_guidance(u, f, scale, normalize):
     """CFG for any model: u + s * (f - u). Normalized, the guided prediction's per-sample norm is
     capped at the conditional prediction's norm: one guidance vector has no partner to be

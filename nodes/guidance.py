@@ -73,7 +73,7 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
         # A row whose image-only prediction equals uncond has no image condition at this step
         # (no adapter/MSA on the model, or one limited to a sigma range). Eq. 4 would then
         # cancel the text guidance too (d_img = 0 makes m = 0); text-only CFG is what is meant.
-        no_image = guidance.per_sample_norm(image - uncond) == 0
+        no_image = guidance.lacks_image_condition(uncond, image)
         if bool(no_image.any()):
             self.warn_no_image(sigma)
             text_only = guidance.two_branch_guidance(uncond, full, self.cfg, self.normalize)

@@ -310,6 +310,19 @@ def test_without_image_condition_text_guidance_survives():
     expected, _ = _sample(_host_cfg(model, 6.0), model)
     out, _ = _sample(_guider(model, 6.0, 4.0, normalize=False), model)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # Normalized, where eq. 4 would cancel the text guidance, the fallback is the capped CFG.
+    capped, _ = _sample(_guider(model, 6.0, 4.0, normalize=True), model)
+    two_branch, _ = _sample(_guider(model, 6.0, 0.0, 0.0, normalize=True), model)
+    torch.testing.assert_close(capped, two_branch, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_branch_within_rounding_of_uncond_counts_as_no_image_condition():
+    """Same inputs at another batch position may differ in the last bits on some CPUs."""
+    u = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(3))
+    i = u.clone()
+    i[0] += 1e-7 * u[0].abs().max()  # rounding-sized difference: still no image condition
+    i[1] += 1e-2 * u[1]              # a real image effect
+    assert guidance.lacks_image_condition(u, i).flatten().tolist() == [True, False]
 
 
 def test_mode_is_checked():

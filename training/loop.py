@@ -100,13 +100,7 @@ def prepare(config):
     """Everything that can fail before the first step: settings, output folder, device, the
     whole dataset (every problem reported). Returns (device, groups)."""
     device = config_mod.validate(config)
-    groups = manifest.load(config.dataset)
-    too_many = [g.name for g in groups if len(g.references) > config.max_references]
-    if too_many:
-        raise manifest.DatasetError(config.dataset, [
-            f"{name}: more references than max_references ({config.max_references}); raise "
-            "max_references or split the sample" for name in too_many])
-    return device, groups
+    return device, manifest.load(config.dataset, config.max_references)
 
 
 class Run:

@@ -41,7 +41,8 @@ def read(path, what, unsafe_fix=MODEL_UNSAFE_FIX, damaged_fix=MODEL_DAMAGED_FIX)
         raise CheckpointError(
             f"refused to load {name} ({what}: {path}): it is a pickle that would run code to "
             f"load ({_refusal_reason(exc)}); pickles can run arbitrary code, so only weights-only "
-            f"pickles (tensors, numbers, dicts, lists) are read. {unsafe_fix}") from None
+            f"pickles (tensors, numbers, dicts, lists) are read. {unsafe_fix[:1].upper()}"
+            f"{unsafe_fix[1:]}") from None
     except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
         raise _damaged(name, what, path, exc, damaged_fix) from None
 

@@ -375,11 +375,22 @@ def test_non_finite_masks_are_refused_by_name(host, bad):
                   batch_masks=mask)
 
 
-def test_nan_scales_are_refused_by_name(host):
+def test_nan_scales_are_refused_by_name(host, tmp_path):
+    from multiref.kernels.checkpoints import load_adapter
     from multiref.nodes.guidance import MultiRefGuider
+    from multiref.nodes.references import MultiRefEncodeReferences
+    from multiref.nodes.routing import MultiRefApplyAdapter
     model = tiny_models.tiny_unet("sd15")
     with pytest.raises(ValueError, match=r"^image_scale: nan is not a number"):
         MultiRefGuider(model, 7.5, float("nan"), 0.0, True, "three-branch")
+    adapter = load_adapter(tc.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15",
+                                               "safetensors")[0])
+    (encoded,) = MultiRefEncodeReferences().encode(
+        (Reference(images=torch.rand(1, 32, 32, 3), phrase="dog"),), adapter,
+        tiny_models.tiny_clip_vision(), model, 0)
+    with pytest.raises(ValueError, match=r"^scale: nan is not a number"):
+        MultiRefApplyAdapter().apply(model, adapter, encoded, tiny_models.tiny_text_encoder("sd15"),
+                                     "sum", float("nan"), 0.0, 1.0)
     with pytest.raises(ReferenceInputError, match=r"^reference weight: nan is not a number"):
         Reference(images=torch.rand(1, 32, 32, 3), weight=float("nan"))
 

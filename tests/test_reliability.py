@@ -116,12 +116,14 @@ def test_trainer_adapter_pickle_is_refused_unrun(tmp_path, data, caplog, suffix)
 @pytest.mark.parametrize("suffix", list(LEGACY))
 def test_adapter_loader_node_pickle_is_refused_unrun(host, tmp_path, name, suffix):
     folder = tmp_path / "multiref"
-    folder.mkdir()
+    # In a subfolder of this test's own: other tests' folders may hold a file of the same name.
+    (folder / tmp_path.name).mkdir(parents=True)
     host.folder_paths.add_model_folder_path("multiref", str(folder))
     marker = tmp_path / "marker"
-    hostile = write_hostile(folder / f"{name}{suffix}", marker, payload_key="self_attn_lora.0")
+    hostile = write_hostile(folder / tmp_path.name / f"{name}{suffix}", marker,
+                            payload_key="self_attn_lora.0")
     with pytest.raises(CheckpointError) as err:
-        MultiRefAdapterLoader().load(f"{name}{suffix}")
+        MultiRefAdapterLoader().load(f"{tmp_path.name}/{name}{suffix}")
     assert not marker.exists()
     assert str(err.value).startswith(f"refused to load {name}{suffix} (adapter: {hostile})")
 

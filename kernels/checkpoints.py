@@ -11,15 +11,15 @@ block (the order of `UNet2DConditionModel.attn_processors`, in which attn1 of bl
 attn2 is 2i+1: hence the odd published numbers).
 """
 import os
-import pickle
 import re
 import tempfile
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from . import weights_files
 from .adapter import AdapterMismatchError, build_adapter
+from .weights_files import CheckpointError  # noqa: F401  (the error of every file problem)
 
 PACK_FORMAT = "multiref-adapter"
 LORA_FORMAT = "multiref-lora"  # the trainer's self-attention LoRA alone (trained without an adapter)
@@ -44,10 +44,6 @@ FILES_BY_FAMILY = {
     "sdxl": "ip-adapter-plus_sdxl_vit-h.bin (h94/IP-Adapter, sdxl_models/), model_sdxl_plus.bin "
             "(hqhQAQ/MIP-Adapter) or sdxl_finetuned_20k.ckpt (SynCD)",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the file and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,40 +99,14 @@ def bind_to_unet(adapter, diffusion_model):
 # Reading files
 
 def read_checkpoint(path):
-    """(flat {name: tensor}, metadata dict) of a .safetensors or pickled file. Pickles load only
-    with torch.load(weights_only=True): a file that needs to run code is refused."""
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"adapter file {path} does not exist")
-    try:
-        if path.lower().endswith(".safetensors"):
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            return load_file(path), metadata
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load {name}: it is a pickle that needs more than plain tensors and "
-            f"dicts to load ({str(exc).splitlines()[0][:200]}); pickles can run arbitrary code, so "
-            "only weights-only pickles are read. Use a .safetensors version of the file, or "
-            "convert it where you trust it") from None
-    except (RuntimeError, EOFError, OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read {name} ({str(exc).splitlines()[0][:200]}); the file "
-                              "is damaged or incompletely downloaded: download it again") from None
+    """(flat {name: tensor}, metadata dict) of an adapter or LoRA file (.safetensors, or a pickle
+    read weights-only: weights_files)."""
+    obj, metadata = weights_files.read(path, "adapter")
+    if metadata:
+        return obj, metadata
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a Lightning checkpoint: the module's weights are in here
     return flatten(obj), {}
-
-
-def _torch_load(path):
-    # Memory-mapped where the file allows it (zip format): a Lightning checkpoint holding a whole
-    # model and optimizer state then costs only the tensors that are kept.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def flatten(obj, prefix=""):

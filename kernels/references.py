@@ -6,12 +6,37 @@ A reference is ONE object seen in one or several views (a batch of images of the
 from dataclasses import dataclass
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+# How far outside 0..1 an IMAGE's pixels may stray (resampling overshoot, e.g. bicubic) before
+# the image is refused as being on another scale (0..255, -1..1).
+PIXEL_SLACK = 0.25
 
 
 class ReferenceInputError(ValueError):
     """A reference input is unusable; the message names the input and the fix."""
+
+
+def check_finite(tensor, what, fix):
+    """Refuse NaN or infinite values: one of them turns the whole sampled latent into NaN."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ReferenceInputError(f"{what}: {bad} of {tensor.numel()} values are NaN or infinite; "
+                                  f"{fix}")
+
+
+def check_pixel_range(images, what):
+    """Refuse an IMAGE far outside 0..1 (another scale): the encoders would see a clipped or
+    washed-out picture and nothing else would show it."""
+    low, high = float(images.min()), float(images.max())
+    if low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK:
+        raise ReferenceInputError(
+            f"{what}: pixel values run from {low:.4g} to {high:.4g}, but a ComfyUI IMAGE holds "
+            f"0..1 (up to {PIXEL_SLACK} outside is accepted); a 0..255 image must be divided by "
+            "255, a -1..1 image mapped with (x + 1) / 2, before it is connected")
 
 
 @dataclass(frozen=True, eq=False)  # tensors inside: compare fields explicitly
@@ -45,10 +70,12 @@ def check_reference(ref):
     if images.shape[0] == 0:
         raise ReferenceInputError("reference image: the image batch is empty (0 views); connect at "
                              "least one image of the object")
-    if not torch.isfinite(images).all():
-        raise ReferenceInputError("reference image: contains NaN or infinite values; re-load or "
-                             "re-decode the image")
+    check_finite(images, "reference image", "re-load or re-decode the image")
+    check_pixel_range(images, "reference image")
+    if not math.isfinite(ref.weight):
+        raise ReferenceInputError(f"reference weight: {ref.weight} is not a number; give 0..5")
     if masks is not None:
+        check_finite(masks, "reference mask", "re-load or redraw the mask")
         if masks.ndim != 3 or masks.shape[0] not in (1, images.shape[0]) or \
                 tuple(masks.shape[1:]) != tuple(images.shape[1:3]):
             raise ReferenceInputError(
@@ -74,10 +101,29 @@ def latent_masks(masks, views, size, dilation=0):
     fg = fg[:, 0].expand(views, -1, -1).contiguous()
     empty = [i for i in range(views) if fg[i].sum() == 0]
     if empty:
-        raise ReferenceInputError(
-            f"reference mask: view(s) {empty} have no foreground at the latent resolution "
-            f"{tuple(size)}; draw a larger mask, raise mask_dilation, or leave the mask out")
+        raise ReferenceInputError(_empty_mask_message(masks, views, size, empty))
     return fg
+
+
+def _empty_mask_message(masks, views, size, empty):
+    """Why views have no foreground cell, and what helps (mask_dilation cannot: it grows the
+    cells that are already foreground)."""
+    pixels = (masks.float() > 0.5).flatten(1).sum(1).expand(views)  # one mask may serve all
+    blank = [i for i in empty if pixels[i] == 0]
+    small = [i for i in empty if pixels[i] > 0]
+    cell = f"{masks.shape[1] // size[0]}x{masks.shape[2] // size[1]}"
+    parts = []
+    if blank:
+        parts.append(f"view(s) {blank} are blank (no pixel above 0.5): paint the object white in "
+                     "the mask, or leave the mask out (= the whole image is the object)")
+    if small:
+        parts.append(
+            f"in view(s) {small} the object covers only {[int(pixels[i]) for i in small]} "
+            f"pixel(s), less than half of any {cell}-pixel latent cell, so no foreground is left "
+            f"at the latent resolution {tuple(size)}: draw the mask larger around the object, or "
+            "use a larger image in which the object spans several cells (mask_dilation cannot "
+            "help: it only grows cells that are already foreground)")
+    return "reference mask: no foreground; " + "; ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)  # tensors inside: compare fields explicitly

@@ -7,6 +7,7 @@ patches which chunk is the full, image-only and uncond branch (docs/CONTRACTS.md
 and MSA patches put the image condition on the full and image-only rows only.
 """
 import logging
+import math
 
 import torch
 
@@ -37,6 +38,10 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
     def __init__(self, model_patcher, text_scale, image_scale, image_scale_ramp, normalize, mode):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("text_scale", text_scale), ("image_scale", image_scale),
+                            ("image_scale_ramp", image_scale_ramp)):
+            if not math.isfinite(value):  # the editor's limits do not stop a NaN in an API prompt
+                raise ValueError(f"{name}: {value} is not a number; give a finite scale")
         super().__init__(model_patcher)
         self.set_cfg(text_scale)
         self.image_scale = image_scale

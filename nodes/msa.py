@@ -17,7 +17,7 @@ import torch
 
 from ..kernels import msa, routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
-from ..kernels.references import EncodedReference
+from ..kernels.references import EncodedReference, check_finite
 from ..kernels.routing import layer_grid
 from . import patching
 from .routing import phrase_embeddings
@@ -404,6 +404,8 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         if batch_masks is not None and batch_masks.ndim != 3:
             raise ValueError(f"batch_masks: expected a MASK batch (images, height, width), got "
                              f"{tuple(batch_masks.shape)}")
+        if batch_masks is not None:  # NaN would spread through every shared attention
+            check_finite(batch_masks, "batch_masks", "re-load or redraw the masks")
         masks = None if batch_masks is None else batch_masks.detach().float().cpu()
         phrase_maps = None
         if batch_phrase.strip() and masks is None:

@@ -1,15 +1,20 @@
 """MultiRefReference (one object, chainable) and MultiRefEncodeReferences (CLIP vision + adapter
 + VAE -> what the patches consume)."""
+import hashlib
 import logging
 
 import torch
 
 from ..kernels.checkpoints import bind_to_unet
-from ..kernels.references import EncodedReference, Reference, ReferenceInputError, latent_masks
+from ..kernels.references import (EncodedReference, Reference, ReferenceInputError, check_finite,
+                                  latent_masks)
 
 log = logging.getLogger("multiref")
 
 LATENT_DOWNSCALE = 8  # SD1.5 / SDXL VAEs
+# Smallest reference side with a VAE or a mask: 2 latent cells (the VAE's 8x downscale of fewer
+# pixels fails inside the host; one cell is no picture of an object anyway).
+MIN_SIDE = 2 * LATENT_DOWNSCALE
 
 
 class MultiRefReference:
@@ -90,10 +95,14 @@ class MultiRefEncodeReferences:
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
+        for n, ref in enumerate(references, 1):  # before any encoding
+            check_size(ref, n, vae is not None)
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
         with torch.no_grad():
             encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation)
                             for ref in references)
+        for n, enc in enumerate(encoded, 1):
+            check_encoded(enc, n)
         log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
                  ", ".join(f"{e.image_tokens.shape[1]} tokens" for e in encoded))
         return (encoded,)
@@ -107,7 +116,7 @@ class MultiRefEncodeReferences:
             masks = latent_masks(cropped, views, grid, mask_dilation)
         tokens = self.tokens(adapter, clip_vision, ref.images)
         black = self.tokens(adapter, clip_vision, torch.zeros_like(ref.images[:1]))
-        latents = vae.encode(ref.images) if vae is not None else None
+        latents = vae_latents(vae, ref.images) if vae is not None else None
         if latents is not None and tuple(latents.shape[-2:]) != grid:
             raise ReferenceInputError(f"vae: latents of {tuple(latents.shape[-2:])} for images of "
                                       f"{(height, width)}; connect an SD1.5/SDXL VAE (8x downscale)")
@@ -121,6 +130,43 @@ class MultiRefEncodeReferences:
     @staticmethod
     def tokens(adapter, clip_vision, images):
         return adapter.project(clip_vision.encode_image(images)).float()
+
+
+def check_size(ref, n, with_vae):
+    """A named error before anything runs, instead of a division by zero inside the host's VAE."""
+    height, width = ref.images.shape[1:3]
+    needs = "the VAE" if with_vae else "its mask" if ref.masks is not None else None
+    if needs and min(height, width) < MIN_SIDE:
+        raise ReferenceInputError(
+            f"reference {n} ('{ref.phrase}') image: {width}x{height} pixels is too small for "
+            f"{needs}: references need at least {MIN_SIDE}x{MIN_SIDE} pixels ({MIN_SIDE // LATENT_DOWNSCALE}"
+            f"x{MIN_SIDE // LATENT_DOWNSCALE} cells of the {LATENT_DOWNSCALE}x smaller latent grid), "
+            "and show their object well from about 256 pixels; connect a larger picture (upscale "
+            "this one with an Upscale Image node if it is all there is)")
+
+
+def check_encoded(enc, n):
+    """NaN out of an encoder would silently turn every sampled latent into NaN."""
+    check_finite(enc.image_tokens, f"clip_vision / adapter (reference {n} '{enc.phrase}')",
+                 "the CLIP vision model or the adapter file gives NaN for this image: load them "
+                 "again (re-download a damaged file) or run them in float32")
+    if enc.latents is not None:
+        check_finite(enc.latents, f"vae (reference {n} '{enc.phrase}')",
+                     "the VAE overflows (the SDXL VAE does in float16): start ComfyUI with "
+                     "--fp32-vae (or --bf16-vae), or use an fp16-fixed SDXL VAE")
+
+
+def vae_latents(vae, images):
+    """The VAE's latents of `images`, identical on every call. The installable host's VAE draws
+    a sample of its latent distribution from the global RNG, whose state depends on earlier
+    prompts (samplers seed it); here the draw is seeded from the images themselves, inside a
+    forked RNG that leaves the global stream as it was. Hosts that return the distribution's
+    mean (current ComfyUI) give the same latents either way."""
+    digest = hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2 ** 63)
+        return vae.encode(images)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefReference": MultiRefReference,

@@ -9,12 +9,14 @@ the references' uncond tokens, as plain IP-Adapter gives them. MultiRefRoutingMa
 a sampler ran, where each reference went.
 """
 import logging
+import math
 import weakref
 
 import torch
 
 from ..kernels import routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
+from ..kernels.references import check_finite
 from . import patching
 
 log = logging.getLogger("multiref")
@@ -292,6 +294,8 @@ class MultiRefApplyAdapter:
                                  "adapter that is applied")
         if mode not in routing.MODES:
             raise ValueError(f"mode: {mode!r} is not one of {routing.MODES}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: {scale} is not a number; give 0.6-0.8 typically")
         texts = _phrases(references, phrases)
         unet = model.model.diffusion_model
         blocks = dict(unet_transformer_blocks(unet))
@@ -331,7 +335,12 @@ def _region_masks(region_masks, count):
     if region_masks is None:
         raise ValueError("region_masks: mode 'mask' needs one mask per reference; connect a MASK "
                          "batch or choose mode 'weighted'")
+    if region_masks.ndim not in (2, 3):
+        raise ValueError(f"region_masks: expected a MASK batch (references, height, width), got "
+                         f"shape {tuple(region_masks.shape)}")
     masks = region_masks if region_masks.ndim == 3 else region_masks[None]
+    check_finite(masks, "region_masks", "re-load or redraw the masks (0 = reference off, "
+                 "1 = full)")
     if masks.shape[0] != count:
         raise ValueError(f"region_masks: {masks.shape[0]} masks for {count} references; give one "
                          "mask per reference, in reference order")

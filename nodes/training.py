@@ -18,21 +18,33 @@ import comfy.utils
 
 from ..training import checkpoint, loop, plots
 from ..training.blocks import attention_paths
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, TrainConfigError
 from ..training.cli import family_of
 
 log = logging.getLogger("multiref")
 
 
 def _output_folder(name):
-    """A relative output_dir lives in ComfyUI's output folder, as SaveImage's files do."""
-    if os.path.isabs(name):
-        return name
+    """output_dir lives in ComfyUI's output folder, as SaveImage's files do: a prompt can come
+    from anyone who reaches the server (POST /prompt), so no absolute path, no `..` and no link
+    may lead it elsewhere (the command-line trainer writes where its user says)."""
     try:
         import folder_paths
     except ImportError:  # the installable host keeps it in comfy.cmd
         from comfy.cmd import folder_paths
-    return os.path.join(folder_paths.get_output_directory(), name)
+    root = os.path.realpath(folder_paths.get_output_directory())
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts:
+        raise TrainConfigError(
+            f"output_dir {name!r}: give a folder inside ComfyUI's output folder ({root}) as a "
+            "relative path without '..', e.g. multiref_training/run1 (absolute paths and '..' "
+            "are refused: a prompt must not write outside the output folder)")
+    folder = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, folder]) != root:
+        raise TrainConfigError(
+            f"output_dir {name!r} leads to {folder}, outside ComfyUI's output folder ({root}), "
+            "through a symbolic link; choose a folder inside the output folder")
+    return folder
 
 
 class MultiRefTrain:
@@ -61,8 +73,9 @@ class MultiRefTrain:
                         "Path of the dataset manifest JSON (format: training/manifest.py). Every "
                         "missing or broken file is reported before training starts."}),
             "output_dir": ("STRING", {"default": "multiref_training/run1", "tooltip":
-                           "Run folder for checkpoints, weights and the loss curve; relative "
-                           "paths go under ComfyUI's output folder. An existing run resumes."}),
+                           "Run folder for checkpoints, weights and the loss curve, inside "
+                           "ComfyUI's output folder (a relative path, no '..'). An existing run "
+                           "resumes."}),
             "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip":
                       "Optimizer steps to train in total (a resumed run continues up to it)."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
@@ -86,7 +99,9 @@ class MultiRefTrain:
                                        "Recompute activations in backward: much less memory, "
                                        "about a third more time."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip":
-                       "Continue from the newest checkpoint in output_dir if there is one."}),
+                       "Continue from the newest checkpoint in output_dir if there is one (with "
+                       "the same settings). Off: a fresh run; an earlier run there is moved to "
+                       "output_dir/replaced/."}),
         }, "optional": {
             "preview_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
                               "Save a preview image (the LoRA as trained so far, no reference) "

@@ -64,3 +64,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def output_folder(host, tmp_path):
+    """The host's output folder moved to a fresh folder of this test (the training node writes
+    only inside the output folder), restored afterwards."""
+    saved = host.folder_paths.get_output_directory()
+    folder = tmp_path / "output"
+    folder.mkdir()
+    host.folder_paths.set_output_directory(str(folder))
+    yield folder
+    host.folder_paths.set_output_directory(saved)

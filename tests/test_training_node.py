@@ -21,19 +21,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(data, out, steps=4):
-    return {"dataset": data, "output_dir": str(out), "steps": steps, "batch_size": 1,
+    """out: the run folder's name inside the host's output folder."""
+    return {"dataset": data, "output_dir": out, "steps": steps, "batch_size": 1,
             "grad_accumulation": 1, "learning_rate": 0.01, "lora_rank": 4, "resolution": 64,
             "save_every": 2, "keep_last": 2, "seed": 1, "gradient_checkpointing": True,
             "resume": True}
 
 
-def test_train_node_runs_in_a_headless_prompt(host, tmp_path):
+def test_train_node_runs_in_a_headless_prompt(host, tmp_path, output_folder):
     data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
-    run = tmp_path / "run"
+    run = output_folder / "run"
     prompt = {
         "1": {"class_type": "MultiRefTinyDemoModels", "inputs": {"family": "sd15", "seed": 0}},
         "2": {"class_type": "MultiRefTrain", "inputs": dict(
-            _inputs(data, run), model=["1", 0], clip=["1", 1], vae=["1", 2])},
+            _inputs(data, "run"), model=["1", 0], clip=["1", 1], vae=["1", 2])},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 2]}},
     }
     progress = headless_host.ProgressPrinter(quiet=True)
@@ -55,17 +56,18 @@ def _sample(model, clip):
                                disable_pbar=True)
 
 
-def test_trained_model_output_changes_the_sample_and_matches_the_core_lora_file(tmp_path):
+def test_trained_model_output_changes_the_sample_and_matches_the_core_lora_file(tmp_path,
+                                                                               output_folder):
     import comfy.sd
     from safetensors.torch import load_file
     data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
     with torch.inference_mode():  # as the host runs nodes
         model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
                             tiny_models.tiny_vae())
-        trained, weights, curve = MultiRefTrain().train(model, clip, vae, **_inputs(data, tmp_path / "r"))
+        trained, weights, curve = MultiRefTrain().train(model, clip, vae, **_inputs(data, "r"))
         base_sample = _sample(model, clip)
         trained_sample = _sample(trained, clip)
-        core = load_file(str(tmp_path / "r" / checkpoint.CORE_LORA_NAME))
+        core = load_file(str(output_folder / "r" / checkpoint.CORE_LORA_NAME))
         loaded, _ = comfy.sd.load_lora_for_models(model, None, core, 1.0, 0.0)
         loaded_sample = _sample(loaded, clip)
     assert curve.shape == (1, 360, 640, 3)
@@ -74,7 +76,8 @@ def test_trained_model_output_changes_the_sample_and_matches_the_core_lora_file(
     assert torch.equal(_sample(model, clip), base_sample)  # the input model is untouched
 
 
-def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host, tmp_path):
+def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host, tmp_path,
+                                                                           output_folder):
     """Train an adapter with MultiRefTrain, load the file with MultiRefAdapterLoader from
     models/multiref, apply it with the pack's nodes: the sample differs from the one with the
     adapter it started from."""
@@ -94,7 +97,7 @@ def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host
                             tiny_models.tiny_vae())
         clip_vision = tiny_models.tiny_clip_vision()
         start = load_adapter(start_file)
-        _, weights, _ = MultiRefTrain().train(model, clip, vae, **_inputs(data, tmp_path / "r"),
+        _, weights, _ = MultiRefTrain().train(model, clip, vae, **_inputs(data, "r"),
                                               adapter=start, clip_vision=clip_vision)
         os.replace(weights, models_dir / "trained.safetensors")
         (trained,) = MultiRefAdapterLoader().load("trained.safetensors")
@@ -110,12 +113,12 @@ def test_trained_adapter_loads_in_the_adapter_loader_and_changes_the_sample(host
     assert (samples[0] - samples[1]).abs().max() > 1e-4
 
 
-def test_cancel_saves_a_resumable_state_and_the_next_run_resumes(tmp_path):
+def test_cancel_saves_a_resumable_state_and_the_next_run_resumes(tmp_path, output_folder):
     """ComfyUI's cancel (interrupt_current_processing) stops the node after the current step
     with the state saved; queueing it again continues from there."""
     import comfy.model_management as mm
     data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
-    inputs = dict(_inputs(data, tmp_path / "r", steps=4), save_every=100)
+    inputs = dict(_inputs(data, "r", steps=4), save_every=100)
     with torch.inference_mode():
         model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
                             tiny_models.tiny_vae())
@@ -126,8 +129,8 @@ def test_cancel_saves_a_resumable_state_and_the_next_run_resumes(tmp_path):
         finally:
             mm.interrupt_current_processing(False)
         assert "Interrupt" in type(stopped.value).__name__
-        assert checkpoint.saved_steps(str(tmp_path / "r")) == [1]
+        assert checkpoint.saved_steps(str(output_folder / "r")) == [1]
         MultiRefTrain().train(model, clip, vae, **inputs)
-    assert checkpoint.saved_steps(str(tmp_path / "r")) == [1, 4]
+    assert checkpoint.saved_steps(str(output_folder / "r")) == [1, 4]
     import json
-    assert [s for s, _ in json.loads((tmp_path / "r" / "loss.json").read_text())] == [1, 2, 3, 4]
+    assert [s for s, _ in json.loads((output_folder / "r" / "loss.json").read_text())] == [1, 2, 3, 4]

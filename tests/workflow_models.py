@@ -100,7 +100,8 @@ def swap_in_tiny_models(prompt, host, tmp_path):
         elif kind == "MultiRefTrain":
             args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
                                                                  groups=2, refs=1)
-            args["output_dir"] = str(tmp_path / "run")
+            # Inside the host's output folder (the node refuses any other place), one per test.
+            args["output_dir"] = f"workflow_tests/{tmp_path.name}/run"
             args["save_every"] = 2
         for key in SMALL:
             if key in args and not isinstance(args[key], list):

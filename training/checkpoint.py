@@ -14,6 +14,11 @@
       cache/encoded-<key>.pt            the dataset's encodings (latents, text, image tokens)
       previews/step-NNNNNN.png          preview images (preview_every)
       data_selection.json               object quality scores and dropped groups (quality_threshold)
+      replaced/<time>/                  an earlier run's files, moved aside when a fresh run
+                                        (resume off) starts in the same folder
+
+A run killed mid-write (kill -9, power loss) leaves only hidden temporary entries (`.step-*`
+folders, `.multiref-*.tmp` files), never a half-written checkpoint; the next start removes them.
 
 Weights file: safetensors, tensor names as the adapter files use them
 (`self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight`, i = layer in the published
@@ -21,14 +26,17 @@ order; with a trained adapter also `image_proj.*`, `ip_adapter.{2i+1}.*`), metad
 format / format_version / family / kind / contents / lora_alpha (kernels/checkpoints.py).
 """
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 
 import torch
 from safetensors.torch import save_file
 
+from ..kernels import weights_files
 from ..kernels.adapter import AdapterLayer, LoadedAdapter
 from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, published_order, save_adapter
 
@@ -36,7 +44,14 @@ WEIGHTS_NAME = "multiref_lora.safetensors"
 CORE_LORA_NAME = "multiref_lora_core.safetensors"
 ADAPTER_NAME = "multiref_adapter.safetensors"
 STATE_NAME = "training_state.pt"
+REPLACED_DIR = "replaced"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".multiref-"
+# What a run writes in its folder (cache/ is shared by runs on the same data and stays).
+RUN_ENTRIES = ("config.json", "checkpoints", WEIGHTS_NAME, CORE_LORA_NAME, ADAPTER_NAME,
+               "loss.json", "loss.png", "summary.json", "previews", "data_selection.json")
+
+log = logging.getLogger("multiref")
 
 
 def lora_tensors(lora_layers):
@@ -96,7 +111,7 @@ def write_core_lora(path, lora_layers, attention_paths):
 
 def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -141,12 +156,61 @@ def saved_steps(output_dir):
 
 def load_latest(output_dir):
     """(step, state) of the newest complete checkpoint, or None. The state file holds only
-    tensors, numbers and dicts: loaded with weights_only=True."""
+    tensors, numbers, strings and containers: read weights-only (weights_files)."""
     steps = saved_steps(output_dir)
     if not steps:
         return None
-    path = os.path.join(output_dir, "checkpoints", f"step-{steps[-1]:06d}", STATE_NAME)
-    return steps[-1], torch.load(path, map_location="cpu", weights_only=True)
+    folder = os.path.join(output_dir, "checkpoints", f"step-{steps[-1]:06d}")
+    state, _ = weights_files.read(
+        os.path.join(folder, STATE_NAME), "resume state",
+        unsafe_fix=f"the trainer writes weights-only state files, so this one was not written by "
+                   f"it (or was altered): delete the folder {folder} (the run then resumes from "
+                   "the checkpoint before it) or start a fresh run",
+        damaged_fix=f"delete the folder {folder}; the run then resumes from the checkpoint before it")
+    return steps[-1], state
+
+
+def clean_interrupted_writes(output_dir):
+    """Remove what a run killed mid-write left: `.step-*` folders in checkpoints/ and
+    `.multiref-*.tmp` files (every write is a temporary entry renamed into place, so these are
+    never part of a complete file). Returns the removed paths."""
+    removed = []
+    for sub in ("", "checkpoints", "cache", "previews"):
+        folder = os.path.join(output_dir, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if sub == "checkpoints" and name.startswith(".step-") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(_TMP_PREFIX) and name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
+            else:
+                continue
+            removed.append(path)
+    if removed:
+        log.warning("removed %d unfinished file(s) of an interrupted save in %s: %s", len(removed),
+                    output_dir, ", ".join(os.path.relpath(p, output_dir) for p in removed))
+    return removed
+
+
+def set_aside(output_dir):
+    """Move an earlier run's files (RUN_ENTRIES) to replaced/<time>/ so a fresh run never mixes
+    with them; returns that folder, or None when there was nothing to move."""
+    present = [name for name in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, name))]
+    if not present:
+        return None
+    target = os.path.join(output_dir, REPLACED_DIR, time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 1
+    while os.path.exists(target):
+        target = f"{target.rsplit('~', 1)[0]}~{suffix}"
+        suffix += 1
+    os.makedirs(target)
+    for name in present:
+        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    log.warning("resume is off: the earlier run in %s (%s) was moved to %s; delete that folder "
+                "if you do not need it", output_dir, ", ".join(present), target)
+    return target
 
 
 def write_json(path, data):

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from ..kernels import weights_files
 from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, CheckpointError
 from . import config as config_mod, loop, manifest
 
@@ -31,6 +32,7 @@ def load_models(config):
                 f"clip_vision {config.clip_vision!r}: training an adapter needs the path of the "
                 "CLIP vision model it reads (e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)")
         models.adapter = load_adapter(config.adapter)
+        weights_files.check(config.clip_vision, "clip_vision")  # the host may unpickle unsafely
         models.clip_vision = comfy.clip_vision.load(config.clip_vision)
     return models
 
@@ -51,6 +53,7 @@ def _base_models(spec):
     if not os.path.isfile(path):
         raise config_mod.TrainConfigError(f"model.checkpoint {path} does not exist; give the path "
                                           "of an SD1.5 or SDXL checkpoint (.safetensors)")
+    weights_files.check(path, "model.checkpoint")  # the host may unpickle it unsafely
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True,
                                                             output_clip=True)[:3]
     return loop.Models(model, vae, clip, family_of(model))

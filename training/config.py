@@ -81,6 +81,27 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Settings a resumed run may change (how long, how often to save, how it runs); every other
+# setting defines what is trained, and a resumed run must keep it.
+RESUMABLE_CHANGES = ("output_dir", "steps", "save_every", "keep_last", "resume",
+                     "gradient_checkpointing", "mixed_precision", "device", "preview_every",
+                     "preview_prompt")
+
+
+def run_identity(config, family, adapter_fingerprint):
+    """What a checkpoint must share with the run that resumes it: the defining settings, the
+    base model family and the adapter trained (its weights' fingerprint)."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    identity.update(base_family=family, adapter_weights=adapter_fingerprint)
+    return identity
+
+
+def identity_differences(saved, now):
+    """['lora_rank: 16 in the saved run, 32 now', ...] for every key whose value differs."""
+    return [f"{key}: {saved.get(key)!r} in the saved run, {now.get(key)!r} now"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
 def resolve_device(config):
     """The torch device, or a clear error when a CUDA-only option meets a machine without CUDA."""
     cuda = torch.cuda.is_available()

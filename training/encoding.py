@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..kernels import weights_files
 from ..kernels.adapter import fingerprint_of
 from . import checkpoint, config as config_mod, dataset
 
@@ -24,7 +25,12 @@ def encode(config, models, groups, rank=0):
     path = os.path.join(config.output_dir, "cache", f"encoded-{cache_key(config, models, groups)}.pt")
     if os.path.isfile(path):
         log.info("using the cached encodings %s", path)
-        return dataset.from_tensors(torch.load(path, map_location="cpu", weights_only=True))
+        cached, _ = weights_files.read(
+            path, "cached encodings",
+            unsafe_fix="the trainer writes weights-only caches, so this one was not written by it "
+                       "(or was altered): delete it; the dataset is then encoded again",
+            damaged_fix="delete it; the dataset is then encoded again")
+        return dataset.from_tensors(cached)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoded = dataset.encode_groups(groups, config.resolution, models.vae, models.clip,

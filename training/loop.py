@@ -5,6 +5,7 @@ What each micro-batch holds and its random draws: training/batches.py; the one-t
 the dataset: training/encoding.py.
 """
 import contextlib
+import json
 import logging
 import os
 import time
@@ -99,13 +100,7 @@ def prepare(config):
     """Everything that can fail before the first step: settings, output folder, device, the
     whole dataset (every problem reported). Returns (device, groups)."""
     device = config_mod.validate(config)
-    groups = manifest.load(config.dataset)
-    too_many = [g.name for g in groups if len(g.references) > config.max_references]
-    if too_many:
-        raise manifest.DatasetError(config.dataset, [
-            f"{name}: more references than max_references ({config.max_references}); raise "
-            "max_references or split the sample" for name in too_many])
-    return device, groups
+    return device, manifest.load(config.dataset, config.max_references)
 
 
 class Run:
@@ -194,6 +189,15 @@ def train(config, models, on_step=None, check_interrupt=None):
     if config.batch_size % world:
         raise config_mod.TrainConfigError(f"batch_size {config.batch_size} must be divisible by "
                                           f"the number of processes ({world})")
+    identity = json.loads(json.dumps(config_mod.run_identity(
+        config, models.family, models.adapter.fingerprint if models.adapter is not None else None)))
+    if rank == 0:
+        checkpoint.clean_interrupted_writes(config.output_dir)
+        if not config.resume:
+            checkpoint.set_aside(config.output_dir)
+    resumed = checkpoint.load_latest(config.output_dir) if config.resume else None
+    if resumed is not None:
+        _check_resumable(config, identity, *resumed)
     bf16 = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
     run = Run(config, models, device, encoding.encode(config, models, groups, distributed_context()[0]))
     lora_layers, patcher, step_module = run.lora_layers, run.patcher, run.step_module
@@ -203,10 +207,15 @@ def train(config, models, on_step=None, check_interrupt=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     start, losses = 0, []
-    resumed = checkpoint.load_latest(config.output_dir) if config.resume else None
     if resumed is not None:
         start, saved = resumed
-        step_module.load_state_dict(saved["trainable"])
+        try:
+            step_module.load_state_dict(saved["trainable"])
+        except RuntimeError as exc:
+            raise config_mod.TrainConfigError(
+                f"output_dir {config.output_dir}: the run saved at step {start} trained weights "
+                f"of other shapes than this model and settings make "
+                f"({str(exc).splitlines()[-1].strip()[:200]}); {_RESUME_FIX}") from None
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -222,7 +231,7 @@ def train(config, models, on_step=None, check_interrupt=None):
             return None
         saved_state = {"trainable": step_module.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                       "step": torch.tensor(step),
+                       "step": torch.tensor(step), "run_identity": json.dumps(identity),
                        "losses": torch.tensor(losses, dtype=torch.float64).reshape(-1, 2)}
         return checkpoint.save(config.output_dir, step, saved_state, lora_layers, models.family,
                                config.keep_last, models.adapter, run.adapter_layers)
@@ -276,10 +285,13 @@ def train(config, models, on_step=None, check_interrupt=None):
         _unload(patcher)
     elapsed = time.perf_counter() - started
     done = step - start
-    summary = {"steps": done, "seconds": round(elapsed, 3),
-               "steps_per_s": round(done / elapsed, 4) if elapsed else None,
+    timed = done > 0 and elapsed > 0
+    # steps: where the run stands; the rates are of this session's steps (none after a resume at
+    # the last step: the weights are written again, nothing is trained).
+    summary = {"steps": step, "steps_this_session": done, "seconds": round(elapsed, 3),
+               "steps_per_s": round(done / elapsed, 4) if timed else None,
                "images_per_s": round(done * config.batch_size * config.grad_accumulation / elapsed, 4)
-               if elapsed else None,
+               if timed else None,
                "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                if device.type == "cuda" else None}
     weights = os.path.join(config.output_dir, checkpoint.WEIGHTS_NAME)
@@ -298,6 +310,23 @@ def train(config, models, on_step=None, check_interrupt=None):
         log.info("training done: %s", summary)
     return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers,
                        run.adapter_layers, adapter_file)
+
+
+_RESUME_FIX = ("to continue that run, put its settings back; to start a fresh run in this "
+               "folder, turn resume off (--no-resume, or resume false in the node; the earlier "
+               "run is then moved to its replaced/ folder); or choose another output_dir")
+
+
+def _check_resumable(config, identity, start, saved):
+    """One message listing every setting the new run changes from the saved one."""
+    if "run_identity" not in saved:  # saved by an earlier version of the trainer
+        return
+    changes = config_mod.identity_differences(json.loads(saved["run_identity"]), identity)
+    if changes:
+        raise config_mod.TrainConfigError(
+            f"output_dir {config.output_dir} holds a run saved at step {start} with other "
+            f"settings than this one ({len(changes)} difference(s)):\n  - " + "\n  - ".join(changes)
+            + f"\n{_RESUME_FIX[0].upper()}{_RESUME_FIX[1:]}")
 
 
 def _select_data(config, run, groups, clip, rank):

@@ -22,7 +22,8 @@
 Masks are images of the same size as their image; white (> 50% gray) = object. Both kinds become
 the same `Group`: a target image, its caption, and K references, each with a foreground mask,
 a phrase and (for multi-object samples) the object's mask in the target.
-`validate` checks the whole dataset and reports every problem found, not just the first.
+`load` checks the whole dataset and reports every problem of every sample at once (a sample
+with a structural problem still has its files checked), not just the first.
 """
 import json
 import os
@@ -68,10 +69,19 @@ class Group:
     references: Tuple[Reference, ...] = field(default_factory=tuple)
 
 
-def load(manifest_path):
-    """Parse and validate a manifest; returns the list of Groups or raises DatasetError."""
-    groups, problems = parse(manifest_path)
-    problems += check_files(groups)
+def load(manifest_path, max_references=None):
+    """Parse and validate a manifest; returns the list of Groups or raises DatasetError listing
+    every problem of every sample (structure, files, reference count) at once, sample by sample."""
+    groups, problems, sizes = [], [], {}
+    for group, found in _samples(manifest_path):
+        if group is not None:
+            found = found + _file_problems(group, sizes)
+            if max_references is not None and len(group.references) > max_references:
+                found.append(f"{group.name}: {len(group.references)} references, more than "
+                             f"max_references ({max_references}); raise max_references or split "
+                             "the sample")
+            groups.append(group)
+        problems += found
     if problems:
         raise DatasetError(manifest_path, problems)
     return groups
@@ -79,6 +89,17 @@ def load(manifest_path):
 
 def parse(manifest_path):
     """(groups, problems) from the manifest's structure (no file is opened here)."""
+    groups, problems = [], []
+    for group, found in _samples(manifest_path):
+        problems += found
+        if group is not None:
+            groups.append(group)
+    return groups, problems
+
+
+def _samples(manifest_path):
+    """[(Group or None, its structure problems)] per sample; DatasetError when the file itself
+    is unusable."""
     try:
         with open(manifest_path) as f:
             data = json.load(f)
@@ -97,23 +118,12 @@ def parse(manifest_path):
     samples = data.get("samples")
     if not isinstance(samples, list) or not samples:
         raise DatasetError(manifest_path, ['"samples" must be a non-empty list'])
-    groups, problems = [], []
-    for index, sample in enumerate(samples):
-        where = f"samples[{index}]"
-        try:
-            groups.append(_group(sample, where, root))
-        except _SampleProblems as exc:
-            problems.extend(exc.problems)
-    return groups, problems
-
-
-class _SampleProblems(Exception):
-    def __init__(self, problems):
-        super().__init__("; ".join(problems))
-        self.problems = problems
+    return [_group(sample, f"samples[{index}]", root) for index, sample in enumerate(samples)]
 
 
 def _group(sample, where, root):
+    """(Group, problems): the group holds every path that could be read, even when other fields
+    have problems, so its files are checked in the same pass (None: no group can be made)."""
     problems = []
 
     def text(obj, key, at, required=True):
@@ -137,7 +147,7 @@ def _group(sample, where, root):
         return value
 
     if not isinstance(sample, dict):
-        raise _SampleProblems([f"{where}: must be an object"])
+        return None, [f"{where}: must be an object"]
     kind = sample.get("kind")
     caption = text(sample, "caption", where)
     if kind == "object":
@@ -169,15 +179,14 @@ def _group(sample, where, root):
                 problems.append(f"{where}.objects[{i}]: phrase {ref.phrase!r} does not occur in "
                                 "the caption (routing finds objects by their words)")
     else:
-        raise _SampleProblems([f"{where}: `kind` must be 'object' or 'multi_object', got {kind!r}"])
-    if problems:
-        raise _SampleProblems(problems)
-    return Group(sample.get("name", where), caption, target_view, references)
+        return None, problems + [f"{where}: `kind` must be 'object' or 'multi_object', got {kind!r}"]
+    return Group(sample.get("name", where), caption, target_view, references), problems
 
 
-def check_files(groups):
-    """Every file exists and decodes; every mask has its image's size. Returns all problems."""
-    problems, sizes = [], {}
+def _file_problems(group, sizes):
+    """The file problems of one group; `sizes` caches each file's size (None: unusable) across
+    groups, so a file shared by several groups is opened and reported once."""
+    problems = []
 
     def size_of(path, what):
         if path in sizes:
@@ -196,7 +205,7 @@ def check_files(groups):
         return sizes[path]
 
     def pair(image, mask, what):
-        image_size = size_of(image, f"{what} image")
+        image_size = None if image is None else size_of(image, f"{what} image")
         if mask is None:
             return
         mask_size = size_of(mask, f"{what} mask")
@@ -204,10 +213,9 @@ def check_files(groups):
             problems.append(f"{what}: mask {mask} is {mask_size[0]}x{mask_size[1]} but its image "
                             f"{image} is {image_size[0]}x{image_size[1]}; masks must match")
 
-    for group in groups:
-        pair(group.target.image, group.target.mask, f"{group.name} target")
-        for i, ref in enumerate(group.references):
-            pair(ref.view.image, ref.view.mask, f"{group.name} reference {i}")
-            if ref.target_mask is not None:
-                pair(group.target.image, ref.target_mask, f"{group.name} object {i} (in the target)")
+    pair(group.target.image, group.target.mask, f"{group.name} target")
+    for i, ref in enumerate(group.references):
+        pair(ref.view.image, ref.view.mask, f"{group.name} reference {i}")
+        if ref.target_mask is not None:
+            pair(group.target.image, ref.target_mask, f"{group.name} object {i} (in the target)")
     return problems

@@ -101,11 +101,11 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
     encoded, phrases = [], {}
     uncond_tokens = None
     if adapter is not None:
+        from ..nodes.references import unconditional_tokens
         from ..nodes.routing import phrase_embeddings
         with torch.no_grad():
-            # IP-Adapter's "no image": the projection of a black image's CLIP features.
-            uncond_tokens = adapter.project(clip_vision.encode_image(
-                torch.zeros(1, 224, 224, 3)))[0].float().cpu()
+            # The adapter family's own "no image" (what sampling's uncond branch reads too).
+            uncond_tokens = unconditional_tokens(adapter, clip_vision)[0].cpu()
     with torch.no_grad():
         for group in groups:
             views = [group.target] + [ref.view for ref in group.references]

@@ -44,5 +44,7 @@ def cache_key(config, models, groups):
     if models.adapter is not None:
         encoders += [models.adapter.fingerprint, models.adapter.uncond_convention,
                      fingerprint_of(models.clip_vision.model.state_dict())]
-    text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders])
+    # "reference prompts": caches of an older layout lack them and must not be read.
+    text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
+                       "reference prompts"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

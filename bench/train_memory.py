@@ -74,7 +74,9 @@ def synthetic_encoded(dataset, latent_hw, context, adm, refs, groups=2):
     items = [dataset.EncodedGroup(torch.randn(4, h, w, generator=gen),
                                   torch.randn(77, context, generator=gen),
                                   None if adm is None else torch.randn(adm, generator=gen),
-                                  torch.randn(refs, 4, h, w, generator=gen), masks)
+                                  torch.randn(refs, 4, h, w, generator=gen), masks,
+                                  ref_context=torch.randn(refs, 77, context, generator=gen),
+                                  ref_adm=None if adm is None else torch.randn(refs, adm, generator=gen))
              for _ in range(groups)]
     return items, (torch.zeros(77, context), None if adm is None else torch.zeros(adm)), None
 

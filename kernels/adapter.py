@@ -18,6 +18,16 @@ RESAMPLER_DIM_HEAD = 64
 PLUS_INPUT = "penultimate_hidden_states"  # CLIP vision output a Plus adapter reads
 BASE_INPUT = "image_embeds"  # CLIP vision output a base adapter reads
 
+# What each checkpoint family's own code projects for "no image" (the unconditional branch and
+# dropped images in training). Base adapters, all families: an all-zero image_embeds vector.
+# Plus adapters read CLIP hidden states, so the "no image" is a pixel tensor:
+UNCOND_ZERO_EMBEDS = "zero-image-embeds"
+UNCOND_ZERO_PIXELS = "zero-normalized-pixels"  # h94, MIP: zero AFTER CLIP normalization
+UNCOND_GRAY_PIXELS = "gray-pixels"  # SynCD: zeros of its [-1, 1] images = mid-gray 0.5
+UNCOND_CONVENTIONS = (UNCOND_ZERO_EMBEDS, UNCOND_ZERO_PIXELS, UNCOND_GRAY_PIXELS)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalization
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 class AdapterMismatchError(ValueError):
     """Two parts do not fit (adapter vs CLIP vision vs base model); names both sides."""
@@ -141,6 +151,16 @@ class LinearProjection(nn.Module):
         return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, self.output_dim))
 
 
+def uncond_pixel_values(convention, size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    """(1, 3, size, size) CLIP input (already normalized) of a Plus adapter's "no image"."""
+    if convention == UNCOND_ZERO_PIXELS:
+        return torch.zeros(1, 3, size, size)
+    if convention == UNCOND_GRAY_PIXELS:
+        gray = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+        return gray.reshape(1, 3, 1, 1).expand(1, 3, size, size).contiguous()
+    raise ValueError(f"no pixel input for the uncond convention {convention!r}")
+
+
 def image_projection_from_state_dict(sd):
     """`sd` without the `image_proj.` prefix; the layout says which projection it is."""
     return (Resampler if "latents" in sd else LinearProjection).from_state_dict(sd)
@@ -226,6 +246,8 @@ class LoadedAdapter:
         layer, same order; None until `bind` matched the adapter to a UNet.
     source: the file it came from (for messages).
     fingerprint: identifies the weights; encoded references carry it.
+    uncond_from: for files this pack trained, the "no image" convention of the adapter training
+        started from (UNCOND_*; kept in the file's metadata); "" = decided by `kind`.
     Weights keep the file's dtype (often fp16) on the CPU; callers cast them to their inputs'
     device and dtype when they use them.
     """
@@ -236,6 +258,7 @@ class LoadedAdapter:
     source: str = ""
     locations: Optional[tuple] = None
     fingerprint: str = ""
+    uncond_from: str = ""
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -280,6 +303,29 @@ class LoadedAdapter:
     @property
     def has_self_attn_lora(self):
         return any(layer.self_attn_lora is not None for layer in self.layers)
+
+    @property
+    def uncond_convention(self):
+        """How this adapter's family computes its "no image" tokens (UNCOND_*): a base adapter
+        projects zero image_embeds (h94 ip_adapter.py get_image_embeds, MIP, SynCD sample.py,
+        ComfyUI_IPAdapter_plus); a Plus adapter encodes a pixel tensor that is zero after CLIP
+        normalization (h94 / MIP IPAdapterPlus*.get_image_embeds and their training drop), SynCD
+        a mid-gray image (its [-1, 1] zeros, in sampling and in training)."""
+        if self.clip_input == BASE_INPUT:
+            return UNCOND_ZERO_EMBEDS
+        if self.uncond_from:
+            return self.uncond_from
+        return UNCOND_GRAY_PIXELS if self.kind == "syncd" else UNCOND_ZERO_PIXELS
+
+    def uncond_tokens(self, encode_pixels, size=224, mean=CLIP_MEAN, std=CLIP_STD):
+        """(1, T, C_ctx) "no image" tokens as the family's own code computes them.
+        encode_pixels(normalized pixel values (1, 3, size, size)) -> the CLIP vision outputs
+        (a mapping with the host's keys); size, mean, std: that CLIP vision model's input."""
+        convention = self.uncond_convention
+        if convention == UNCOND_ZERO_EMBEDS:
+            param = next(self.image_proj.parameters())
+            return self.project({BASE_INPUT: torch.zeros(1, self.clip_width, device=param.device)})
+        return self.project(encode_pixels(uncond_pixel_values(convention, size, mean, std)))
 
     def describe(self):
         contents = (f"{self.tokens} tokens of width {self.context_dim}" if self.has_image_layers

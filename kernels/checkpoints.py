@@ -13,12 +13,13 @@ attn2 is 2i+1: hence the odd published numbers).
 import os
 import re
 import tempfile
+from dataclasses import replace
 
 import torch
 from safetensors.torch import save_file
 
 from . import weights_files
-from .adapter import AdapterMismatchError, build_adapter
+from .adapter import UNCOND_CONVENTIONS, AdapterMismatchError, build_adapter
 from .weights_files import CheckpointError  # noqa: F401  (the error of every file problem)
 
 PACK_FORMAT = "multiref-adapter"
@@ -280,17 +281,23 @@ def load_adapter(path):
         _check_version(metadata, source)
         kind, canonical, alpha = metadata["kind"], tensors, metadata.get("lora_alpha")
         alpha = float(alpha) if alpha else None
+        uncond = metadata.get("uncond", "")
     else:
         kind = detect_layout(tensors.keys(), source)
         canonical = syncd_to_canonical(tensors) if kind == "syncd" else {
             k: v for k, v in tensors.items() if k.startswith(("image_proj.", "ip_adapter."))}
         alpha = None  # published LoRA: alpha = rank
+        uncond = ""
     _check_numbering(canonical, source)
     family = family_of(canonical, source)
     if metadata.get("family") and metadata["family"] != family:
         raise CheckpointError(f"{source}: metadata says family {metadata['family']} but the "
                               f"tensors are shaped for {family}; the file is inconsistent")
-    return build_adapter(kind, family, canonical, source=source, lora_alpha=alpha)
+    if uncond and uncond not in UNCOND_CONVENTIONS:
+        raise CheckpointError(f"{source}: unknown uncond convention {uncond!r} in its metadata; "
+                              "update the pack")
+    return replace(build_adapter(kind, family, canonical, source=source, lora_alpha=alpha),
+                   uncond_from=uncond)
 
 
 def _load_lora_only(tensors, metadata, source):
@@ -333,6 +340,8 @@ def save_adapter(adapter, path):
     alpha = adapter.lora_alpha()
     if alpha is not None:
         metadata["lora_alpha"] = repr(alpha)
+    if adapter.has_image_layers:
+        metadata["uncond"] = adapter.uncond_convention
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
     os.close(fd)

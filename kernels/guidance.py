@@ -77,6 +77,16 @@ def sampling_progress(sigma, sigmas):
     return 1.0
 
 
+RAMPS = ("steps", "timestep")
+TRAIN_TIMESTEPS = 1000  # SynCD's _get_image_adapter_scale divides by 1000
+
+
+def timestep_progress(timestep):
+    """SynCD's ramp variable (1000 - t) / 1000 of the model's discrete timestep t (999 at the
+    noisiest level): it depends on the noise level, not on the number of steps."""
+    return (TRAIN_TIMESTEPS - timestep) / TRAIN_TIMESTEPS
+
+
 def image_scale_at(progress, image_scale, ramp):
     """Adaptive image scale s_I = s_I0 + a * progress, never below 0 (SynCD's schedule)."""
     return max(0.0, image_scale + ramp * progress)

@@ -12,6 +12,17 @@ import struct
 import torch
 import torch.nn.functional as F
 
+from .routing import merged_reference_attention
+
+# How the reference rows (the references' own pass) are conditioned:
+#   syncd: SynCD's reference pass (syncd method/sample.py, pipeline.py __call__, data.py
+#     DummyDataset): each reference reads the text reference_prompt(its phrase) in the branch with
+#     text, the negative text in the image-only branch, and the adapter's image attention at
+#     REFERENCE_IP_SCALE with its OWN image tokens; its LoRA stays off.
+#   target_text: the rows reuse the first target row's text and get no image attention.
+REFERENCE_CONDITIONINGS = ("syncd", "target_text")
+REFERENCE_IP_SCALE = 1.0  # SynCD's reference pass: change_ipadapter_scale(1.0)
+
 
 class MaskShapeError(ValueError):
     """A mask cannot be placed on the grid it was given for; the message names the fix."""
@@ -153,3 +164,34 @@ def phrase_masks(maps, dilation=1):
         size = 2 * dilation + 1
         masks = F.max_pool2d(masks[:, None], size, stride=1, padding=dilation)[:, 0]
     return masks
+
+
+def reference_prompt(phrase):
+    """The text a reference is conditioned on in SynCD's sampling ("photo of a {category}")."""
+    return f"photo of a {phrase}"
+
+
+def repeat_to_length(context, length):
+    """(R, L, C) text tokens repeated to `length` tokens, so they batch with a longer prompt.
+    Exact: attention over every key repeated n times equals attention over the keys once."""
+    if length % context.shape[1]:
+        raise ValueError(f"the reference text has {context.shape[1]} tokens and the prompt "
+                         f"{length}; no whole repetition fits (prompts are made of 77-token "
+                         "chunks: encode the prompt with the model's own text encoder)")
+    return context.repeat(1, length // context.shape[1], 1)
+
+
+def with_pooled(adm, pooled):
+    """(R, A) SDXL adm vectors with their leading pooled-text part replaced by `pooled` (R or 1,
+    P):
+    the reference rows keep the target's size conditioning and read their own text's pooled
+    embedding (SDXL's adm is [pooled text | size embeddings])."""
+    return torch.cat([pooled.to(adm).expand(adm.shape[0], -1), adm[:, pooled.shape[-1]:]], dim=1)
+
+
+def reference_image_attention(q, text_out, ip_keys, ip_values, heads):
+    """A reference row's cross-attention in SynCD's reference pass: its text attention plus
+    REFERENCE_IP_SCALE x plain IP-Adapter attention over its own image tokens.
+    q, text_out: (R, N, C); ip_keys, ip_values: (R, T, C) projected tokens, one set per row."""
+    image = merged_reference_attention(q, ip_keys[:, None], ip_values[:, None], heads, None)
+    return text_out + REFERENCE_IP_SCALE * image

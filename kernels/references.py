@@ -133,8 +133,9 @@ class EncodedReference:
     image_tokens: (1, V*T, C_ctx) the adapter's projected tokens of all V views, concatenated
         view after view (T = 16 for Plus adapters, 4 for base adapters; C_ctx = the UNet's
         cross-attention context width). These go through each layer's to_k_ip / to_v_ip.
-    uncond_tokens: same shape, the projection of an all-black image (ComfyUI's IP-Adapter
-        convention), used for rows that must not see the reference.
+    uncond_tokens: same shape, the adapter's "no image" tokens as its checkpoint family's own
+        code computes them (LoadedAdapter.uncond_convention), used for rows that must not see
+        the reference.
     latents: (V, 4, h, w) raw VAE latents of the views (not yet scaled by the model's latent
         format), or None when no VAE was given (then Masked Shared Attention is unavailable).
     masks: (V, h, w) binary {0, 1} float on the latent grid (h, w = latents' grid, or the image

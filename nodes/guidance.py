@@ -35,13 +35,18 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
     are overridden, with the host's signatures passed through, so every ComfyUI version that
     has CFGGuider runs it."""
 
-    def __init__(self, model_patcher, text_scale, image_scale, image_scale_ramp, normalize, mode):
+    def __init__(self, model_patcher, text_scale, image_scale, image_scale_ramp, normalize, mode,
+                 ramp_over="steps"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("text_scale", text_scale), ("image_scale", image_scale),
                             ("image_scale_ramp", image_scale_ramp)):
             if not math.isfinite(value):  # the editor's limits do not stop a NaN in an API prompt
                 raise ValueError(f"{name}: {value} is not a number; give a finite scale")
+        if ramp_over not in guidance.RAMPS:
+            raise ValueError(f"image_scale_ramp_over must be one of {guidance.RAMPS}, got "
+                             f"{ramp_over!r}")
+        self.ramp_over = ramp_over
         super().__init__(model_patcher)
         self.set_cfg(text_scale)
         self.image_scale = image_scale
@@ -60,7 +65,13 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
     def image_scale_now(self, sigma):
         if self.mode == TWO_BRANCH:
             return 0.0
-        progress = 0.0 if self.schedule is None else guidance.sampling_progress(sigma, self.schedule)
+        if self.ramp_over == "timestep":
+            sampling = self.model_patcher.get_model_object("model_sampling")
+            progress = guidance.timestep_progress(float(sampling.timestep(torch.tensor(sigma))))
+        elif self.schedule is None:
+            progress = 0.0
+        else:
+            progress = guidance.sampling_progress(sigma, self.schedule)
         return guidance.image_scale_at(progress, self.image_scale, self.image_scale_ramp)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -125,6 +136,12 @@ def _guidance_inputs():
     }
 
 
+_RAMP_INPUT = {"image_scale_ramp_over": (list(guidance.RAMPS), {"default": "steps", "tooltip":
+               "steps: the ramp grows linearly over this run's steps. timestep: as SynCD, "
+               "image_scale + ramp x (1000 - t) / 1000 of the model's timestep t, whatever the "
+               "step count."})}
+
+
 _CONDITIONING_TOOLTIPS = {
     "positive": "The prompt (full branch: prompt + image condition).",
     "negative": "The negative prompt (used by the image-only and uncond branches).",
@@ -151,11 +168,12 @@ class MultiRefNormalizedCFGGuider:
             "positive": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["positive"]}),
             "negative": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["negative"]}),
             **_guidance_inputs(),
-        }}
+        }, "optional": dict(_RAMP_INPUT)}
 
     def get_guider(self, model, positive, negative, text_scale, image_scale, image_scale_ramp,
-                   normalize, mode):
-        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode)
+                   normalize, mode, image_scale_ramp_over="steps"):
+        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode,
+                                image_scale_ramp_over)
         guider.set_conds(positive, negative)
         return (guider,)
 
@@ -188,12 +206,13 @@ class MultiRefSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                         "How much of the schedule to run: 1 from pure noise, less keeps more of "
                         "the input latent."}),
-        }}
+        }, "optional": dict(_RAMP_INPUT)}
 
     def sample(self, model, seed, steps, sampler_name, scheduler, positive, negative,
                latent_image, text_scale, image_scale, image_scale_ramp, normalize,
-               mode, denoise):
-        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode)
+               mode, denoise, image_scale_ramp_over="steps"):
+        guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode,
+                                image_scale_ramp_over)
         guider.set_conds(positive, negative)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device,
                                          sampler=sampler_name, scheduler=scheduler,

@@ -24,8 +24,12 @@ from .routing import phrase_embeddings
 
 log = logging.getLogger("multiref")
 
-TAG = "msa"
+TAG = "msa"  # the reference rows the full rows read (and the image rows, unless IMAGE_TAG)
+IMAGE_TAG = "msa_image"  # syncd conditioning: the image rows' own reference rows
 MODES = ("references", "batch")
+CONDITIONINGS = ("auto",) + msa.REFERENCE_CONDITIONINGS
+# Adapters trained with SynCD's reference pass: "auto" conditions their reference rows so.
+SYNCD_TRAINED_KINDS = ("syncd", "multiref")
 LAYERS = ("all", "down", "up")
 
 
@@ -33,9 +37,10 @@ class _Call:
     """What the attention patches need to know about the current UNet call: the latent grid,
     which reference rows (or batch masks) give foreground, and whether the mask is off."""
 
-    def __init__(self, grid, key, masks, unmasked, weights=None):
+    def __init__(self, grid, key, masks, unmasked, weights=None, tokens=None):
         self.grid, self.key, self.masks, self.unmasked = grid, key, masks, unmasked
         self.weights = weights  # (rows,) weight of the reference each reference row belongs to
+        self.tokens = tokens  # (rows, T, C) each reference row's own image tokens, or None
 
 
 class _StepState(patching.SharedAcrossClones):
@@ -83,19 +88,25 @@ class _StepState(patching.SharedAcrossClones):
 
 
 class _Reference:
-    """One reference's rows, ready to re-noise: latents after the model's process_latent_in."""
+    """One reference's rows, ready to re-noise: latents after the model's process_latent_in.
+    syncd conditioning: text (1, L, C) and pooled (1, P) of its reference prompt, and tokens
+    (V, T, C) its views' own image tokens (None without an adapter's image layers)."""
 
-    def __init__(self, latents, masks, bounds, weight):
+    def __init__(self, latents, masks, bounds, weight, text=None, pooled=None, tokens=None):
         self.latents, self.masks, self.bounds, self.weight = latents, masks, bounds, weight
+        self.text, self.pooled, self.tokens = text, pooled, tokens
 
 
 class _ReferenceRows(patching.SharedAcrossClones):
     """Row provider (nodes.patching): appends the references re-noised to the step's sigma with
-    fresh noise; their text/adm conditioning is that of the first full row (else image row)."""
+    fresh noise. target_text conditioning: one set of rows with the text/adm of the first full
+    row (else image row). syncd: one set per reading branch, as SynCD's reference pass runs
+    per branch: the full rows' set reads each reference's own prompt (its pooled text in the
+    adm, the full row's size part), the image rows' set the image row's negative text."""
 
-    def __init__(self, references, bounds, sampling, state, first_step_unmasked):
+    def __init__(self, references, bounds, sampling, state, first_step_unmasked, syncd):
         self.references, self.bounds, self.sampling = references, bounds, sampling
-        self.state, self.first_step_unmasked = state, first_step_unmasked
+        self.state, self.first_step_unmasked, self.syncd = state, first_step_unmasked, syncd
 
     def __call__(self, x, timestep, c, roles):
         sigma = float(timestep.reshape(-1)[0])
@@ -112,20 +123,38 @@ class _ReferenceRows(patching.SharedAcrossClones):
             # No reference rows in this call; an adapter's LoRA still applies to the target.
             self.state.call = _Call((height, width), None, None, False)
             return None
-        latents, masks, weights = [], [], []
+        latents, masks, weights, views = [], [], [], []
         for i in active:
             ref = self.references[i]
             lat, mask = msa.fit_to_grid(ref.latents, ref.masks, height, width)
             latents.append(lat)
             masks.append(torch.ones(lat.shape[0], height, width) if mask is None else mask)
             weights += [float(ref.weight)] * lat.shape[0]
+            views += [ref] * lat.shape[0]
         latents = torch.cat(latents).to(x.device, torch.float32)
         noise = msa.step_noise(latents.shape, sigma).to(x.device)
         sigmas = torch.full((latents.shape[0], 1, 1, 1), sigma, device=x.device)
         rows = self.sampling.noise_scaling(sigmas, noise, latents)
+        has_tokens = self.syncd and views[0].tokens is not None
+        tokens = torch.cat([self.references[i].tokens for i in active]) if has_tokens else None
         self.state.call = _Call((height, width), active, torch.cat(masks),
-                                first and self.first_step_unmasked, torch.tensor(weights))
-        return rows, [source[0]] * rows.shape[0], TAG
+                                first and self.first_step_unmasked, torch.tensor(weights), tokens)
+        count = rows.shape[0]
+        if not self.syncd:
+            return rows, [source[0]] * count, TAG
+        sets = []
+        full = patching.rows_with_role(roles, "full")
+        if full:
+            text = torch.cat([ref.text for ref in views])
+            overrides = {"c_crossattn": lambda copied: msa.repeat_to_length(text, copied.shape[1])}
+            if views[0].pooled is not None:
+                pooled = torch.cat([ref.pooled for ref in views])
+                overrides["y"] = lambda copied: msa.with_pooled(copied, pooled)
+            sets.append((rows, [full[0]] * count, TAG, overrides))
+        image = patching.rows_with_role(roles, "image")
+        if image:
+            sets.append((rows, [image[0]] * count, IMAGE_TAG if full else TAG))
+        return sets
 
 
 class _PhraseMaps(patching.SharedAcrossClones):
@@ -264,10 +293,14 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         if call is None:
             return self.inner(q, k, v, extra_options)
         roles = patching.row_roles(extra_options, q.shape[0])
-        span = extra_options.get("multiref_rows", {}).get(TAG) if self.mode == "references" else ()
-        sharing = self.shares and span is not None
+        spans = {}
+        if self.mode == "references":
+            spans = {tag: span for tag, span in extra_options.get("multiref_rows", {}).items()
+                     if tag in (TAG, IMAGE_TAG)}
+        sharing = self.shares and (bool(spans) or self.mode == "batch")
         readers = patching.rows_with_role(roles, patching.IMAGE_ROLES) if sharing else []
-        targets = span[0] if span else q.shape[0]  # reference rows come last
+        # Reference rows come last.
+        targets = min(start for start, _ in spans.values()) if spans else q.shape[0]
         lora = None if self.lora is None else self._lora(q.device, q.dtype)
         if lora is not None:
             n = extra_options[INPUT_KEY][:targets]
@@ -276,26 +309,33 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         if not readers:
             out = self.inner(q, k, v, extra_options)
         else:
-            out = self._shared(q, k, v, extra_options, roles, readers, call, span, lora)
+            out = self._shared(q, k, v, extra_options, roles, readers, call, spans, lora)
         if lora is not None:
             extra_options[OUTPUT_KEY] = (targets, out, lora["to_out"])
         return out
 
-    def _shared(self, q, k, v, extra_options, roles, readers, call, span, lora):
+    def _shared(self, q, k, v, extra_options, roles, readers, call, spans, lora):
         heads = extra_options["n_heads"]
         h, w = layer_grid(call.grid, q.shape[1])
+        shared = q.new_empty((len(readers),) + q.shape[1:])
         if self.mode == "references":
-            start, end = span
             index, bias = self.state.foreground(h, w, q.device)
-            k_fg = msa.gather_foreground(k[start:end], index)
-            v_fg = msa.gather_foreground(v[start:end], index)
-            if lora is not None:  # the target projects the references' inputs with its LoRA
-                n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
-                k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
-            shared = msa.shared_attention(_take(q, readers), _take(k, readers), _take(v, readers),
-                                          k_fg, v_fg, heads, bias)
+            # Each reading row reads its branch's set of reference rows (one set unless syncd).
+            by_set = {}
+            for i in readers:
+                tag = IMAGE_TAG if roles[i] == "image" and IMAGE_TAG in spans else TAG
+                by_set.setdefault(tag, []).append(i)
+            for tag, group in by_set.items():
+                start, end = spans[tag]
+                k_fg = msa.gather_foreground(k[start:end], index)
+                v_fg = msa.gather_foreground(v[start:end], index)
+                if lora is not None:  # the target projects the references' inputs with its LoRA
+                    n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
+                    k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
+                at = [readers.index(i) for i in group]
+                shared[at] = msa.shared_attention(_take(q, group), _take(k, group),
+                                                  _take(v, group), k_fg, v_fg, heads, bias)
         else:
-            shared = q.new_empty((len(readers),) + q.shape[1:])
             for role in patching.IMAGE_ROLES:
                 group = patching.rows_with_role(roles, role)
                 if group:
@@ -321,6 +361,35 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         return self.inner(_take(q, rows), _take(k, rows), _take(v, rows), options)
 
 
+class _ReferenceImageAttention(patching.SharedAcrossClones):
+    """attn2 replace (syncd conditioning with an adapter's image layers): the reference rows get
+    the adapter's image attention at SynCD's reference-pass scale over their own tokens; every
+    other row is what `inner` gives (the host's attention, or the routing node's patch)."""
+
+    def __init__(self, inner, state, layer):
+        self.inner, self.state, self.layer = inner, state, layer
+        self.projected = {}  # (active references, device, dtype) -> (keys, values)
+
+    def __call__(self, q, k, v, extra_options):
+        out = self.inner(q, k, v, extra_options)
+        call = self.state.call
+        spans = [span for tag, span in extra_options.get("multiref_rows", {}).items()
+                 if tag in (TAG, IMAGE_TAG)]
+        if call is None or call.tokens is None or not spans:
+            return out
+        key = (call.key, q.device, q.dtype)
+        if key not in self.projected:
+            tokens = call.tokens.to(q.device, q.dtype)
+            self.projected = {key: tuple(tokens @ w.weight.to(q.device, q.dtype).T
+                                         for w in (self.layer.to_k_ip, self.layer.to_v_ip))}
+        ip_k, ip_v = self.projected[key]
+        out = out.clone()
+        for start, end in spans:
+            out[start:end] = msa.reference_image_attention(q[start:end], out[start:end], ip_k,
+                                                           ip_v, extra_options["n_heads"])
+        return out
+
+
 def _check_model(model):
     unet = getattr(model.model, "diffusion_model", None)
     if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
@@ -330,7 +399,8 @@ def _check_model(model):
     return unet
 
 
-def _prepare_references(model, unet, references):
+def _prepare_references(model, unet, references, syncd=None):
+    """syncd: None (target_text conditioning), or (clip, adapter with image layers or None)."""
     if not references:
         raise ValueError("references: mode 'references' needs at least one encoded reference; "
                          "connect MultiRefEncodeReferences (or use mode 'batch')")
@@ -357,8 +427,57 @@ def _prepare_references(model, unet, references):
         with torch.no_grad():
             latents = model.model.process_latent_in(latents.detach().float()).cpu()
         prepared.append(_Reference(latents, None if masks is None else masks.float().cpu(), bounds,
-                                   ref.weight))
+                                   ref.weight, *(_syncd_inputs(n, ref, *syncd) if syncd else ())))
     return prepared
+
+
+def _syncd_inputs(n, ref, clip, adapter):
+    """(text, pooled, tokens) of one reference for SynCD's reference-pass conditioning."""
+    if not ref.phrase:
+        raise ValueError(f"references: reference {n} has no phrase; reference_conditioning "
+                         f"'syncd' conditions it on '{msa.reference_prompt('{phrase}')}': give "
+                         "the reference its object's words (MultiRef Reference's phrase)")
+    tokens = None
+    if adapter is not None:
+        if ref.adapter_fingerprint != adapter.fingerprint:
+            raise ValueError(f"references: reference {n} was encoded with another adapter than "
+                             f"{adapter.describe()}; encode the references with the adapter "
+                             "connected here (its image layers condition the reference rows)")
+        views = ref.latents.shape[0]
+        tokens = ref.image_tokens.detach().float().cpu().reshape(views, -1, ref.image_tokens.shape[-1])
+    with torch.no_grad():
+        text, pooled = clip.encode_from_tokens(clip.tokenize(msa.reference_prompt(ref.phrase)),
+                                               return_pooled=True)
+    pooled = None if pooled is None else pooled.detach().float().cpu().reshape(1, -1)
+    return text.detach().float().cpu(), pooled, tokens
+
+
+def reference_conditioning_of(choice, adapter, clip):
+    """The conditioning an "auto" choice means: SynCD's for the adapters trained with SynCD's
+    reference pass (it needs the text encoder: without one, the prompt's text and a warning),
+    else target_text; any other choice is itself."""
+    if choice not in CONDITIONINGS:
+        raise ValueError(f"reference_conditioning: {choice!r} is unknown; use one of "
+                         f"{CONDITIONINGS}")
+    if choice != "auto":
+        return choice
+    if adapter is None or adapter.kind not in SYNCD_TRAINED_KINDS:
+        return "target_text"
+    if clip is None:
+        log.warning("MultiRefApplyMSA: %s was trained with SynCD's reference conditioning, which "
+                    "needs the text encoder; connect clip to condition the references as it was "
+                    "trained (using the prompt's text meanwhile)", adapter.describe())
+        return "target_text"
+    return "syncd"
+
+
+def _image_layers(adapter, unet):
+    """{location: AdapterLayer} of an adapter with image layers bound to this UNet, or None."""
+    if adapter is None or not adapter.has_image_layers:
+        return None
+    blocks = dict(unet_transformer_blocks(unet))
+    bound = adapter.bind(list(blocks), cross_attention_dims(unet))
+    return {location: bound.layer(location) for location in blocks}
 
 
 def _self_attention_lora(adapter, unet, mode):
@@ -378,8 +497,10 @@ def _self_attention_lora(adapter, unet, mode):
 
 
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
-              layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None):
+              layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None,
+              reference_conditioning="auto"):
     """A patched clone of `model` (the original is left untouched)."""
+    conditioning = reference_conditioning_of(reference_conditioning, adapter, clip)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is unknown; use one of {MODES}")
     if layers not in LAYERS:
@@ -393,10 +514,20 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
         return patched
     state = _StepState()
+    image_layers = None
     if mode == "references":
-        refs = _prepare_references(model, unet, references)
+        syncd = None
+        if conditioning == "syncd":
+            if clip is None:
+                raise ValueError("clip: reference_conditioning 'syncd' encodes each reference's "
+                                 f"'{msa.reference_prompt('{phrase}')}'; connect the CLIP that "
+                                 "encoded the prompt (or choose 'target_text')")
+            image_layers = _image_layers(adapter, unet)
+            syncd = (clip, adapter if image_layers else None)
+        refs = _prepare_references(model, unet, references, syncd)
         sampling = model.get_model_object("model_sampling")
-        provider = _ReferenceRows(refs, bounds, sampling, state, first_step_unmasked)
+        provider = _ReferenceRows(refs, bounds, sampling, state, first_step_unmasked,
+                                  syncd is not None)
     else:
         if references:
             log.warning("MultiRefApplyMSA: mode 'batch' shares between the batch images; the "
@@ -431,6 +562,11 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
     if lora is not None:
         patched.set_model_attn1_patch(_StashInput())
         patched.set_model_attn1_output_patch(_LoRAOutput())
+    if image_layers:
+        patching.set_attention_patch(patched, "attn2", lambda location, inner: _ReferenceImageAttention(
+            inner, state, image_layers[location]))
+    log.info("MultiRefApplyMSA: mode %s, reference conditioning %s", mode,
+             conditioning if mode == "references" else "-")
     return patched
 
 
@@ -477,21 +613,31 @@ class MultiRefApplyMSA:
             "batch_phrase": ("STRING", {"default": "", "tooltip":
                              "batch mode without masks: the object's words (e.g. 'dog'); its "
                              "cross-attention map at each step gives the next step's masks."}),
-            "clip": ("CLIP", {"tooltip": "batch mode with a phrase: the text encoder of the "
-                              "prompt (encodes the phrase)."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder of the prompt: encodes batch mode's "
+                              "phrase, and the references' 'photo of a {phrase}' for syncd "
+                              "reference conditioning."}),
             "adapter": ("MULTIREF_ADAPTER", {"tooltip":
                         "references mode: an adapter carrying a self-attention LoRA (SynCD's "
                         "checkpoint, or a multiref_adapter / multiref_lora file the pack trained) "
                         "applies it here: on the generated "
                         "image, not on the references' own pass, as SynCD trains it."}),
+            "reference_conditioning": (list(CONDITIONINGS), {"default": "auto", "tooltip":
+                                       "What the references' own rows are conditioned on. "
+                                       "syncd (as SynCD samples and the trainer trains): text "
+                                       "'photo of a {phrase}' (the negative prompt in the "
+                                       "image-only branch) and the adapter's image attention at "
+                                       "scale 1 on each reference's own image; needs clip. "
+                                       "target_text: the prompt's text, no image attention. "
+                                       "auto: syncd with a SynCD or MultiRef-trained adapter, "
+                                       "else target_text."}),
         }}
 
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
               mode, references=None, batch_masks=None, batch_phrase="", clip=None,
-              adapter=None):
+              adapter=None, reference_conditioning="auto"):
         return (apply_msa(model, references, strength, start_percent, end_percent,
                           first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip,
-                          adapter),)
+                          adapter, reference_conditioning),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

@@ -129,10 +129,12 @@ class ReferenceRowWrapper:
     """A UNet function wrapper that tags every row with its role and lets row providers append
     extra rows (reference rows) to the same call; the extra rows are sliced off the output.
 
-    A provider is provider(x, timestep, c, roles) -> None, or (x_extra, source_rows, tag): x_extra
-    (R, C, H, W) rows to add, source_rows the existing rows whose conditioning (text context,
-    adm vector, ...) each extra row reuses, and tag a name stored in transformer_options under
-    'multiref_rows' as {tag: (first_row, last_row_exclusive)} so patches can find them."""
+    A provider is provider(x, timestep, c, roles) -> None, one (x_extra, source_rows, tag[,
+    overrides]) or a list of them: x_extra (R, C, H, W) rows to add, source_rows the existing
+    rows whose conditioning (text context, adm vector, ...) each extra row reuses, tag a name
+    stored in transformer_options under 'multiref_rows' as {tag: (first_row,
+    last_row_exclusive)} so patches can find them, and overrides an optional {conditioning key:
+    fn(copied rows) -> rows} that replaces what the extra rows reuse (their own text)."""
 
     def __init__(self, providers=(), previous=None):
         self.providers = tuple(providers)
@@ -157,29 +159,32 @@ class ReferenceRowWrapper:
         row_spans = {}
         for provider in self.providers:
             extra = provider(x, timestep, c, roles)
-            if extra is None:
-                continue
-            x_extra, source_rows, tag = extra
-            start = x.shape[0]
-            x = torch.cat([x, x_extra.to(x)], dim=0)
-            timestep = torch.cat([timestep, timestep[:1].expand(len(source_rows))], dim=0)
-            c = _extend_conditioning(c, source_rows, start)
-            roles = roles + ("ref",) * len(source_rows)
-            row_spans[tag] = (start, x.shape[0])
+            for x_extra, source_rows, tag, *overrides in ([extra] if isinstance(extra, tuple)
+                                                          else extra or ()):
+                start = x.shape[0]
+                x = torch.cat([x, x_extra.to(x)], dim=0)
+                timestep = torch.cat([timestep, timestep[:1].expand(len(source_rows))], dim=0)
+                c = _extend_conditioning(c, source_rows, start, *overrides)
+                roles = roles + ("ref",) * len(source_rows)
+                row_spans[tag] = (start, x.shape[0])
         options[ROLES_KEY] = roles
         options["multiref_rows"] = row_spans
         c["transformer_options"] = options
         return apply_model(x, timestep, **c)[:batch]
 
 
-def _extend_conditioning(c, source_rows, batch):
-    """Append, to every per-row conditioning tensor, copies of the source rows. ControlNet
-    residuals get zero rows: the extra rows are references, not the picture being controlled."""
+def _extend_conditioning(c, source_rows, batch, overrides=None):
+    """Append, to every per-row conditioning tensor, copies of the source rows (or what an
+    override makes of them). ControlNet residuals get zero rows: the extra rows are references,
+    not the picture being controlled."""
     index = torch.tensor(source_rows, dtype=torch.long)
     extended = {}
     for key, value in c.items():
         if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-            extended[key] = torch.cat([value, value[index.to(value.device)]], dim=0)
+            rows = value[index.to(value.device)]
+            if overrides and key in overrides:
+                rows = overrides[key](rows).to(value)
+            extended[key] = torch.cat([value, rows], dim=0)
         elif key == "control" and isinstance(value, dict):
             extended[key] = {part: [_zero_rows(t, len(source_rows), batch) for t in residuals]
                              for part, residuals in value.items()}

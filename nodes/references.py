@@ -5,6 +5,9 @@ import logging
 
 import torch
 
+import comfy.model_management
+
+from ..kernels.adapter import CLIP_MEAN, CLIP_STD
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.references import (EncodedReference, Reference, ReferenceInputError, check_finite,
                                   latent_masks)
@@ -66,7 +69,8 @@ def center_crop(x, height, width):
 
 class MultiRefEncodeReferences:
     DESCRIPTION = ("Encodes references once: CLIP vision -> the adapter's image tokens (all views "
-                   "of an object concatenated), black-image tokens for the unconditional branch, "
+                   "of an object concatenated), the adapter family's own 'no image' tokens for the "
+                   "unconditional branch, "
                    "VAE latents (needed by Masked Shared Attention) and masks on the latent grid. "
                    "Checks that adapter, CLIP vision and model fit together before anything runs.")
     CATEGORY = "MultiRef"
@@ -115,14 +119,14 @@ class MultiRefEncodeReferences:
             cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
             masks = latent_masks(cropped, views, grid, mask_dilation)
         tokens = self.tokens(adapter, clip_vision, ref.images)
-        black = self.tokens(adapter, clip_vision, torch.zeros_like(ref.images[:1]))
+        uncond = unconditional_tokens(adapter, clip_vision)
         latents = vae_latents(vae, ref.images) if vae is not None else None
         if latents is not None and tuple(latents.shape[-2:]) != grid:
             raise ReferenceInputError(f"vae: latents of {tuple(latents.shape[-2:])} for images of "
                                       f"{(height, width)}; connect an SD1.5/SDXL VAE (8x downscale)")
         return EncodedReference(
             image_tokens=tokens.reshape(1, -1, tokens.shape[-1]),
-            uncond_tokens=black.repeat(1, views, 1),
+            uncond_tokens=uncond.repeat(1, views, 1),
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
             adapter_fingerprint=adapter.fingerprint)
@@ -167,6 +171,21 @@ def vae_latents(vae, images):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int.from_bytes(digest[:8], "little") % 2 ** 63)
         return vae.encode(images)
+
+
+def unconditional_tokens(adapter, clip_vision):
+    """(1, T, C) the adapter's "no image" tokens, by its family's convention
+    (LoadedAdapter.uncond_convention). A Plus adapter's pixel input is already normalized, so it
+    goes to the CLIP vision model directly: the host's encode_image would resize, round to 8 bits
+    and normalize an image, and no 8-bit image is exactly zero after normalization."""
+    def encode_pixels(pixel_values):
+        comfy.model_management.load_model_gpu(clip_vision.patcher)
+        out = clip_vision.model(pixel_values=pixel_values.to(clip_vision.load_device),
+                                intermediate_output=-2)
+        return {"penultimate_hidden_states": out[1], "image_embeds": out[2]}
+    return adapter.uncond_tokens(encode_pixels, getattr(clip_vision, "image_size", 224),
+                                 getattr(clip_vision, "image_mean", CLIP_MEAN),
+                                 getattr(clip_vision, "image_std", CLIP_STD)).float()
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefReference": MultiRefReference,

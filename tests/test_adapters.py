@@ -74,7 +74,7 @@ def test_pack_format_metadata(tmp_path):
     _, metadata = checkpoints.read_checkpoint(own)
     assert metadata == {"format": "multiref-adapter", "format_version": "1", "family": "sdxl",
                         "kind": "mip_adapter_plus", "contents": "image_proj,ip_adapter,text_to_weight",
-                        "layers": "7"}
+                        "layers": "7", "uncond": "zero-normalized-pixels"}
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 

@@ -3,6 +3,7 @@
 import math
 import os
 
+import pytest
 import torch
 
 import comfy.samplers
@@ -274,6 +275,32 @@ def test_image_scale_follows_the_ramp_step_by_step():
         assert math.isclose(used, scheduled, rel_tol=1e-3, abs_tol=1e-3)
         torch.testing.assert_close(result, guidance.normalized_guidance(
             out[2], out[1], out[0], text_scale, scheduled))
+
+
+def test_image_scale_ramps_over_the_timestep_as_syncd():
+    """image_scale_ramp_over 'timestep': at the model's discrete timestep t the image scale is
+    s0 + a * (1000 - t) / 1000 (SynCD's _get_image_adapter_scale), read back from the output;
+    the schedule here sits exactly on the model's own sigmas of timesteps 999, 600 and 200."""
+    recorder = CallRecorder()
+    model = _model(ImageCondition(), recorder)
+    text_scale, start, ramp = 4.0, 2.0, 6.0
+    guider = guidance_nodes.MultiRefNormalizedCFGGuider().get_guider(
+        model, [[POSITIVE, {}]], [[NEGATIVE, {}]], text_scale, start, ramp, True,
+        guidance_nodes.THREE_BRANCH, "timestep")[0]
+    table = model.get_model_object("model_sampling").sigmas
+    timesteps = (999, 600, 200)
+    sigmas = torch.cat([table[list(timesteps)], torch.zeros(1)])
+    denoised = []
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    guider.sample(noise, torch.zeros(SHAPE), comfy.samplers.sampler_object("euler"), sigmas,
+                  callback=lambda i, x0, x, total: denoised.append(x0), disable_pbar=True, seed=0)
+    for step, t in enumerate(timesteps):
+        out = recorder.branch_outputs(recorder.calls[step])
+        expected = start + ramp * (1000 - t) / 1000
+        used = _solve_image_scale(out[2], out[1], out[0], text_scale, denoised[step])
+        assert math.isclose(used, expected, rel_tol=1e-3, abs_tol=1e-3), (t, used, expected)
+    with pytest.raises(ValueError, match="image_scale_ramp_over"):
+        guidance_nodes.MultiRefGuider(model, 1.0, 1.0, 0.0, True, "three-branch", "sigma")
 
 
 def _host_cfg(model, cfg):

@@ -114,8 +114,9 @@ def test_all_zero_masks_equal_the_unpatched_model(parts):
 
 
 class TwoPass:
-    """SynCD's form, the slow reference: per step a separate reference pass banks every attn1
-    layer's input, then the target pass projects the banked inputs with its own weights (plus
+    """SynCD's form, the slow reference: per step a separate reference pass (with the first full
+    row's conditioning) banks every attn1 layer's input, then the target pass projects the
+    banked inputs with its own weights (plus
     its LoRA, when given); reading rows attend to [own | every reference token] with a -inf bias
     on the background and log(weight) on a weighted reference's tokens, in float64. The
     reference pass runs without the LoRA."""
@@ -127,11 +128,12 @@ class TwoPass:
         self.row_weights = torch.cat([torch.full((r.latents.shape[0],), float(r.weight)) for r in refs])
         self.blocks = dict(unet_transformer_blocks(model.model.diffusion_model))
         self.lora = lora  # {location: {projection: LoRAPair}} or None
-        self.bank, self.inputs, self.outputs, self.writing = {}, {}, {}, False
+        self.banks = {}  # reading role -> {location: banked attn1 input of the reference rows}
+        self.inputs, self.outputs, self.writing = {}, {}, False
 
     def delta(self, location, name, x):
         """The LoRA update written out: x A^T B^T alpha / rank, in float64."""
-        if self.lora is None or self.writing:
+        if self.lora is None or self.writing is not False:
             return torch.zeros((), dtype=torch.float64)
         pair = self.lora[location][name]
         down, up = pair.down.weight.double(), pair.up.weight.double()
@@ -147,7 +149,8 @@ class TwoPass:
         noisy = self.latents + msa.step_noise(self.latents.shape, sigma) * sigma  # EPS model
         c_ref = {k: (v[[source] * rows] if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v)
                  for k, v in c.items()}
-        self.writing = True
+        self.banks = {"full": {}}
+        self.writing = self.banks["full"]
         apply_model(noisy, sigmas[:1].expand(rows), **c_ref)
         self.writing = False
         self.roles = roles
@@ -163,7 +166,7 @@ class TwoPass:
 
     def add_output_delta(self, n, extra_options):
         location = self.location(extra_options)
-        if self.writing:
+        if self.writing is not False:
             return n
         return n + self.delta(location, "to_out", self.outputs[location]).float()
 
@@ -171,8 +174,8 @@ class TwoPass:
         def attn1(q, k, v, extra_options):
             heads = extra_options["n_heads"]
             n = self.inputs[location]
-            if self.writing:
-                self.bank[location] = n
+            if self.writing is not False:
+                self.writing[location] = n
                 return optimized_attention(q, k, v, heads)
             q, k, v = (x + self.delta(location, name, n).float()
                        for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
@@ -184,13 +187,13 @@ class TwoPass:
             rows_x = (torch.arange(w) * self.masks.shape[2]) // w
             fg = self.masks[:, rows_y][:, :, rows_x].reshape(-1) > 0.5
             attn = self.blocks[location].attn1
-            n_ref = self.bank[location].reshape(-1, n.shape[-1])
-            k_ref = attn.to_k(n_ref).double() + self.delta(location, "to_k", n_ref)
-            v_ref = attn.to_v(n_ref).double() + self.delta(location, "to_v", n_ref)
             d = q.shape[-1] // heads
             for i, role in enumerate(self.roles):
-                if role != "full":
+                if role not in self.banks:
                     continue
+                n_ref = self.banks[role][location].reshape(-1, n.shape[-1])
+                k_ref = attn.to_k(n_ref).double() + self.delta(location, "to_k", n_ref)
+                v_ref = attn.to_v(n_ref).double() + self.delta(location, "to_v", n_ref)
                 keys = torch.cat([k[i].double(), k_ref])
                 values = torch.cat([v[i].double(), v_ref])
                 weight = self.row_weights.repeat_interleave(h * w)
@@ -251,6 +254,142 @@ def test_adapter_lora_on_the_target_pass_only(parts, tmp_path):
     assert _diff(one_call, two_pass) < 1e-5
     with pytest.raises(ValueError, match="adapter: its self-attention LoRA belongs to reference"):
         _msa(model, None, mode="batch", adapter=adapter)
+
+
+class SynCDTwoPass(TwoPass):
+    """SynCD's sampling step written out (syncd method/pipelines/sdxl_pipeline/pipeline.py
+    __call__, sample.py, data.py DummyDataset): per guidance branch that reads references, a
+    reference pass (LoRA off, IP-Adapter at scale 1.0 on each reference's own image tokens) on
+    the text "photo of a {category}" with that text's pooled embedding and the target's size
+    conditioning (branch with text), or on the branch's negative text (image-only branch); then
+    the target pass, each branch reading its own banked references."""
+
+    def __init__(self, model, refs, lora, ip_layers, clip):
+        super().__init__(model, refs, lora)
+        self.ip_layers = ip_layers  # {location: (to_k_ip weight, to_v_ip weight)}
+        self.tokens = torch.cat([r.image_tokens.reshape(r.latents.shape[0], -1, r.image_tokens.shape[-1])
+                                 for r in refs])
+        texts, pooled = [], []
+        for r in refs:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(f"photo of a {r.phrase}"),
+                                                 return_pooled=True)
+            texts += [cond] * r.latents.shape[0]
+            pooled += [pool.reshape(1, -1)] * r.latents.shape[0]
+        self.texts, self.pooled = torch.cat(texts), torch.cat(pooled)
+
+    def wrapper(self, apply_model, args):
+        x, sigmas, c = args["input"], args["timestep"], args["c"]
+        options = c["transformer_options"]
+        roles = patching.roles_from_chunks(args["cond_or_uncond"], options.get(
+            patching.BRANCHES_KEY, patching.DEFAULT_BRANCHES), x.shape[0])
+        rows = self.latents.shape[0]
+        sigma = float(sigmas[0])
+        noisy = self.latents + msa.step_noise(self.latents.shape, sigma) * sigma  # EPS model
+        self.banks = {}
+        for role in ("full", "image"):
+            if role not in roles:
+                continue
+            source = roles.index(role)
+            c_ref = {k: (v[[source] * rows] if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v)
+                     for k, v in c.items()}
+            if role == "full":
+                c_ref["c_crossattn"] = self.texts
+                y = c_ref["y"]
+                c_ref["y"] = torch.cat([self.pooled, y[:, self.pooled.shape[1]:]], dim=1)
+            # The routing patch of the target pass leaves reference rows alone.
+            c_ref["transformer_options"] = dict(options, multiref_roles=("ref",) * rows)
+            self.writing = self.banks[role] = {}
+            apply_model(noisy, sigmas[:1].expand(rows), **c_ref)
+        self.writing = False
+        self.roles = roles
+        return apply_model(x, sigmas, **c)
+
+    def image_attention(self, location, inner):
+        to_k_ip, to_v_ip = (w.double() for w in self.ip_layers[location])
+
+        def attn2(q, k, v, extra_options):
+            out = inner(q, k, v, extra_options)
+            if self.writing is False:
+                return out
+            heads = extra_options["n_heads"]
+            d = q.shape[-1] // heads
+            out = out.double()
+            for r in range(q.shape[0]):
+                keys, values = self.tokens[r].double() @ to_k_ip.T, self.tokens[r].double() @ to_v_ip.T
+                for hd in range(heads):
+                    sl = slice(hd * d, (hd + 1) * d)
+                    logits = q[r, :, sl].double() @ keys[:, sl].T / math.sqrt(d)
+                    out[r, :, sl] += 1.0 * logits.softmax(-1) @ values[:, sl]
+            return out.float()
+        return attn2
+
+    def install(self, model):
+        patched = super().install(model)
+        replaces = model.model_options.get("transformer_options", {}).get(
+            "patches_replace", {}).get("attn2", {})
+        for location in patching.attention_locations(model):
+            inner = replaces.get(location, lambda q, k, v, o: optimized_attention(q, k, v, o["n_heads"]))
+            patched.set_model_attn2_replace(self.image_attention(location, inner), *location)
+        return patched
+
+
+def test_syncd_reference_conditioning_equals_syncd_two_passes(parts, tmp_path):
+    """SynCD's checkpoint with its own settings: the target reads one reference's image through
+    the adapter at 0.6 (Apply Adapter), MSA conditions the reference rows as SynCD does, with
+    the three-branch guider. One sampling step of the one-call form equals SynCD's reference
+    passes + target pass written out (float64 attention), to 1e-5."""
+    import tiny_checkpoints
+    from multiref.nodes.routing import MultiRefApplyAdapter
+    vae, clips = parts
+    clip = clips["sdxl"]
+    model = tiny_models.tiny_unet("sdxl")
+    adapter = checkpoints.load_adapter(
+        tiny_checkpoints.write_checkpoint(str(tmp_path), "syncd", "sdxl")[0])
+    clip_vision = tiny_models.tiny_clip_vision()
+    gen = torch.Generator().manual_seed(21)
+    refs = []
+    for n, phrase in enumerate(("toy", "red backpack")):
+        images = torch.rand(n + 1, 8 * LATENT[0], 8 * LATENT[1], 3, generator=gen)
+        mask = (torch.rand(n + 1, *LATENT, generator=gen) < 0.5).float()
+        mask[:, n] = 1
+        tokens = adapter.project(clip_vision.encode_image(images)).float()
+        refs.append(EncodedReference(
+            image_tokens=tokens.reshape(1, -1, tokens.shape[-1]), uncond_tokens=torch.zeros_like(
+                tokens.reshape(1, -1, tokens.shape[-1])), latents=vae.encode(images), masks=mask,
+            phrase=phrase, weight=1.0, start_percent=0.0, end_percent=1.0,
+            adapter_fingerprint=adapter.fingerprint))
+    refs = tuple(refs)
+    target = MultiRefApplyAdapter().apply(model, adapter, refs[:1], clip, "weighted", 0.6, 0.0,
+                                          1.0)[0]
+    unet = model.model.diffusion_model
+    locations = [loc for loc, _ in unet_transformer_blocks(unet)]
+    bound = adapter.bind(locations, cross_attention_dims(unet))
+    lora = {loc: bound.layer(loc).self_attn_lora for loc in locations}
+    ip_layers = {loc: (bound.layer(loc).to_k_ip.weight.float(), bound.layer(loc).to_v_ip.weight.float())
+                 for loc in locations}
+    positive, negative = _conds(clips, "sdxl")
+
+    def one_step(patched):
+        guider = guidance_nodes.MultiRefNormalizedCFGGuider().get_guider(
+            patched, positive, negative, 7.5, 8.0, 5.0, True, "three-branch")[0]
+        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"),
+                                                 "normal", STEPS)[:2]
+        noise = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(0))
+        return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"),
+                             sigmas, disable_pbar=True, seed=0)
+
+    sizes, handle = _count_unet_calls(model)
+    try:
+        syncd = one_step(_msa(target, refs, adapter=adapter, clip=clip))  # auto: syncd
+    finally:
+        handle.remove()
+    rows = sum(ref.latents.shape[0] for ref in refs)
+    assert sizes == [3 + 2 * rows]  # ONE call: 3 branches + a reference set per reading branch
+    two_pass = one_step(SynCDTwoPass(model, refs, lora, ip_layers, clip).install(target))
+    assert _diff(syncd, two_pass) < 1e-5
+    target_text = one_step(_msa(target, refs, adapter=adapter, clip=clip,
+                                reference_conditioning="target_text"))
+    assert _diff(syncd, target_text) > 1e-4  # what the reference rows read matters
 
 
 def test_lora_only_file_from_the_trainer_serves_msa_like_the_full_adapter(parts, tmp_path):

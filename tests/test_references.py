@@ -65,9 +65,7 @@ def test_plus_reference_with_views_and_mask(host, parts, tmp_path):
     # fp16 weights (as published) computed in float32 vs float64 loops: 1e-4 on O(1) outputs.
     assert (enc.image_tokens[0, 16:].double() - slow_resampler(proj, hidden)[0]).abs().max() < 1e-4
     assert torch.allclose(enc.image_tokens[0, :16], adapter.project(clip.encode_image(views[:1]))[0])
-    black = slow_resampler(proj, clip.encode_image(torch.zeros(1, 64, 64, 3))["penultimate_hidden_states"])[0]
-    assert (enc.uncond_tokens[0, :16].double() - black).abs().max() < 1e-4
-    assert torch.equal(enc.uncond_tokens[0, :16], enc.uncond_tokens[0, 16:])
+    assert torch.equal(enc.uncond_tokens[0, :16], enc.uncond_tokens[0, 16:])  # one per view
 
     assert enc.latents.shape == (2, 4, 8, 8)
     expected_mask = torch.zeros(2, 8, 8)
@@ -97,6 +95,68 @@ def test_base_reference_without_vae(host, parts, tmp_path):
                           for t in range(4)], dim=0)
     assert enc.image_tokens.shape == (1, 4, context)
     assert (enc.image_tokens[0].double() - expected).abs().max() < 1e-4
+
+
+# The "no image" input each family's own code projects for its negative branch, written from
+# the repositories: base adapters project a zero image_embeds vector (h94 / MIP ip_adapter.py
+# IPAdapter.get_image_embeds, SynCD sample.py); h94 / MIP Plus encode a pixel tensor that is
+# zero AFTER CLIPImageProcessor's normalization (IPAdapterPlus*.get_image_embeds,
+# torch.zeros_like(clip_image)); SynCD encodes zeros of its [-1, 1] images through its own
+# preprocess ((x + 1) / 2, then CLIP's mean / std), in sampling and in training.
+SYNCD_CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).reshape(1, 3, 1, 1)
+SYNCD_CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).reshape(1, 3, 1, 1)
+
+
+def plus_pixels(layout):
+    if layout == "syncd":
+        images = torch.zeros(1, 3, 224, 224)  # SynCD's images are in [-1, 1]
+        return ((images + 1.0) / 2.0 - SYNCD_CLIP_MEAN) / SYNCD_CLIP_STD
+    return torch.zeros(1, 3, 224, 224)
+
+
+def expected_uncond(layout, written, clip):
+    proj = {k[len("image_proj."):]: v.double() for k, v in written.items()
+            if k.startswith("image_proj.")}
+    if "latents" not in proj:  # base: proj(0) is the bias, split into tokens, each normed
+        context = proj["norm.weight"].shape[0]
+        chunks = proj["proj.bias"].reshape(-1, context)
+        return layer_norm(chunks, proj["norm.weight"], proj["norm.bias"])
+    hidden = clip.model(pixel_values=plus_pixels(layout), intermediate_output=-2)[1]
+    return slow_resampler(proj, hidden)[0]
+
+
+@pytest.mark.parametrize("layout,family", [
+    ("ip_adapter", "sd15"), ("ip_adapter_plus", "sd15"), ("ip_adapter", "sdxl"),
+    ("ip_adapter_plus", "sdxl"), ("mip_adapter", "sdxl"), ("mip_adapter_plus", "sdxl"),
+    ("syncd", "sdxl")])
+def test_uncond_tokens_follow_each_family(host, parts, tmp_path, layout, family):
+    adapter, written = adapter_and_weights(tmp_path, layout, family)
+    refs = reference_node(host, images(2, seed=4))
+    (enc,) = encode_node(host, refs, adapter, parts, family, vae=False)
+    tokens = adapter.tokens
+    expected = expected_uncond(layout, written, parts["clip_vision"])
+    for view in range(2):
+        got = enc.uncond_tokens[0, view * tokens:(view + 1) * tokens].double()
+        # fp16 weights (as published) computed in float32 vs float64: 1e-4 on O(1) outputs.
+        assert (got - expected).abs().max() < 1e-4
+    # The old input (a black image through the host's encode_image) gives other tokens.
+    black = adapter.project(parts["clip_vision"].encode_image(torch.zeros(1, 64, 64, 3)))[0]
+    assert (enc.uncond_tokens[0, :tokens] - black).abs().max() > 1e-2
+
+
+def test_trained_adapter_keeps_its_base_uncond_convention(tmp_path):
+    """A file the trainer writes from SynCD's checkpoint keeps SynCD's gray "no image"."""
+    from multiref.training import checkpoint as train_checkpoint
+    base, _ = adapter_and_weights(tmp_path, "syncd", "sdxl")
+    locations = [loc for _, loc, _ in tc.TINY_BLOCKS]
+    bound = base.bind(locations)
+    by_location = {loc: bound.layer(loc) for loc in locations}
+    path = train_checkpoint.write_adapter(
+        str(tmp_path / "trained.safetensors"), base,
+        {loc: layer.self_attn_lora for loc, layer in by_location.items()}, by_location)
+    loaded = checkpoints.load_adapter(path)
+    assert loaded.kind == "multiref" and base.uncond_convention == "gray-pixels"
+    assert loaded.uncond_convention == "gray-pixels"
 
 
 def test_chaining_keeps_order(host):

@@ -393,3 +393,77 @@ def test_encodings_are_cached_once_per_dataset(data, tmp_path, monkeypatch):
     cfg.steps, cfg.resume = 2, False
     again = loop.train(cfg, tiny_models_sd15())
     assert [l for _, l in again.losses] == [l for _, l in first.losses]  # same data, same run
+
+
+def test_reference_pass_is_conditioned_as_sampling_conditions_it(data, tmp_path, monkeypatch):
+    """syncd reference conditioning (the default): the training step's reference pass reads
+    each reference's own prompt "photo of a {phrase}" and the adapter's image attention at
+    scale 1.0 over the reference's own tokens, LoRA off (SynCD's reference pass, as MultiRef
+    Apply MSA samples it): the self-attention inputs it banks equal the host's plain forward
+    with those conditions and an image attention written here in float64."""
+    import math
+    import tiny_checkpoints
+    from comfy.ldm.modules.attention import optimized_attention
+    from multiref.kernels.checkpoints import load_adapter
+    from multiref.training import encoding
+    adapter = load_adapter(tiny_checkpoints.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15")[0])
+    clip = tiny_models.tiny_text_encoder("sd15")
+    models = loop.Models(tiny_models.tiny_unet("sd15"), tiny_models.tiny_vae(), clip, "sd15",
+                         tiny_models.tiny_clip_vision(), adapter)
+    cfg = config(data, tmp_path / "run", text_dropout=0.0, image_dropout=0.0, both_dropout=0.0)
+    device, groups = loop.prepare(cfg)
+    run = loop.Run(cfg, models, device, encoding.encode(cfg, models, groups))
+    batch = run.batch(0, [0])
+    banked = {}
+    begin_target = run.state.begin_target
+    monkeypatch.setattr(run.state, "begin_target",
+                        lambda *a: (banked.update(run.state.recorded), begin_target(*a))[1])
+    loop._load(run.patcher, device)
+    try:
+        with torch.no_grad():
+            run.step_module(batch)
+    finally:
+        loop._unload(run.patcher)
+
+    group = groups[run.sampler.indices(0)[0]]
+    phrase = group.references[0].phrase
+    text = clip.encode_from_tokens(clip.tokenize(f"photo of a {phrase}"))
+    tokens = batch["ref_tokens"][0].double()  # (K, T, C): each reference's own
+    rows = tokens.shape[0]
+    sigma = batch["sigma"].repeat_interleave(rows)
+    x = batch["ref_latents"][0] + batch["ref_noise"][0] * sigma.view(-1, 1, 1, 1)  # EPS model
+    bound = adapter.bind([loc for loc in run.adapter_layers])
+    expected = {}
+
+    def keep(n, context, value, extra):
+        expected[extra["block"] + (extra["block_index"],)] = n
+        return n, context, value
+
+    def image_attention(location):
+        layer = bound.layer(location)
+        to_k_ip, to_v_ip = layer.to_k_ip.weight.double(), layer.to_v_ip.weight.double()
+
+        def attn2(q, k, v, extra):
+            heads = extra["n_heads"]
+            d = q.shape[-1] // heads
+            out = optimized_attention(q, k, v, heads).double()
+            for r in range(rows):
+                keys, values = tokens[r] @ to_k_ip.T, tokens[r] @ to_v_ip.T
+                for hd in range(heads):
+                    sl = slice(hd * d, (hd + 1) * d)
+                    logits = q[r, :, sl].double() @ keys[:, sl].T / math.sqrt(d)
+                    out[r, :, sl] += 1.0 * logits.softmax(-1) @ values[:, sl]
+            return out.float()
+        return attn2
+
+    options = {"patches": {"attn1_patch": [keep]},
+               "patches_replace": {"attn2": {loc: image_attention(loc) for loc in run.adapter_layers}}}
+    with torch.no_grad():
+        models.patcher.model.apply_model(x, sigma, c_crossattn=text.expand(rows, -1, -1),
+                                         transformer_options=options)
+    assert set(banked) == set(expected) == set(run.adapter_layers)
+    for location, n in expected.items():
+        assert float((banked[location] - n).abs().max() / n.abs().max()) < 1e-5, location
+    # The last layers do depend on what the reference rows read.
+    caption = clip.encode_from_tokens(clip.tokenize(group.caption))
+    assert not torch.allclose(batch["ref_context"][0, 0], caption[0].float())

@@ -33,7 +33,8 @@ class Sampler:
         picked = [self.groups[indices[r]] for r in rows]
         refs = max(len(g.ref_latents) for g in picked)
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
-                               "ref_noise", "ref_masks", "ref_tokens", "ref_weights")}
+                               "ref_noise", "ref_masks", "ref_tokens", "ref_weights",
+                               "ref_context", "ref_adm")}
         phrases = []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
@@ -61,17 +62,36 @@ class Sampler:
                 out["ref_weights"].append(torch.tensor([1.0] * k + [0.0] * pad))
                 phrases.append(group.phrases + group.phrases[:1] * pad)
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
+            ref_context, ref_adm = self.reference_text(group, refs, context, adm, drop_text)
+            out["ref_context"].append(ref_context)
+            out["ref_adm"].append(ref_adm)
             out["latent"].append(group.latent)
             out["context"].append(context)
             out["adm"].append(adm)
-        lengths = {t.shape[0] for t in out["context"]}
+        lengths = {t.shape[0] for t in out["context"]} | {t.shape[1] for t in out["ref_context"]}
         if len(lengths) > 1:
             raise ValueError(f"captions of one batch encode to different lengths {sorted(lengths)} "
                              "(a caption longer than 75 tokens); shorten the long captions or use "
                              "batch_size 1")
         batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
         batch["phrases"] = phrases
-        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens"):
+        for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens",
+                    "ref_context", "ref_adm"):
             if batch[key] is not None:
                 batch[key] = batch[key].to(dtype)
         return batch
+
+    def reference_text(self, group, refs, context, adm, drop_text):
+        """(refs, L, D) text and (refs, A) adm (or None) of a group's reference rows: syncd,
+        each reference's own prompt (the empty text when the group's text is dropped, as SynCD
+        empties every prompt of the group; padding rows too); target_text, the group's text."""
+        repeat = lambda t: None if t is None else t[None].expand(refs, *t.shape)
+        if self.config.reference_conditioning != "syncd":
+            return repeat(context), repeat(adm)
+        empty_context, empty_adm = self.empty_text
+        ref_context, ref_adm = repeat(empty_context), repeat(empty_adm)
+        if not drop_text:
+            k = group.ref_context.shape[0]
+            ref_context = torch.cat([group.ref_context, ref_context[k:]])
+            ref_adm = None if adm is None else torch.cat([group.ref_adm, ref_adm[k:]])
+        return ref_context, ref_adm

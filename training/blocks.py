@@ -51,19 +51,23 @@ class PassState:
     """What the patches of one training run share: the LoRA layers, whether the current UNet call
     is the reference pass or the target pass, and the reference rows recorded for MSA."""
 
-    def __init__(self, lora_layers, checkpointing, adapter_layers=None, ip_scale=1.0):
+    def __init__(self, lora_layers, checkpointing, adapter_layers=None, ip_scale=1.0,
+                 reference_conditioning="syncd"):
         self.lora_layers = lora_layers          # {location: ModuleDict of LoRAPair}
         self.adapter_layers = adapter_layers or {}  # {location: AdapterLayer} (IP, routing gate)
         self.ip_scale = ip_scale
+        self.reference_conditioning = reference_conditioning  # kernels.msa.REFERENCE_CONDITIONINGS
         self.checkpointing = checkpointing
         self.mode = "plain"                     # plain | reference | target
         self.recorded = {}                      # location -> (B*K, L, C) detached
         self.ref_masks = None                   # (B, K, h, w) float 0/1 at latent resolution
         self.image = None                       # target pass: ImageCondition or None
+        self.ref_tokens = None                  # reference pass: (B*K, T, C) own image tokens
         self.relevance = None                   # quality scoring: RelevanceProbe or None
 
-    def begin_reference(self):
-        self.mode, self.recorded = "reference", {}
+    def begin_reference(self, ref_tokens=None):
+        """ref_tokens: each reference row's own image tokens (syncd conditioning), or None."""
+        self.mode, self.recorded, self.ref_tokens = "reference", {}, ref_tokens
 
     def begin_target(self, ref_masks, image=None):
         self.mode, self.ref_masks, self.image = "target", ref_masks, image
@@ -73,21 +77,21 @@ class PassState:
 
     def end(self):
         self.mode, self.recorded, self.ref_masks, self.image = "plain", {}, None, None
-        self.relevance = None
+        self.relevance, self.ref_tokens = None, None
 
     def snapshot(self):
         """What a layer call needs of this state, frozen at call time: a checkpointed layer
         recomputes in backward, after the pass has ended."""
         return PassView(self.lora_layers, self.adapter_layers, self.ip_scale, self.mode,
-                        self.recorded, self.ref_masks, self.image, self.relevance)
+                        self.recorded, self.ref_masks, self.image, self.relevance, self.ref_tokens)
 
 
 class PassView:
     def __init__(self, lora_layers, adapter_layers, ip_scale, mode, recorded, ref_masks, image,
-                 relevance):
+                 relevance, ref_tokens=None):
         self.lora_layers, self.adapter_layers, self.ip_scale = lora_layers, adapter_layers, ip_scale
         self.mode, self.recorded, self.ref_masks, self.image = mode, recorded, ref_masks, image
-        self.relevance = relevance
+        self.relevance, self.ref_tokens = relevance, ref_tokens
 
 
 class RelevanceProbe:
@@ -231,6 +235,9 @@ class TrainingSpatialTransformer:
             key = location if location in attn2 else location[:2]
             if view.image is not None and location in view.adapter_layers:
                 n = self._routed_cross_attention(block.attn2, n, ctx, value, location, extra, view)
+            elif view.ref_tokens is not None and location in view.adapter_layers:
+                n = self._reference_cross_attention(block.attn2, n, ctx, value, location, extra,
+                                                    view)
             elif key in attn2:
                 attn = block.attn2
                 n = attn.to_out(attn2[key](attn.to_q(n), attn.to_k(ctx), attn.to_v(value), extra))
@@ -263,6 +270,17 @@ class TrainingSpatialTransformer:
                 view.ip_scale, "weighted", phrases=phrases, text_to_weight=gate)
             rows.append(out)
         return attn.to_out(torch.cat(rows))
+
+    def _reference_cross_attention(self, attn, n, ctx, value, location, extra, view):
+        """The reference pass's cross-attention with syncd conditioning: text attention plus the
+        adapter's image attention at SynCD's reference scale over each row's own tokens."""
+        heads, layer = extra["n_heads"], view.adapter_layers[location]
+        q, k, v = attn.to_q(n), attn.to_k(ctx), attn.to_v(value)
+        text_out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
+        tokens = view.ref_tokens.to(q.dtype)
+        out = msa.reference_image_attention(q, text_out, layer.to_k_ip(tokens),
+                                            layer.to_v_ip(tokens), heads)
+        return attn.to_out(out)
 
     def _self_attention(self, block, n, location, hw, extra, state):
         attn = block.attn1

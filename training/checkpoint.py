@@ -83,7 +83,8 @@ def write_adapter(path, base_adapter, lora_layers, adapter_layers):
                    for loc in published_order(adapter_layers))
     adapter = LoadedAdapter(kind="multiref", family=base_adapter.family,
                             image_proj=base_adapter.image_proj, layers=layers,
-                            source=os.path.basename(path))
+                            source=os.path.basename(path),
+                            uncond_from=base_adapter.uncond_convention)
     return save_adapter(adapter, path)
 
 

@@ -55,6 +55,8 @@ class TrainConfig:
     adapter: Optional[str] = None        # CLI: an adapter file to train (its to_k_ip / to_v_ip /
     clip_vision: Optional[str] = None    # text_to_weight), with the CLIP vision model it reads
     ip_scale: float = 1.0                # strength of the image attention while training
+    reference_conditioning: str = "syncd"  # the reference pass's conditioning, as MultiRef
+                                         # Apply MSA's input of that name (kernels/msa.py)
     preview_every: int = 0               # a preview image every N steps (0 = none), of
     preview_prompt: str = ""             # this prompt (empty = the first caption)
     quality_threshold: float = 0.0       # drop groups whose object quality score is lower
@@ -141,6 +143,10 @@ def validate(config):
     if not 0 <= c.quality_threshold <= 1:
         raise TrainConfigError(f"quality_threshold must be between 0 and 1 (a fraction of "
                                f"relevance mass), got {c.quality_threshold}")
+    from ..kernels.msa import REFERENCE_CONDITIONINGS
+    if c.reference_conditioning not in REFERENCE_CONDITIONINGS:
+        raise TrainConfigError(f"reference_conditioning must be one of {REFERENCE_CONDITIONINGS}, "
+                               f"got {c.reference_conditioning!r}")
     if not 0 <= c.full_mask_probability <= 1:
         raise TrainConfigError("full_mask_probability must be between 0 and 1")
     if min(c.text_dropout, c.image_dropout, c.both_dropout) < 0 or \

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..kernels.msa import reference_prompt
+
 log = logging.getLogger("multiref")
 
 
@@ -24,9 +26,12 @@ class EncodedGroup:
     ref_masks: torch.Tensor            # (K, h, w) 1 = object (foreground for MSA)
     ref_tokens: Optional[torch.Tensor] = None  # (K, T, C) adapter image tokens (frozen projection)
     phrases: tuple = ()                # (P_i, D) text embeddings of each reference's phrase
+    ref_context: Optional[torch.Tensor] = None  # (K, L, D) text of each reference's prompt
+    ref_adm: Optional[torch.Tensor] = None      # (K, A) its adm (SDXL), None for SD1.5
 
 
-FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases")
+FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases",
+          "ref_context", "ref_adm")
 
 
 def to_tensors(encoded):
@@ -101,11 +106,11 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
     encoded, phrases = [], {}
     uncond_tokens = None
     if adapter is not None:
+        from ..nodes.references import unconditional_tokens
         from ..nodes.routing import phrase_embeddings
         with torch.no_grad():
-            # IP-Adapter's "no image": the projection of a black image's CLIP features.
-            uncond_tokens = adapter.project(clip_vision.encode_image(
-                torch.zeros(1, 224, 224, 3)))[0].float().cpu()
+            # The adapter family's own "no image" (what sampling's uncond branch reads too).
+            uncond_tokens = unconditional_tokens(adapter, clip_vision)[0].cpu()
     with torch.no_grad():
         for group in groups:
             views = [group.target] + [ref.view for ref in group.references]
@@ -115,6 +120,10 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
             masks = torch.stack([latent_mask(load_mask(v.mask, resolution), hw) for v in views[1:]])
             context, adm = text(group.caption)
             item = EncodedGroup(latents[0], context, adm, latents[1:], masks)
+            # SynCD's reference-pass text of each reference (syncd reference conditioning).
+            prompts = [text(reference_prompt(ref.phrase)) for ref in group.references]
+            item.ref_context = torch.stack([c for c, _ in prompts])
+            item.ref_adm = None if adm is None else torch.stack([a for _, a in prompts])
             if adapter is not None:
                 item.ref_tokens = adapter.project(clip_vision.encode_image(pixels[1:])).float().cpu()
                 for ref in group.references:

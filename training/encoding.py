@@ -48,6 +48,9 @@ def cache_key(config, models, groups):
     encoders = [fingerprint_of(m.state_dict()) for m in (
         models.vae.first_stage_model, models.clip.cond_stage_model)]
     if models.adapter is not None:
-        encoders += [models.adapter.fingerprint, fingerprint_of(models.clip_vision.model.state_dict())]
-    text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders])
+        encoders += [models.adapter.fingerprint, models.adapter.uncond_convention,
+                     fingerprint_of(models.clip_vision.model.state_dict())]
+    # "reference prompts": caches of an older layout lack them and must not be read.
+    text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
+                       "reference prompts"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

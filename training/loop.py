@@ -72,11 +72,12 @@ class TrainStep(nn.Module):
             ref_sigma = sigma.repeat_interleave(per_group)
             xr = sampling.noise_scaling(ref_sigma.view(-1, 1, 1, 1), batch["ref_noise"].flatten(0, 1),
                                         refs.flatten(0, 1))
-            ref_extra = {k: v.repeat_interleave(per_group, 0) for k, v in extra.items()}
-            state.begin_reference()
+            ref_extra = {} if batch["ref_adm"] is None else {"y": batch["ref_adm"].flatten(0, 1)}
+            syncd = state.reference_conditioning == "syncd" and batch["ref_tokens"] is not None
+            state.begin_reference(batch["ref_tokens"].flatten(0, 1) if syncd else None)
             with torch.no_grad():  # SynCD: the reference pass has no gradient and no LoRA
-                base.apply_model(xr, ref_sigma, c_crossattn=batch["context"].repeat_interleave(
-                    per_group, 0), transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
+                base.apply_model(xr, ref_sigma, c_crossattn=batch["ref_context"].flatten(0, 1),
+                                 transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
             image = None if batch["ref_tokens"] is None else blocks.ImageCondition(
                 batch["ref_tokens"], batch["ref_weights"], batch["phrases"])
             state.begin_target(batch["ref_masks"], image)
@@ -124,7 +125,8 @@ class Run:
         self.lora_layers = {loc: pairs.to(device) for loc, pairs in lora_layers.items()}
         self.adapter_layers = {loc: layer.to(device) for loc, layer in adapter_layers.items()}
         self.state = blocks.PassState(self.lora_layers, config.gradient_checkpointing,
-                                      self.adapter_layers, config.ip_scale)
+                                      self.adapter_layers, config.ip_scale,
+                                      config.reference_conditioning)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,

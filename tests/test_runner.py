@@ -9,15 +9,18 @@ import sys
 
 import pytest
 
-from conftest import ROOT, headless_host
+from conftest import HOST, ROOT, headless_host
 from headless import shipped
 
 DEMO = shipped.api_path("demo_tiny")
 
 
-def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd="/",
-                          capture_output=True, text=True, timeout=timeout)
+def _run(*args, timeout=300, **env):
+    """run.py in a process of its own, on the session's host."""
+    host = ["--comfyui", os.environ["COMFYUI_PATH"]] if HOST.kind == "ComfyUI checkout" else []
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args, *host], cwd="/",
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **env))
 
 
 # Every line run.py may write to stderr when a workflow runs: the host's own messages (import
@@ -70,9 +73,7 @@ def test_demo_workflow_writes_a_png(tmp_path):
 def test_runner_leaves_nothing_in_the_temp_folder(tmp_path):
     temp = tmp_path / "temp"
     temp.mkdir()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--output",
-                             str(tmp_path / "out")], cwd="/", capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, TMPDIR=str(temp)))
+    result = _run("--output", str(tmp_path / "out"), TMPDIR=str(temp))
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(temp) == []
 

@@ -17,7 +17,8 @@ import time
 from headless import host as host_mod, model_files, shipped
 
 DEMO = shipped.api_path("demo_tiny")
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "multiref", "ipadapter", "loras", "vae", "clip")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "multiref", "ipadapter", "loras", "vae", "clip",
+                 "unet")
 HOST_LOG = "comfyui_host.log"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -30,6 +31,8 @@ def main(argv=None):
                         "installed comfyui package)")
     parser.add_argument("--models", help="a models folder laid out like ComfyUI's models/ "
                         "(checkpoints/, clip_vision/, multiref/, ...)")
+    parser.add_argument("--input", help="folder of the pictures the workflow loads (Load Image); "
+                        "default: the checkout's input/, or an empty temporary folder")
     args = parser.parse_args(argv)
     path = args.workflow or DEMO
     try:
@@ -50,21 +53,23 @@ def main(argv=None):
     with host_mod.host_output_to(log_path) as (out, err):
         try:
             host = host_mod.boot(comfyui_path=args.comfyui, output_dir=output)
-            return _run(host, prompt, path == DEMO, output, args.models, out, err)
+            return _run(host, prompt, path == DEMO, output, args, out, err)
         except host_mod.HostError as exc:
             return _fail(str(exc), err)
 
 
-def _run(host, prompt, is_demo, output, models, out, err):
+def _run(host, prompt, is_demo, output, args, out, err):
     host.folder_paths.set_output_directory(output)  # also when the host was booted before
-    if models:
+    if args.models:
         for folder in MODEL_FOLDERS:
-            host.folder_paths.add_model_folder_path(folder, os.path.join(models, folder))
+            host.folder_paths.add_model_folder_path(folder, os.path.join(args.models, folder))
+    if args.input:
+        host.folder_paths.set_input_directory(os.path.abspath(args.input))
     # Every missing file at once, before the host loads (or tries to download) anything.
     missing = host.missing_files(prompt)
     if missing:
         return _fail(f"{len(missing)} file(s) this workflow needs are not installed, nothing was "
-                     "run:\n" + "".join(f"  {m.line()}\n" for m in missing) +
+                     "run:\n" + "".join(f"  {m.line(_place(m, host, args))}\n" for m in missing) +
                      f"what to download: {model_files.README_SECTION}; or pass --models DIR "
                      "(a folder laid out like ComfyUI's models/)", err)
     if is_demo:
@@ -89,6 +94,24 @@ def _run(host, prompt, is_demo, output, models, out, err):
     if not any(f.lower().endswith(IMAGE_SUFFIXES) for f in written):
         return _fail("the workflow ran but saved no image (add a SaveImage node)", err)
     return 0
+
+
+def _place(missing, host, args):
+    """Where the user should put a missing file: the --models/--input folder given, else the
+    host's folder, unless that is the run's temporary folder (removed at exit)."""
+    if missing.kind == "input":
+        return os.path.abspath(args.input) if args.input else (
+            "a folder of yours, passed as --input DIR" if _temporary(missing.folders[0], host)
+            else None)
+    if args.models:
+        return os.path.join(os.path.abspath(args.models), missing.kind)
+    if _temporary(missing.folders[0], host):
+        return f"DIR/{missing.kind}/ of a models folder of yours, passed as --models DIR"
+    return None
+
+
+def _temporary(folder, host):
+    return bool(host.scratch) and folder.startswith(host.scratch + os.sep)
 
 
 def _files_in(folder):

@@ -90,6 +90,9 @@ class Host:
         self.folder_paths = folder_paths
         self._run_prompt = run_prompt
 
+    # The temporary work folder boot() made (removed at exit), or None for one it was given.
+    scratch = None
+
     def __repr__(self):
         return f"<ComfyUI host: {self.kind} {self.version}>"
 
@@ -148,7 +151,8 @@ def boot(comfyui_path=None, workdir=None, output_dir=None):
     global _BOOTED
     if _BOOTED is not None:
         return _BOOTED
-    if workdir is None:
+    scratch = workdir is None
+    if scratch:
         workdir = tempfile.mkdtemp(prefix="multiref_host_")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     workdir = os.path.abspath(workdir)
@@ -166,6 +170,7 @@ def boot(comfyui_path=None, workdir=None, output_dir=None):
         _name_pack_by_folder()
     else:
         _BOOTED = _boot_installable(workdir, custom_nodes, output_dir)
+    _BOOTED.scratch = workdir if scratch else None
     return _BOOTED
 
 

@@ -28,10 +28,11 @@ class MissingFile(NamedTuple):
     input_name: str
     file_name: str
     folders: tuple  # full paths searched; the first is where to put it
+    kind: str  # the folder_paths name of the first folder, or "input" for a picture
 
-    def line(self):
+    def line(self, place=None):
         return (f"{self.file_name} (node {self.node_id} {self.class_type}, {self.input_name}): "
-                f"put it in {self.folders[0]}")
+                f"put it in {place or self.folders[0]}")
 
 
 def folders_for(class_type, input_name):
@@ -53,11 +54,12 @@ def missing_files(prompt, folder_paths, pictures=True):
                            for f in folders):
                     searched = tuple(p for f in folders if _known(folder_paths, f)
                                      for p in folder_paths.get_folder_paths(f))
-                    missing.append(MissingFile(str(node_id), kind, name, value, searched))
+                    missing.append(MissingFile(str(node_id), kind, name, value, searched,
+                                               folders[0]))
             elif pictures and (kind, name) in PICTURE_INPUTS:
                 if not os.path.isfile(folder_paths.get_annotated_filepath(value)):
                     missing.append(MissingFile(str(node_id), kind, name, value,
-                                               (folder_paths.get_input_directory(),)))
+                                               (folder_paths.get_input_directory(),), "input"))
     return missing
 
 

@@ -137,15 +137,17 @@ def _small_graph():
     }
 
 
-def _run_in_process(prompt, tmp_path, capfd):
+def _run_in_process(prompt, tmp_path, capfd, *options):
     path = tmp_path / "workflow_api.json"
     path.write_text(json.dumps(prompt))
     output = tmp_path / "out"
-    session_output = headless_host.boot().folder_paths.get_output_directory()
+    folders = headless_host.boot().folder_paths
+    session = folders.get_output_directory(), folders.get_input_directory()
     try:
-        code = _runner().main([str(path), "--output", str(output)])
+        code = _runner().main([str(path), "--output", str(output), *options])
     finally:
-        headless_host.boot().folder_paths.set_output_directory(session_output)
+        folders.set_output_directory(session[0])
+        folders.set_input_directory(session[1])
     captured = capfd.readouterr()
     return code, captured, output
 
@@ -202,7 +204,7 @@ def test_the_small_graph_itself_runs(tmp_path, capfd):
     assert [p for p in os.listdir(output) if p.endswith(".png")]
 
 
-def test_every_missing_file_is_listed_with_its_folder_before_anything_runs(host, tmp_path, capfd):
+def _graph_with_missing_files():
     prompt = _small_graph()
     prompt.update({
         "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "absent_sdxl.safetensors"}},
@@ -215,19 +217,23 @@ def test_every_missing_file_is_listed_with_its_folder_before_anything_runs(host,
         "15": {"class_type": "LoadImage", "inputs": {"image": "absent_picture.png"}},
         "16": {"class_type": "LoadImageMask", "inputs": {"image": "absent_mask.png", "channel": "red"}},
     })
-    folder = {name: host.folder_paths.get_folder_paths(name)[0]
-              for name in ("checkpoints", "clip_vision", "multiref", "loras", "vae")}
-    folder["input"] = host.folder_paths.get_input_directory()
+    return prompt
+
+
+def test_every_missing_file_is_listed_with_its_folder_before_anything_runs(tmp_path, capfd):
+    models, pictures = tmp_path / "models", tmp_path / "pictures"
+    pictures.mkdir()
     expected = [
-        f"  absent_sdxl.safetensors (node 10 CheckpointLoaderSimple, ckpt_name): put it in {folder['checkpoints']}",
-        f"  absent_vit_h.safetensors (node 11 CLIPVisionLoader, clip_name): put it in {folder['clip_vision']}",
-        f"  absent_adapter.bin (node 12 MultiRefAdapterLoader, adapter_name): put it in {folder['multiref']}",
-        f"  absent_lora.safetensors (node 13 LoraLoader, lora_name): put it in {folder['loras']}",
-        f"  absent_vae.safetensors (node 14 VAELoader, vae_name): put it in {folder['vae']}",
-        f"  absent_picture.png (node 15 LoadImage, image): put it in {folder['input']}",
-        f"  absent_mask.png (node 16 LoadImageMask, image): put it in {folder['input']}",
+        f"  absent_sdxl.safetensors (node 10 CheckpointLoaderSimple, ckpt_name): put it in {models}/checkpoints",
+        f"  absent_vit_h.safetensors (node 11 CLIPVisionLoader, clip_name): put it in {models}/clip_vision",
+        f"  absent_adapter.bin (node 12 MultiRefAdapterLoader, adapter_name): put it in {models}/multiref",
+        f"  absent_lora.safetensors (node 13 LoraLoader, lora_name): put it in {models}/loras",
+        f"  absent_vae.safetensors (node 14 VAELoader, vae_name): put it in {models}/vae",
+        f"  absent_picture.png (node 15 LoadImage, image): put it in {pictures}",
+        f"  absent_mask.png (node 16 LoadImageMask, image): put it in {pictures}",
     ]
-    code, captured, output = _run_in_process(prompt, tmp_path, capfd)
+    code, captured, output = _run_in_process(_graph_with_missing_files(), tmp_path, capfd,
+                                             "--models", str(models), "--input", str(pictures))
     assert code == 2
     lines = captured.err.splitlines()
     first = lines.index("error: 7 file(s) this workflow needs are not installed, nothing was run:")
@@ -235,6 +241,20 @@ def test_every_missing_file_is_listed_with_its_folder_before_anything_runs(host,
     assert "Model files" in lines[first + 8]
     assert "running node" not in captured.err
     assert os.listdir(output) == ["comfyui_host.log"]
+
+
+def test_missing_files_are_not_sent_to_the_runs_temporary_folders(host, tmp_path, capfd):
+    """Without --models/--input, a host folder inside the run's temporary work folder (removed at
+    exit) is no place for a file: the line asks for the option instead."""
+    code, captured, _ = _run_in_process(_graph_with_missing_files(), tmp_path, capfd)
+    assert code == 2
+    listed = [line for line in captured.err.splitlines() if "(node 1" in line]
+    assert len(listed) == 7
+    for line in listed:
+        place = line.split(": put it in ", 1)[1]
+        assert not (host.scratch and host.scratch in place), line
+        if "models folder of yours" in place or "--input DIR" in place:
+            assert host.scratch
 
 
 def test_demo_runs_in_process_and_reports_progress(host):

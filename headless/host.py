@@ -10,12 +10,17 @@ This module deliberately imports nothing from the pack: the pack is loaded by th
 as ComfyUI loads it from `custom_nodes/`. It is used by `run.py` and by the tests.
 """
 import asyncio
+import atexit
+import contextlib
 import inspect
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
+
+from . import graph_check, model_files
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_FOLDER_NAME = "ComfyUI-MultiRef"
@@ -29,8 +34,9 @@ class HostError(RuntimeError):
 class ProgressPrinter:
     """The executor's `server`: receives progress and execution events, prints a progress line."""
 
-    def __init__(self, stream=None, quiet=False):
+    def __init__(self, stream=None, quiet=False, labels=None):
         self.client_id = str(uuid.uuid4())
+        self.labels = labels or {}  # node id -> what the progress line calls it
         self.last_node_id = None
         self.last_prompt_id = None
         self.receive_all_progress_notifications = True
@@ -45,7 +51,8 @@ class ProgressPrinter:
             return
         if event == "executing" and data.get("node") is not None:
             self.last_node_id = data["node"]
-            print(f"  running node {data['node']}", file=self.stream, flush=True)
+            label = self.labels.get(str(data["node"]), "")
+            print(f"  running node {data['node']} {label}".rstrip(), file=self.stream, flush=True)
         elif event == "progress":
             value, total = data.get("value", 0), data.get("max", 0) or 1
             filled = int(20 * value / total)
@@ -54,6 +61,12 @@ class ProgressPrinter:
 
     def send_progress_text(self, *args, **kwargs):
         pass
+
+    def executed_nodes(self):
+        """Ids of the nodes the executor ran, in order."""
+        ran = [str(data["node"]) for event, data in self.events
+               if event == "executing" and isinstance(data, dict) and data.get("node") is not None]
+        return list(dict.fromkeys(ran))
 
     def queue_updated(self):
         pass
@@ -77,19 +90,33 @@ class Host:
         self.folder_paths = folder_paths
         self._run_prompt = run_prompt
 
+    # The temporary work folder boot() made (removed at exit), or None for one it was given.
+    scratch = None
+
     def __repr__(self):
         return f"<ComfyUI host: {self.kind} {self.version}>"
 
     def execute(self, prompt, progress=None):
-        """Run an API-format prompt; returns {node_id: ui_output}. Raises HostError on failure."""
+        """Run an API-format prompt; returns {node_id: ui_output}. Raises HostError on failure;
+        a broken graph (unknown node type, bad link, missing input) before anything runs."""
         check_api_format(prompt)
-        missing = sorted({n.get("class_type") for n in prompt.values()} - set(self.nodes))
-        if missing:
-            raise HostError(
-                f"workflow uses node types this ComfyUI does not have: {', '.join(missing)}; "
-                "install the custom node packs that provide them (MultiRef nodes come from this "
-                "pack: check that it loaded without errors)")
+        try:
+            graph_check.check_graph(prompt, self.nodes)
+        except graph_check.GraphError as exc:
+            raise HostError(str(exc)) from None
         return self._run_prompt(prompt, progress or ProgressPrinter(quiet=True))
+
+    def missing_files(self, prompt):
+        """Every model file and input picture the prompt names that is not installed."""
+        return model_files.missing_files(prompt, self.folder_paths)
+
+    def is_pack_node(self, class_type):
+        """True for the node types this pack registered (found by the file that defines them)."""
+        try:
+            source = inspect.getfile(self.nodes[class_type])
+        except (KeyError, TypeError):
+            return False
+        return os.path.realpath(source).startswith(os.path.realpath(PACK_ROOT) + os.sep)
 
 
 def check_api_format(prompt):
@@ -124,8 +151,16 @@ def boot(comfyui_path=None, workdir=None, output_dir=None):
     global _BOOTED
     if _BOOTED is not None:
         return _BOOTED
-    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="multiref_host_"))
+    scratch = workdir is None
+    if scratch:
+        workdir = tempfile.mkdtemp(prefix="multiref_host_")
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    # Loading the host's nodes imports torch._inductor, which makes its cache folder in the
+    # system temp folder; a run leaves nothing there, so unless the user chose one it lives
+    # in the workdir.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(workdir, "torchinductor"))
     custom_nodes = _custom_nodes_dir(workdir)
     # Our own folder must not be importable as top-level: the pack has a `nodes` package and
     # ComfyUI has a top-level `nodes` module.
@@ -135,6 +170,7 @@ def boot(comfyui_path=None, workdir=None, output_dir=None):
         _name_pack_by_folder()
     else:
         _BOOTED = _boot_installable(workdir, custom_nodes, output_dir)
+    _BOOTED.scratch = workdir if scratch else None
     return _BOOTED
 
 
@@ -166,7 +202,7 @@ def _boot_installable(workdir, custom_nodes, output_dir):
     def run_prompt(prompt, progress):
         valid, error, outputs, node_errors = validate_prompt(prompt)
         if not valid:
-            raise HostError(_format_validation(error, node_errors))
+            raise HostError(_format_validation(error, node_errors, folder_paths))
         executor = PromptExecutor(progress)
         executor.execute(prompt, str(uuid.uuid4()), {"client_id": progress.client_id}, outputs)
         if not executor.success:
@@ -225,7 +261,7 @@ def _boot_checkout(path, workdir, custom_nodes, output_dir):
             _call_by_name(execution.validate_prompt, prompt_id=prompt_id, prompt=prompt,
                           partial_execution_list=None))[:4]
         if not valid:
-            raise HostError(_format_validation(error, node_errors))
+            raise HostError(_format_validation(error, node_errors, folder_paths))
         executor = execution.PromptExecutor(progress)
         _CURRENT_PROGRESS[0] = progress
         try:
@@ -308,8 +344,9 @@ def _name_pack_by_folder():
               if os.path.realpath(getattr(module, "__file__", None) or "-") == init
               and hasattr(module, "NODE_CLASS_MAPPINGS")]
     if not loaded:
-        raise HostError("ComfyUI did not load this pack: its warning above names the import "
-                        "error (a missing module: install requirements.txt into ComfyUI's Python)")
+        raise HostError("ComfyUI did not load this pack: its warning in the host's messages "
+                        "names the import error (a missing module: install requirements.txt "
+                        "into ComfyUI's Python)")
     for name, module in list(sys.modules.items()):
         if name == loaded[0] or name.startswith(loaded[0] + "."):
             sys.modules.setdefault(PACK_FOLDER_NAME + name[len(loaded[0]):], module)
@@ -351,24 +388,21 @@ def _dist_version(name):
         return "unknown"
 
 
-# Where ComfyUI looks for the file that a loader input names.
-MODEL_INPUT_FOLDERS = {"ckpt_name": "models/checkpoints", "vae_name": "models/vae",
-                       "lora_name": "models/loras", "clip_name": "models/clip_vision or models/clip",
-                       "adapter_name": "models/multiref or models/ipadapter",
-                       "unet_name": "models/unet"}
-
-
-def _format_validation(error, node_errors):
+def _format_validation(error, node_errors, folder_paths):
     lines = []
     for node_id, info in (node_errors or {}).items():
         for err in info.get("errors", []):
             where = f"node {node_id} ({info.get('class_type')})"
             extra = err.get("extra_info") or {}
             name = extra.get("input_name")
-            if err.get("type") == "value_not_in_list" and name in MODEL_INPUT_FOLDERS:
-                lines.append(f"{where}: model file '{extra.get('received_value')}' for input "
-                             f"{name} is not installed; put it in {MODEL_INPUT_FOLDERS[name]} "
-                             "(see the README's model table) or pass --models DIR")
+            missing = model_files.missing_files(
+                {node_id: {"class_type": info.get("class_type"),
+                           "inputs": {name: extra.get("received_value")}}}, folder_paths,
+                pictures=False) if err.get("type") == "value_not_in_list" else []
+            if missing:
+                lines.append(f"{where}: model file '{missing[0].file_name}' for input {name} is "
+                             f"not installed; put it in {missing[0].folders[0]} (see "
+                             f"{model_files.README_SECTION}) or pass --models DIR")
             else:
                 lines.append(f"{where}: {err.get('details') or err.get('message')}")
     if not lines:
@@ -385,3 +419,35 @@ def _format_failure(status_messages):
         if event == "execution_interrupted":
             return f"interrupted at node {data.get('node_id')}"
     return "the prompt did not run (no error was reported by the host)"
+
+
+@contextlib.contextmanager
+def host_output_to(log_path):
+    """Send everything the host writes to stdout and stderr (its start-up report, import
+    warnings and tracebacks of optional modules, library warnings, its own progress bars) to
+    log_path, at the file-descriptor level so that output from C code and from loggers bound
+    to the streams is caught too. Yields text streams (stdout, stderr) on the real ones, for
+    what the user should see."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = tuple(os.fdopen(os.dup(saved[fd]), "w", buffering=1) for fd in (1, 2))
+    try:
+        with open(log_path, "a") as log:
+            for fd in (1, 2):
+                os.dup2(log.fileno(), fd)
+            # Python-level writes too, where sys.stdout/sys.stderr are not the descriptors
+            # (a caller that captures them)
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    yield terminal
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, copy in saved.items():
+                    os.dup2(copy, fd)
+    finally:
+        for stream in terminal:
+            stream.close()
+        for copy in saved.values():
+            os.close(copy)

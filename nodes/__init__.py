@@ -12,3 +12,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 for _family in FAMILIES:
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+
+loaders.note_missing_example_files()

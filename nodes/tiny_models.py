@@ -80,14 +80,17 @@ def tiny_unet(family="sd15", seed=0):
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
 
 
+# The host's older model classes read their config from a file. The files live in a folder of
+# this process, removed when it exits (the system temp folder keeps nothing).
+_CONFIG_FOLDER = []
+
+
 def _write_json(name, data):
-    folder = os.path.join(tempfile.gettempdir(), "multiref_tiny_configs")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    if not _CONFIG_FOLDER:
+        _CONFIG_FOLDER.append(tempfile.TemporaryDirectory(prefix="multiref_tiny_configs_"))
+    path = os.path.join(_CONFIG_FOLDER[0].name, name)
+    with open(path, "w") as f:
         json.dump(data, f)
-    os.replace(tmp, path)
     return path
 
 

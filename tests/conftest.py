@@ -47,6 +47,28 @@ class _PackAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _PackAlias())
 
 
+class _PackRootIsAPlainFolder:
+    """pytest (8+) makes every folder with an `__init__.py` on the way from the rootdir to the
+    tests a Package and imports that `__init__.py` before the first test. The pack's root
+    `__init__.py` is ComfyUI's entry point and imports its submodules relatively, so it only
+    imports as a package named after its folder: under a name that is no identifier
+    ("ComfyUI-MultiRef", "Multi Ref") pytest imports it as a top-level `__init__` and every
+    test errors; under an identifier it imports a second copy of the pack and puts the folder
+    above it on sys.path. Collecting the root as a plain folder means pytest never imports it:
+    the host loads the pack, by its folder, as ComfyUI does. A registered plugin (not this
+    conftest's own hook, which pytest consults only for folders below tests/) sees the root."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if os.path.samefile(path, ROOT):
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_PackRootIsAPlainFolder(), "multiref-pack-root")
+
+
 def pytest_report_header(config):
     return f"ComfyUI host: {HOST.kind} {HOST.version}"
 

@@ -2,6 +2,8 @@
 and layer count; conversion to the pack's format is lossless; the Resampler matches a slow
 per-head implementation; the published layer numbering maps to the right ComfyUI blocks for the
 real SD1.5 and SDXL UNets; every mismatch is caught with a message naming both sides."""
+import json
+import logging
 import math
 import os
 
@@ -10,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_checkpoints as tc
+from headless.host import HostError
 from multiref.kernels import adapter as adapter_mod
 from multiref.kernels import checkpoints
 from multiref.nodes import tiny_models
@@ -318,6 +321,71 @@ def test_missing_file_names_folders_and_downloads(host, adapter_folder):
     assert "ipadapter" in message  # models/ipadapter is searched too
     for name in ("ip-adapter-plus_sd15.bin", "model_sdxl_plus.bin", "sdxl_finetuned_20k.ckpt"):
         assert name in message
+
+
+def test_pack_creates_its_model_folder(host):
+    assert os.path.isdir(os.path.join(host.folder_paths.models_dir, "multiref"))
+
+
+def test_adapter_name_tooltip_names_the_folders_and_the_readme_section(host):
+    tooltip = host.nodes["MultiRefAdapterLoader"].INPUT_TYPES()["required"]["adapter_name"][1]["tooltip"]
+    for folder in ("multiref", "ipadapter"):
+        for path in host.folder_paths.get_folder_paths(folder):
+            assert path in tooltip
+    assert "'Model files'" in tooltip
+
+
+def _shipped_with_adapter(name):
+    """The two-subject workflow with its adapter file renamed to `name`; returns (prompt, id)."""
+    from headless import shipped
+    with open(shipped.api_path("two_subjects_routing")) as f:
+        prompt = json.load(f)
+    node_id = next(i for i, n in prompt.items() if n["class_type"] == "MultiRefAdapterLoader")
+    prompt[node_id]["inputs"]["adapter_name"] = name
+    return prompt, node_id
+
+
+def test_missing_adapter_fails_validation_naming_folders_and_downloads(host):
+    """The host's own list check would say only "'name' not in [...]"."""
+    prompt, node_id = _shipped_with_adapter("not_installed_adapter.bin")
+    with pytest.raises(HostError) as err:
+        host.execute(prompt)
+    message = str(err.value)
+    assert f"node {node_id} (MultiRefAdapterLoader): adapter_name - file " \
+           "'not_installed_adapter.bin' not found. Searched: " in message
+    for path in host.folder_paths.get_folder_paths("multiref"):
+        assert path in message
+    assert "hqhQAQ/MIP-Adapter" in message and "h94/IP-Adapter" in message
+
+
+def test_start_up_note_lists_the_example_workflows_missing_files(host, caplog):
+    """Expected: each loader input of the shipped API files whose file is in none of the
+    folders of its kind, looked up file by file."""
+    from headless import shipped
+    from multiref.nodes import loaders
+    kinds = {"ckpt_name": ("checkpoints",), "clip_name": ("clip_vision",),
+             "adapter_name": ("multiref", "ipadapter")}
+    expected, installed = set(), set()
+    for path in shipped.api_files():
+        with open(path) as f:
+            for node in json.load(f).values():
+                for name, value in node["inputs"].items():
+                    if name in kinds and isinstance(value, str):
+                        folders = [d for k in kinds[name] for d in host.folder_paths.get_folder_paths(k)]
+                        if any(os.path.isfile(os.path.join(d, value)) for d in folders):
+                            installed.add(value)
+                        else:
+                            expected.add(f"{value} -> {folders[0]}")
+    with caplog.at_level(logging.WARNING, logger="multiref"):
+        loaders.note_missing_example_files()
+    notes = [r.getMessage() for r in caplog.records if "example workflows" in r.getMessage()]
+    if not expected:
+        assert notes == []
+        return
+    assert len(notes) == 1 and "'Model files'" in notes[0]
+    listed = notes[0].split("not installed: ", 1)[1].split(" (what to download")[0].split("; ")
+    assert set(listed) == expected
+    assert not any(name in notes[0] for name in installed)
 
 
 def test_layer_count_mismatch(tmp_path):

@@ -15,16 +15,16 @@ import sys
 import pytest
 
 from conftest import HOST, ROOT
-from test_runner import assert_demo_wrote_one_png
+from test_runner import assert_demo_ran
 
 # Test files that exercise the host; extend it when a test file depends on host behaviour.
 HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/test_runner.py",
               "tests/test_workflows.py", "tests/test_patching.py", "tests/test_adapters.py",
               "tests/test_references.py", "tests/test_routing_nodes.py", "tests/test_msa_node.py",
               "tests/test_guidance_sampling.py", "tests/test_training.py",
-              "tests/test_training_node.py")
-# test_runner's demo test runs run.py without --comfyui (the installable host); the checkout's
-# runner path is test_runner_demo_writes_a_png_on_the_checkout below.
+              "tests/test_training_node.py", "tests/test_packaging.py")
+# test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout
+# below: it runs once.
 HOST_TESTS_DESELECTED = ("tests/test_runner.py::test_demo_workflow_writes_a_png",)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -67,7 +67,7 @@ def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):
     path = _checkout()
     result = _run([os.path.join(ROOT, "run.py"), "--comfyui", path, "--output", str(tmp_path)],
                   timeout=600)
-    assert_demo_wrote_one_png(result, tmp_path)
+    assert_demo_ran(result, tmp_path)
 
 
 def test_runner_refuses_a_folder_that_is_not_a_checkout(tmp_path):

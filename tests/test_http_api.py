@@ -2,6 +2,7 @@
 custom_nodes, POST /prompt, poll /history, download the image through /view."""
 import json
 import os
+import urllib.error
 import urllib.request
 
 import pytest
@@ -33,3 +34,21 @@ def test_invalid_prompt_is_rejected_by_the_server(server):
     with pytest.raises(api_client.ApiError) as err:
         api_client.submit(server, {"1": {"class_type": "NoSuchNode", "inputs": {}}})
     assert "400" in str(err.value)
+
+
+def test_missing_adapter_file_is_named_with_its_folders_in_the_400_reply(server):
+    """What a script (and the editor's error dialog) gets for an adapter that is not installed."""
+    with open(shipped.api_path("two_subjects_routing")) as f:
+        workflow = json.load(f)
+    node_id = next(i for i, n in workflow.items() if n["class_type"] == "MultiRefAdapterLoader")
+    workflow[node_id]["inputs"]["adapter_name"] = "not_installed_adapter.bin"
+    request = urllib.request.Request(f"{server}/prompt", json.dumps({"prompt": workflow}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 400
+    errors = json.loads(err.value.read())["node_errors"][node_id]["errors"]
+    assert [e["type"] for e in errors] == ["custom_validation_failed"]
+    details = errors[0]["details"]
+    assert details.startswith("adapter_name - file 'not_installed_adapter.bin' not found. Searched: ")
+    assert "models/multiref" in details and "hqhQAQ/MIP-Adapter" in details

@@ -28,13 +28,18 @@ class MaskShapeError(ValueError):
     """A mask cannot be placed on the grid it was given for; the message names the fix."""
 
 
+def resize_mask_values(masks, height, width):
+    """(R, H, W) reference masks -> (R, height * width) float values, nearest resampling.
+    A token of value m > 0 is foreground; soft values weigh it (reference_bias)."""
+    if masks.ndim != 3:
+        raise MaskShapeError(f"masks must be (rows, height, width), got {tuple(masks.shape)}")
+    return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].flatten(1)
+
+
 def resize_masks(masks, height, width):
     """(R, H, W) masks (any dtype, 1 = foreground) -> (R, height * width) bool, nearest
     resampling (a foreground token stays a whole token, as SynCD's per-layer downsampling)."""
-    if masks.ndim != 3:
-        raise MaskShapeError(f"masks must be (rows, height, width), got {tuple(masks.shape)}")
-    resized = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")
-    return resized[:, 0].flatten(1) > 0.5
+    return resize_mask_values(masks, height, width) > 0.5
 
 
 def resize_maps(maps, height, width):
@@ -79,13 +84,20 @@ def shared_attention(q, k, v, k_fg, v_fg, heads, fg_bias=None):
     return out.transpose(1, 2).reshape(b, n, c)
 
 
-def reference_bias(row_weights, tokens_per_row, index):
+def reference_bias(row_weights, tokens_per_row, index, mask_values=None):
     """(R,) weights of the reference rows -> (M,) log-weight of each foreground token picked by
     `index` (foreground_index over rows of `tokens_per_row` tokens); None when every weight is 1
-    (the unbiased fused attention)."""
-    if bool((row_weights == 1).all()):
-        return None
-    return row_weights.log().repeat_interleave(tokens_per_row).index_select(0, index)
+    and every picked token's mask value is 1 (the unbiased fused attention).
+    mask_values: optional (R * tokens_per_row,) mask value m of every reference token; a token
+    counts e^(m - 1) times (SynCD adds the mask to the logits, its target tokens getting 1)."""
+    bias = None
+    if not bool((row_weights == 1).all()):
+        bias = row_weights.log().repeat_interleave(tokens_per_row).index_select(0, index)
+    if mask_values is not None:
+        picked = mask_values.index_select(0, index)
+        if not bool((picked == 1).all()):
+            bias = picked - 1 if bias is None else bias + (picked - 1)
+    return bias
 
 
 def batch_shared_attention(q, k, v, fg, heads):

@@ -87,15 +87,27 @@ def check_reference(ref):
                              f"{ref.start_percent}..{ref.end_percent}")
 
 
-def latent_masks(masks, views, size, dilation=0):
-    """(1 or V, H, W) float masks -> (V, h, w) binary {0, 1} masks on the latent grid `size`.
+MASK_VALUES = ("binary", "soft")
 
-    Binarized at 0.5 on the image grid; a latent cell is foreground when at least half of its
-    pixels are (area resize); `dilation` then grows the foreground by that many cells (square
-    neighbourhood), as SynCD dilates its masks to keep object borders.
+
+def latent_masks(masks, views, size, dilation=0, values="binary"):
+    """(1 or V, H, W) float masks -> (V, h, w) masks on the latent grid `size`.
+
+    binary: {0, 1}. Binarized at 0.5 on the image grid; a latent cell is foreground when at
+    least half of its pixels are (area resize).
+    soft: the mask's own values in [0, 1], averaged over each cell (area resize); Masked Shared
+    Attention then counts a token of value m with weight e^(m - 1) (SynCD's additive mask), and
+    leaves out tokens of value 0.
+    `dilation` then grows the foreground by that many cells (square neighbourhood, the largest
+    value nearby), as SynCD dilates its masks to keep object borders.
     """
-    fg = (masks.float() > 0.5).float().unsqueeze(1)
-    fg = (F.interpolate(fg, size=tuple(size), mode="area") >= 0.5).float()
+    if values not in MASK_VALUES:
+        raise ReferenceInputError(f"mask_values: {values!r} is not one of {MASK_VALUES}")
+    if values == "soft":
+        fg = F.interpolate(masks.float().clamp(0, 1).unsqueeze(1), size=tuple(size), mode="area")
+    else:
+        fg = (masks.float() > 0.5).float().unsqueeze(1)
+        fg = (F.interpolate(fg, size=tuple(size), mode="area") >= 0.5).float()
     if dilation > 0:
         fg = F.max_pool2d(fg, 2 * dilation + 1, stride=1, padding=dilation)
     fg = fg[:, 0].expand(views, -1, -1).contiguous()
@@ -138,7 +150,8 @@ class EncodedReference:
         the reference.
     latents: (V, 4, h, w) raw VAE latents of the views (not yet scaled by the model's latent
         format), or None when no VAE was given (then Masked Shared Attention is unavailable).
-    masks: (V, h, w) binary {0, 1} float on the latent grid (h, w = latents' grid, or the image
+    masks: (V, h, w) float on the latent grid, binary {0, 1} or soft values in [0, 1]
+        (latent_masks) (h, w = latents' grid, or the image
         size / 8 when there are no latents), or None = the whole image.
     phrase, weight, start_percent, end_percent: copied from the Reference.
     adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches

@@ -67,11 +67,11 @@ class _StepState(patching.SharedAcrossClones):
         cache_key = (call.grid, call.key, call.unmasked, h, w, str(device))
         found = self.foreground_cache.get(cache_key)
         if found is None:
-            fg = msa.resize_masks(call.masks, h, w)
+            values = msa.resize_mask_values(call.masks, h, w)
             if call.unmasked:
-                fg = torch.ones_like(fg)
-            index = msa.foreground_index(fg)
-            bias = msa.reference_bias(call.weights, h * w, index)
+                values = torch.ones_like(values)
+            index = msa.foreground_index(values > 0)
+            bias = msa.reference_bias(call.weights, h * w, index, values.flatten())
             found = (index.to(device), None if bias is None else bias.to(device))
             self.foreground_cache[cache_key] = found
         return found

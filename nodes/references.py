@@ -9,8 +9,8 @@ import comfy.model_management
 
 from ..kernels.adapter import CLIP_MEAN, CLIP_STD
 from ..kernels.checkpoints import bind_to_unet
-from ..kernels.references import (EncodedReference, Reference, ReferenceInputError, check_finite,
-                                  latent_masks)
+from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
+                                  check_finite, latent_masks)
 
 log = logging.getLogger("multiref")
 
@@ -94,30 +94,35 @@ class MultiRefEncodeReferences:
         }, "optional": {
             "vae": ("VAE", {"tooltip": "Encodes the views to latents for Masked Shared "
                                        "Attention; leave empty when only the adapter is used."}),
+            "mask_values": (list(MASK_VALUES), {"default": "binary", "tooltip":
+                            "binary: a mask is cut at 0.5 (object or not). soft: grey mask values "
+                            "are kept, and Masked Shared Attention counts a token of value m "
+                            "e^(m-1) times (SynCD's soft masks; 0 = left out)."}),
         }}
 
-    def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None):
+    def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
+               mask_values="binary"):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
         with torch.no_grad():
-            encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation)
-                            for ref in references)
+            encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation,
+                                            mask_values) for ref in references)
         for n, enc in enumerate(encoded, 1):
             check_encoded(enc, n)
         log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
                  ", ".join(f"{e.image_tokens.shape[1]} tokens" for e in encoded))
         return (encoded,)
 
-    def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation):
+    def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation, mask_values="binary"):
         views, height, width = ref.images.shape[:3]
         grid = (height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
         masks = None
         if ref.masks is not None:  # first, so a bad mask fails before any encoding
             cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
-            masks = latent_masks(cropped, views, grid, mask_dilation)
+            masks = latent_masks(cropped, views, grid, mask_dilation, mask_values)
         tokens = self.tokens(adapter, clip_vision, ref.images)
         uncond = unconditional_tokens(adapter, clip_vision)
         latents = vae_latents(vae, ref.images) if vae is not None else None

@@ -76,6 +76,46 @@ def test_reference_weight_counts_each_token_weight_times():
     assert msa.reference_bias(torch.ones(2), h * w, index) is None
 
 
+def syncd_additive_mask_reference(q, k, v, k_refs, v_refs, values, row_weights, heads):
+    """SynCD's soft masks, written out as its attention processor builds them: the mask is added
+    to the logits, its own tokens getting 1, a reference token its value m, a token of value 0
+    masked out; a reference weight w adds log w. Explicit float64 matmuls."""
+    b, n, c = q.shape
+    d = c // heads
+    keys = torch.cat([k, k_refs.reshape(1, -1, c).expand(b, -1, -1)], 1).double()
+    vals = torch.cat([v, v_refs.reshape(1, -1, c).expand(b, -1, -1)], 1).double()
+    token_weights = row_weights.double().repeat_interleave(values.shape[1])
+    ref_bias = torch.where(values.reshape(-1) > 0,
+                           values.reshape(-1).double() + token_weights.log(), -math.inf)
+    bias = torch.cat([torch.ones(n, dtype=torch.float64), ref_bias])
+    out = torch.empty(b, n, c, dtype=torch.float64)
+    for h in range(heads):
+        sl = slice(h * d, (h + 1) * d)
+        logits = q[..., sl].double() @ keys[..., sl].transpose(1, 2) / math.sqrt(d) + bias
+        out[..., sl] = logits.softmax(-1) @ vals[..., sl]
+    return out.float()
+
+
+def test_soft_mask_values_weigh_tokens_as_syncd_additive_mask():
+    h, w, c = 4, 5, 16
+    q, k, v = _rows(2, h * w, c, seed=8)
+    _, k_refs, v_refs = _rows(2, h * w, c, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    soft = torch.rand(2, 8, 10, generator=gen) * (torch.rand(2, 8, 10, generator=gen) < 0.6)
+    values = msa.resize_mask_values(soft, h, w)
+    index = msa.foreground_index(values > 0)
+    weights = torch.tensor([1.0, 2.5])
+    bias = msa.reference_bias(weights, h * w, index, values.flatten())
+    out = msa.shared_attention(q, k, v, msa.gather_foreground(k_refs, index),
+                               msa.gather_foreground(v_refs, index), HEADS, bias)
+    expected = syncd_additive_mask_reference(q, k, v, k_refs, v_refs, values, weights, HEADS)
+    assert (out - expected).abs().max() < 1e-5
+    # Binary values add nothing: the unbiased fused attention, as without values.
+    binary = (values > 0.5).float()
+    index = msa.foreground_index(binary > 0)
+    assert msa.reference_bias(torch.ones(2), h * w, index, binary.flatten()) is None
+
+
 def test_empty_foreground_is_plain_attention():
     q, k, v = _rows(2, 12, 16, seed=3)
     empty = torch.zeros(0, 16)

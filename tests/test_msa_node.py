@@ -185,7 +185,8 @@ class TwoPass:
             h, w = round(height / scale), round(width / scale)
             rows_y = (torch.arange(h) * self.masks.shape[1]) // h
             rows_x = (torch.arange(w) * self.masks.shape[2]) // w
-            fg = self.masks[:, rows_y][:, :, rows_x].reshape(-1) > 0.5
+            mask_values = self.masks[:, rows_y][:, :, rows_x].reshape(-1).double()
+            fg = mask_values > 0  # soft masks: a token of value m counts e^(m - 1) times
             attn = self.blocks[location].attn1
             d = q.shape[-1] // heads
             for i, role in enumerate(self.roles):
@@ -197,7 +198,8 @@ class TwoPass:
                 keys = torch.cat([k[i].double(), k_ref])
                 values = torch.cat([v[i].double(), v_ref])
                 weight = self.row_weights.repeat_interleave(h * w)
-                bias = torch.cat([torch.zeros(q.shape[1]), torch.where(fg, weight.log(), -math.inf)])
+                bias = torch.cat([torch.zeros(q.shape[1], dtype=torch.float64),
+                                  torch.where(fg, weight.double().log() + mask_values - 1, -math.inf)])
                 for hd in range(heads):
                     sl = slice(hd * d, (hd + 1) * d)
                     logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
@@ -445,6 +447,20 @@ def test_reference_weights_scale_their_share(parts):
     dropped = (refs[0], dataclasses.replace(refs[1], weight=0.0))
     assert _diff(_sample(_msa(model, dropped), clips, "sd15"),
                  _sample(_msa(model, refs[:1]), clips, "sd15")) < 1e-5
+
+
+def test_soft_masks_weigh_tokens_by_their_value(parts):
+    """Soft reference masks (Encode References, mask_values soft): a token of value m counts
+    e^(m - 1) times, value 0 is left out; equals the two-pass reference with that bias."""
+    vae, clips = parts
+    model = tiny_models.tiny_unet("sd15")
+    refs = _encoded(vae, 2)
+    gen = torch.Generator().manual_seed(4)
+    soft = tuple(dataclasses.replace(r, masks=r.masks * torch.rand(r.masks.shape, generator=gen))
+                 for r in refs)
+    one_call = _sample(_msa(model, soft), clips, "sd15")
+    assert _diff(one_call, _sample(TwoPass(model, soft).install(model), clips, "sd15")) < 1e-5
+    assert _diff(one_call, _sample(_msa(model, refs), clips, "sd15")) > 1e-4
 
 
 @pytest.mark.parametrize("count", [1, 3])

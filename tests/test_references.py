@@ -217,3 +217,26 @@ def test_mask_without_foreground_on_latent_grid(host, parts, tmp_path):
     refs = reference_node(host, images(1), mask)
     with pytest.raises(ReferenceInputError, match="no foreground"):
         encode_node(host, refs, adapter, parts, "sd15")
+
+
+def test_soft_mask_values_are_cell_averages(host, parts, tmp_path):
+    """mask_values soft: each latent cell holds the mean of its pixels' mask values (grey kept,
+    0 stays out), dilation takes the largest value nearby; binary stays {0, 1}."""
+    adapter, _ = adapter_and_weights(tmp_path, "ip_adapter", "sd15")
+    mask = torch.zeros(64, 64)
+    mask[:, :20] = 1.0   # cells 0-1 whole, cell 2 half (pixels 16-19 of 16-23)
+    mask[:, 20:24] = 0.0
+    mask[:, 24:32] = 0.3  # cell 3 grey
+    refs = reference_node(host, images(1), mask)
+    node = host.nodes["MultiRefEncodeReferences"]()
+    args = (refs, adapter, parts["clip_vision"], parts["sd15"])
+    (soft,) = node.encode(*args, 0, mask_values="soft")[0]
+    cells = torch.tensor([1.0, 1.0, 0.5, 0.3, 0, 0, 0, 0])
+    torch.testing.assert_close(soft.masks[0], cells.expand(8, 8), rtol=0, atol=1e-6)
+    (grown,) = node.encode(*args, 1, mask_values="soft")[0]
+    torch.testing.assert_close(grown.masks[0, 0], torch.tensor([1.0, 1, 1, 0.5, 0.3, 0, 0, 0]),
+                               rtol=0, atol=1e-6)
+    (binary,) = node.encode(*args, 0)[0]
+    assert torch.equal(binary.masks[0, 0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0]))
+    with pytest.raises(ReferenceInputError, match="mask_values"):
+        node.encode(*args, 0, mask_values="grey")

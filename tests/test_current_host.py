@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import HOST, ROOT
-from test_runner import assert_demo_wrote_one_png
+from test_runner import assert_demo_wrote_its_pngs
 
 # Test files that exercise the host; extend it when a test file depends on host behaviour.
 HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/test_runner.py",
@@ -67,7 +67,7 @@ def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):
     path = _checkout()
     result = _run([os.path.join(ROOT, "run.py"), "--comfyui", path, "--output", str(tmp_path)],
                   timeout=600)
-    assert_demo_wrote_one_png(result, tmp_path)
+    assert_demo_wrote_its_pngs(result, tmp_path)
 
 
 def test_runner_refuses_a_folder_that_is_not_a_checkout(tmp_path):

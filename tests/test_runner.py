@@ -18,19 +18,21 @@ def _run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_demo_wrote_one_png(result, folder):
-    """The runner's demo succeeded, said its weights are random and printed the PNG it wrote."""
+def assert_demo_wrote_its_pngs(result, folder):
+    """The runner's demo succeeded, said its weights are random and printed the two PNGs it
+    wrote: the picture and its routing maps (the demo's two SaveImage prefixes)."""
     assert result.returncode == 0, result.stderr[-3000:]
-    pngs = [p for p in os.listdir(folder) if p.endswith(".png")]
-    assert len(pngs) == 1
-    with open(folder / pngs[0], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+    assert [p.rsplit("_", 2)[0] for p in pngs] == ["multiref_demo", "multiref_demo_routing"]
+    for png in pngs:
+        with open(folder / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert str(folder / png) in result.stdout
     assert "RANDOM weights" in result.stderr
-    assert str(folder / pngs[0]) in result.stdout
 
 
 def test_demo_workflow_writes_a_png(tmp_path):
-    assert_demo_wrote_one_png(_run("--output", str(tmp_path)), tmp_path)
+    assert_demo_wrote_its_pngs(_run("--output", str(tmp_path)), tmp_path)
 
 
 def test_ui_format_file_is_refused_with_one_line(tmp_path):

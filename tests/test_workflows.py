@@ -1,12 +1,16 @@
 """Every shipped workflow: its UI file and API twin describe the same graph, and the API file
-executes in the host with the downloadable models swapped for tiny ones of the same kind."""
+executes in the host with the downloadable models swapped for tiny ones of the same kind and
+the shipped example pictures, which the pack copied into the host's input folder at load."""
 import copy
+import filecmp
+import logging
 import os
 
 import pytest
 
 from conftest import headless_host
 from headless import shipped, workflow_format as fmt
+from multiref.nodes import example_inputs
 import workflow_models
 
 API_FILES = shipped.api_files()
@@ -35,6 +39,48 @@ def test_ui_file_and_api_twin_are_the_same_graph(host, api_path):
         assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
 
 
+def _pictures(api):
+    return sorted({node["inputs"]["image"] for node in api.values()
+                   if node["class_type"] in ("LoadImage", "LoadImageMask")})
+
+
+def test_every_picture_a_workflow_names_is_shipped_and_in_the_input_folder(host):
+    """What makes the workflows run unchanged: each picture they load is an example_inputs/
+    file, which the pack's load put into the host's input folder (where Load Image lists)."""
+    shipped_pictures = example_inputs.example_files()
+    named = {name for path in API_FILES for name in _pictures(fmt.load(path))}
+    assert named, "no shipped workflow loads a picture"
+    assert named <= set(shipped_pictures), sorted(named - set(shipped_pictures))
+    assert set(shipped_pictures) <= named, "shipped pictures no workflow uses: " + \
+        ", ".join(sorted(set(shipped_pictures) - named))
+    folder = host.folder_paths.get_input_directory()
+    for name in sorted(named):
+        assert filecmp.cmp(os.path.join(folder, name), shipped_pictures[name], shallow=False), name
+    listed = host.nodes["LoadImage"].INPUT_TYPES()["required"]["image"][0]
+    assert named <= set(listed), "Load Image does not list " + ", ".join(sorted(named - set(listed)))
+
+
+def test_copying_the_pictures_never_overwrites_a_users_file(tmp_path, caplog):
+    users = tmp_path / "multiref_chelsea.jpg"
+    users.write_bytes(b"the user's own picture")
+    with caplog.at_level(logging.INFO, logger="multiref"):
+        copied = example_inputs.copy_to_input_folder(str(tmp_path))
+    expected = set(example_inputs.example_files())
+    assert set(copied) == expected - {"multiref_chelsea.jpg"}
+    assert users.read_bytes() == b"the user's own picture"
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary file left
+    assert "multiref_chelsea.jpg" in caplog.text and str(tmp_path) in caplog.text
+    assert example_inputs.copy_to_input_folder(str(tmp_path)) == []  # nothing missing now
+
+
+def test_an_unwritable_input_folder_is_logged_not_raised(tmp_path, caplog):
+    blocked = tmp_path / "input"
+    blocked.write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger="multiref"):
+        assert example_inputs.copy_to_input_folder(str(blocked)) == []
+    assert "example_inputs" in caplog.text and str(blocked) in caplog.text
+
+
 @pytest.mark.parametrize("api_path", API_FILES, ids=NAMES)
 def test_api_workflow_executes_in_the_host(host, api_path, tmp_path):
     prompt = workflow_models.swap_in_tiny_models(fmt.load(api_path), host, tmp_path)
@@ -57,3 +103,42 @@ def test_a_workflow_out_of_step_with_its_nodes_fails(host, tmp_path):
     adapter["widgets_values"].pop()
     with pytest.raises(ValueError, match="widget value"):
         fmt.ui_to_api(short, host.nodes)
+
+
+DEMO_PACK_NODES = {"MultiRefTinyDemoModels", "MultiRefTinyDemoAdapter", "MultiRefReference",
+                   "MultiRefEncodeReferences", "MultiRefApplyAdapter", "MultiRefApplyMSA",
+                   "MultiRefNormalizedCFGGuider", "MultiRefRoutingMaps"}
+
+
+def test_the_demo_runs_the_packs_nodes_and_saves_picture_and_routing_maps(host):
+    """The default demo (run.py without a workflow) unchanged: no model swap, no download."""
+    demo = fmt.load(shipped.api_path("demo_tiny"))
+    kinds = [node["class_type"] for node in demo.values()]
+    assert DEMO_PACK_NODES <= set(kinds), sorted(DEMO_PACK_NODES - set(kinds))
+    assert kinds.count("MultiRefReference") == 2
+    for node in demo.values():
+        if node["class_type"] == "MultiRefReference":
+            assert node["inputs"]["phrase"] and "mask" in node["inputs"], node
+    assert next(n for n in demo.values()
+                if n["class_type"] == "MultiRefApplyAdapter")["inputs"]["mode"] == "weighted"
+    outputs = host.execute(copy.deepcopy(demo))
+    saved = {demo[node_id]["inputs"]["images"][0]: ui["images"] for node_id, ui in outputs.items()
+             if demo[node_id]["class_type"] == "SaveImage"}
+    sources = {demo[node_id]["class_type"] for node_id in saved}
+    assert sources == {"VAEDecode", "MultiRefRoutingMaps"}, sources
+    assert all(len(images) == 1 for images in saved.values())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_tiny_demo_adapter_fits_every_cross_attention_of_the_tiny_unet(family):
+    from multiref.kernels.checkpoints import bind_to_unet, cross_attention_dims
+    from multiref.nodes import tiny_models
+    model = tiny_models.tiny_unet(family)
+    unet = model.model.diffusion_model
+    adapter = bind_to_unet(tiny_models.tiny_adapter(model), unet)  # raises on any mismatch
+    assert adapter.family == family
+    dims = cross_attention_dims(unet)
+    assert len(adapter.layers) == len(dims)
+    for location, (context, inner) in dims.items():
+        layer = adapter.layer(location)
+        assert (layer.context_dim, layer.inner_dim) == (context, inner)

@@ -285,3 +285,35 @@ def test_screenshot_of_a_loaded_workflow(editor, host_nodes):
         with open(target + ".tmp", "wb") as f:
             f.write(png)
         os.replace(target + ".tmp", target)
+
+
+# The window the layout is made for (headless/workflow_format.py) and LiteGraph's zoom below
+# which it draws no text.
+WINDOW = (1920, 1080)
+TEXT_ZOOM = 0.6
+
+EXTENT_JS = """(() => {
+  const nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT;
+  const box = [Math.min(...nodes.map(n => n.pos[0])), Math.min(...nodes.map(n => n.pos[1] - title)),
+               Math.max(...nodes.map(n => n.pos[0] + n.size[0])),
+               Math.max(...nodes.map(n => n.pos[1] + n.size[1]))];
+  const groups = app.graph._groups || [];
+  return {box, overlaps: nodes.flatMap(a => nodes.filter(b => a.id < b.id
+    && a.pos[0] < b.pos[0] + b.size[0] && b.pos[0] < a.pos[0] + a.size[0]
+    && a.pos[1] - title < b.pos[1] + b.size[1] && b.pos[1] - title < a.pos[1] + a.size[1])
+    .map(b => [a.id, b.id]))};
+})()"""
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=NAMES)
+def test_workflow_fits_a_full_hd_window_at_a_zoom_that_draws_text(editor, host_nodes, ui_path):
+    """Node sizes as the editor itself makes them: the whole graph, without overlapping nodes,
+    fits 1920x1080 at a zoom of at least 0.6, and the file opens at such a zoom."""
+    ui = fmt.load(ui_path)
+    _load(editor, ui)
+    extent = editor.evaluate(EXTENT_JS)
+    left, top, right, bottom = extent["box"]
+    assert extent["overlaps"] == []
+    fit = min(WINDOW[0] / (right - left), WINDOW[1] / (bottom - top))
+    assert fit >= TEXT_ZOOM, f"{right - left:.0f} x {bottom - top:.0f} needs zoom {fit:.2f}"
+    assert ui["extra"]["ds"]["scale"] >= TEXT_ZOOM

@@ -8,12 +8,13 @@ editor would save it back with the same values and links, and the editor's own A
 import io
 import json
 import os
+import urllib.request
 
 import pytest
 from PIL import Image
 
 from comfy_server import running_server
-from conftest import HOST
+from conftest import HOST, headless_host
 from headless import shipped, workflow_format as fmt
 from headless_browser import Browser, find_browser
 
@@ -148,6 +149,7 @@ def editor(tmp_path_factory):
                          height=900, deviceScaleFactor=1, mobile=False)
             browser.open(url)
             browser.wait_for("!!window.app", timeout=90)  # set once app.setup() has finished
+            browser.server_url = url
             yield browser
         finally:
             browser.close()
@@ -317,3 +319,102 @@ def test_workflow_fits_a_full_hd_window_at_a_zoom_that_draws_text(editor, host_n
     fit = min(WINDOW[0] / (right - left), WINDOW[1] / (bottom - top))
     assert fit >= TEXT_ZOOM, f"{right - left:.0f} x {bottom - top:.0f} needs zoom {fit:.2f}"
     assert ui["extra"]["ds"]["scale"] >= TEXT_ZOOM
+
+
+THUMBNAILS_ENV = "MULTIREF_WRITE_THUMBNAILS"  # set to 1 to (re)write example_workflows/NAME.jpg
+THUMBNAIL_WIDTH = 480
+# Workflows whose thumbnail is a render of their output instead (tests/test_workflows.py).
+RENDERED_THUMBNAILS = {"demo_tiny"}
+
+
+@pytest.mark.skipif(not os.environ.get(THUMBNAILS_ENV), reason=f"set {THUMBNAILS_ENV}=1 to "
+                    "rewrite the template browser's thumbnails")
+def test_write_thumbnails_of_the_graphs(editor, host_nodes):
+    """Each workflow drawn in a 1920x1080 window at the zoom it opens with, shrunk."""
+    if CURRENT_EDITOR:
+        pytest.skip("thumbnails are drawn by the 2024 editor")
+    editor.evaluate('document.querySelector(".comfy-menu").style.display = "none"')
+    editor.call("Emulation.setDeviceMetricsOverride", session=True, width=WINDOW[0],
+                height=WINDOW[1], deviceScaleFactor=1, mobile=False)
+    editor.wait_for(f"app.canvasEl.width === {WINDOW[0]}", timeout=10)
+    try:
+        for ui_path in UI_FILES:
+            if shipped.name_of(ui_path) in RENDERED_THUMBNAILS:
+                continue
+            ui = fmt.load(ui_path)
+            _load(editor, ui)
+            editor.evaluate(FIT_VIEW_JS % (ui["extra"]["ds"]["scale"], 20))
+            picture = Image.open(io.BytesIO(editor.screenshot_png())).convert("RGB")
+            picture.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH))
+            picture.save(shipped.thumbnail_path(shipped.name_of(ui_path)), quality=85)
+    finally:
+        editor.call("Emulation.setDeviceMetricsOverride", session=True, width=1600,
+                    height=900, deviceScaleFactor=1, mobile=False)
+        editor.evaluate('document.querySelector(".comfy-menu").style.display = ""')
+
+
+BROWSE_TEMPLATES_JS = """(async (module, names) => {
+  await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  const dialog = () => document.querySelector(".p-dialog");
+  const shown = () => names.filter(n => dialog()?.innerText.split("\\n").includes(n));
+  for (let i = 0; i < 100 && !shown().length; i++) await new Promise(r => setTimeout(r, 100));
+  const titles = dialog().innerText.split("\\n");
+  const images = [...dialog().querySelectorAll("img")];
+  const drawn = [];
+  for (const img of images) {  // a thumbnail loads while its card is in view
+    img.scrollIntoView();
+    for (let i = 0; i < 50 && !(img.src && img.complete && img.naturalWidth); i++)
+      await new Promise(r => setTimeout(r, 100));
+    drawn.push([img.alt, img.naturalWidth]);
+  }
+  const result = {titles, drawn, module: titles.includes(module)};
+  document.querySelectorAll(".p-dialog-close-button").forEach(b => b.click());
+  return result;
+})(%s, %s)"""
+
+OPEN_TEMPLATE_JS = """(async (module, name) => {
+  const response = await fetch(`api/workflow_templates/${module}/${name}.json`);
+  await app.loadGraphData(await response.json(), true, true, name);
+  await new Promise(r => setTimeout(r, 200));
+  return {status: response.status, nodes: app.graph._nodes.length, dialog: %s,
+          text: document.body.innerText};
+})(%s, %s)"""
+
+
+def test_template_browser_lists_the_ui_files_with_thumbnails_and_opens_each(editor):
+    """The current editor's Templates dialog, for this pack: only the UI files (no API twin,
+    which the editor cannot open), each with its NAME.jpg served, each opening cleanly."""
+    if not CURRENT_EDITOR:
+        pytest.skip("the 2024 editor has no template browser for custom-node workflows")
+    module = headless_host.PACK_FOLDER_NAME
+    url = f"{editor.server_url}/api/workflow_templates"
+    listed = json.loads(urllib.request.urlopen(url).read())
+    assert sorted(listed[module]) == sorted(NAMES)
+    for name in NAMES:
+        with urllib.request.urlopen(f"{url}/{module}/{name}.jpg") as reply:
+            assert reply.headers["Content-Type"] == "image/jpeg", name
+            assert Image.open(io.BytesIO(reply.read())).format == "JPEG"
+    editor.call("Network.enable", session=True)
+    editor.events.clear()
+    shown = editor.evaluate(BROWSE_TEMPLATES_JS % (json.dumps(module), json.dumps(NAMES)),
+                            timeout=90)
+    assert shown["module"], shown["titles"]
+    # A card's title is the file name; API twins (NAME_api) must not be among them.
+    cards = [t for t in shown["titles"] if t in NAMES or t.endswith("_api")]
+    assert set(cards) == set(NAMES), shown["titles"]
+    assert sorted(alt for alt, width in shown["drawn"] if width > 0) == sorted(NAMES), shown["drawn"]
+    fetched = {event["params"]["response"]["url"].rsplit("/", 1)[-1]:
+               event["params"]["response"]["status"] for event in editor.events
+               if event["method"] == "Network.responseReceived"
+               and f"/workflow_templates/{module}/" in event["params"]["response"]["url"]}
+    assert fetched == {f"{name}.jpg": 200 for name in NAMES}, fetched
+    editor.call("Network.disable", session=True)
+    for name in NAMES:
+        editor.evaluate("0")
+        editor.events.clear()
+        opened = editor.evaluate(OPEN_TEMPLATE_JS % (DIALOG_JS, json.dumps(module),
+                                                     json.dumps(name)))
+        assert opened["status"] == 200 and opened["nodes"] == len(fmt.load(shipped.ui_path(name))["nodes"])
+        assert opened["dialog"] is None, opened["dialog"]
+        assert "does not contain a valid version" not in opened["text"], name
+        assert editor.page_errors() == [], name

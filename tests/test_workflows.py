@@ -7,6 +7,7 @@ import logging
 import os
 
 import pytest
+from PIL import Image
 
 from conftest import headless_host
 from headless import shipped, workflow_format as fmt
@@ -124,9 +125,24 @@ def test_the_demo_runs_the_packs_nodes_and_saves_picture_and_routing_maps(host):
     outputs = host.execute(copy.deepcopy(demo))
     saved = {demo[node_id]["inputs"]["images"][0]: ui["images"] for node_id, ui in outputs.items()
              if demo[node_id]["class_type"] == "SaveImage"}
-    sources = {demo[node_id]["class_type"] for node_id in saved}
-    assert sources == {"VAEDecode", "MultiRefRoutingMaps"}, sources
+    sources = {demo[node_id]["class_type"]: images for node_id, images in saved.items()}
+    assert set(sources) == {"VAEDecode", "MultiRefRoutingMaps"}, set(sources)
     assert all(len(images) == 1 for images in saved.values())
+    if os.environ.get("MULTIREF_WRITE_THUMBNAILS"):
+        folder = host.folder_paths.get_output_directory()
+        pictures = [Image.open(os.path.join(folder, image["subfolder"], image["filename"]))
+                    for kind in ("VAEDecode", "MultiRefRoutingMaps") for image in sources[kind]]
+        _write_demo_thumbnail(pictures, shipped.thumbnail_path("demo_tiny"))
+
+
+def _write_demo_thumbnail(pictures, path, height=192):
+    """The demo's picture and its routing maps side by side, enlarged without smoothing."""
+    scaled = [p.convert("RGB").resize((p.width * height // p.height, height), Image.NEAREST)
+              for p in pictures]
+    sheet = Image.new("RGB", (sum(p.width for p in scaled), height))
+    for i, picture in enumerate(scaled):
+        sheet.paste(picture, (sum(p.width for p in scaled[:i]), 0))
+    sheet.save(path, quality=90)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -142,3 +158,15 @@ def test_the_tiny_demo_adapter_fits_every_cross_attention_of_the_tiny_unet(famil
     for location, (context, inner) in dims.items():
         layer = adapter.layer(location)
         assert (layer.context_dim, layer.inner_dim) == (context, inner)
+
+
+def test_template_folder_holds_ui_files_and_their_thumbnails_only():
+    """ComfyUI lists every *.json of example_workflows/ as a template and asks for NAME.jpg
+    beside it; an API file there would be a template the editor cannot open."""
+    files = sorted(os.listdir(shipped.UI_DIR))
+    names = [shipped.name_of(p) for p in shipped.ui_files()]
+    assert files == sorted([f"{n}.json" for n in names] + [f"{n}.jpg" for n in names])
+    for name in names:
+        assert "nodes" in fmt.load(shipped.ui_path(name)), name  # the editor's format
+        with Image.open(shipped.thumbnail_path(name)) as picture:
+            assert picture.format == "JPEG" and min(picture.size) >= 64, name

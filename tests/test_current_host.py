@@ -55,7 +55,8 @@ def test_host_tests_pass_on_the_checkout():
     path = _checkout()
     deselect = [arg for test in HOST_TESTS_DESELECTED for arg in ("--deselect", test)]
     result = _run(["-m", "pytest", *HOST_TESTS, *deselect], timeout=900,
-                  MULTIREF_TEST_HOST="checkout", COMFYUI_PATH=path)
+                  MULTIREF_TEST_HOST="checkout", COMFYUI_PATH=path,
+                  COLUMNS="400")  # skip reasons in full: pytest cuts lines to the width
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-4000:]
     # The session really ran on the checkout, and ran tests (not only skips).
@@ -63,6 +64,12 @@ def test_host_tests_pass_on_the_checkout():
     passed = re.search(r"(\d+) passed", report)
     assert passed and int(passed.group(1)) > 0, report[-2000:]
     assert not re.search(r"\d+ (failed|error)", report), report[-4000:]
+    # With the checkout's front end installed, its editor tests ran (only opt-in ones skip).
+    has_front_end = _run(["-c", "import comfyui_frontend_package"], timeout=60).returncode == 0
+    editor_skips = [line for line in report.splitlines() if line.startswith("SKIPPED")
+                    and "test_editor.py" in line and "MULTIREF_WRITE_THUMBNAILS" not in line
+                    and "2024 editor" not in line]
+    assert not (has_front_end and editor_skips), editor_skips
 
 
 def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):

@@ -60,6 +60,9 @@ def assert_demo_ran(result, folder):
     assert written and all(os.path.isfile(p) and os.path.dirname(p) == str(folder) for p in written)
     pngs = sorted(str(folder / p) for p in os.listdir(folder) if p.endswith(".png"))
     assert pngs and sorted(p for p in written if p.endswith(".png")) == pngs
+    # The demo's two SaveImage prefixes: the picture and its routing maps.
+    assert [os.path.basename(p).rsplit("_", 2)[0] for p in pngs] == ["multiref_demo",
+                                                                     "multiref_demo_routing"]
     for png in pngs:
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

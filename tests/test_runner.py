@@ -107,9 +107,13 @@ def test_missing_node_class_names_it_and_the_fix(host):
 
 
 def test_missing_model_file_names_the_file_and_the_folder(host):
-    prompt = _demo()
-    prompt["1"] = {"class_type": "CheckpointLoaderSimple",
-                   "inputs": {"ckpt_name": "my_sdxl_finetune.safetensors"}}
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "my_sdxl_finetune.safetensors"}},
+              "2": {"class_type": "EmptyLatentImage",
+                    "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0],
+                                                          "filename_prefix": "missing"}}}
     with pytest.raises(headless_host.HostError) as err:
         host.execute(prompt)
     message = str(err.value)

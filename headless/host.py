@@ -111,11 +111,12 @@ class Host:
         return model_files.missing_files(prompt, self.folder_paths)
 
     def is_pack_node(self, class_type):
-        """True for the node types this pack registered: defined in the package the host loaded
-        from the pack's folder (not by file path: a virtual environment inside the pack's folder
-        holds the host's own nodes)."""
-        module = getattr(self.nodes.get(class_type), "__module__", "") or ""
-        return module.split(".")[0] == PACK_FOLDER_NAME
+        """True for the node types this pack registered: those of the pack's NODE_CLASS_MAPPINGS
+        (not by file path: a virtual environment inside the pack's folder holds the host's own
+        nodes)."""
+        pack = sys.modules.get(PACK_FOLDER_NAME)  # both hosts: see _name_pack_by_folder
+        mappings = getattr(pack, "NODE_CLASS_MAPPINGS", {})
+        return class_type in mappings and mappings[class_type] is self.nodes.get(class_type)
 
 
 def check_api_format(prompt):

@@ -48,3 +48,8 @@ def scale_keys_values(keys, values, weight, how, counts=None):
     real = (torch.arange(tokens, device=values.device)[None] < counts[:, None]).to(values.dtype)
     mean = (values * real[..., None]).sum(-2, keepdim=True) / counts[:, None, None].to(values.dtype)
     return keys * weight, (values - mean + mean * weight) * real[..., None], 1.0
+
+
+def output_scale(weight, how):
+    """What is left to multiply the image attention's output by after scale_keys_values."""
+    return weight if how == "V only" else 1.0

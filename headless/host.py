@@ -111,12 +111,11 @@ class Host:
         return model_files.missing_files(prompt, self.folder_paths)
 
     def is_pack_node(self, class_type):
-        """True for the node types this pack registered (found by the file that defines them)."""
-        try:
-            source = inspect.getfile(self.nodes[class_type])
-        except (KeyError, TypeError):
-            return False
-        return os.path.realpath(source).startswith(os.path.realpath(PACK_ROOT) + os.sep)
+        """True for the node types this pack registered: defined in the package the host loaded
+        from the pack's folder (not by file path: a virtual environment inside the pack's folder
+        holds the host's own nodes)."""
+        module = getattr(self.nodes.get(class_type), "__module__", "") or ""
+        return module.split(".")[0] == PACK_FOLDER_NAME
 
 
 def check_api_format(prompt):

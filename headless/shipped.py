@@ -29,3 +29,9 @@ def ui_path(name):
 def name_of(path):
     base = os.path.basename(path)
     return base[: -len("_api.json")] if base.endswith("_api.json") else base[: -len(".json")]
+
+
+def thumbnail_path(name):
+    """The template browser's picture of a UI file: the current editor asks the pack's
+    template route for NAME.jpg beside NAME.json."""
+    return os.path.join(UI_DIR, f"{name}.jpg")

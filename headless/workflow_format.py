@@ -95,11 +95,22 @@ def _is_link(value):
         and isinstance(value[0], (str, int))
 
 
-def api_to_ui(api, node_classes):
-    """Lay the API graph out left to right by depth and write the editor's format: every
-    socket input (linked or not), widget inputs fed by a link as converted inputs
-    ("widget": {"name": ...}), and one widgets_values entry per editor widget."""
-    depth = {}
+# Layout: the editor draws node text only from zoom 0.6 up (LiteGraph's low-quality threshold),
+# so a graph must fit a 1920x1080 window at READABLE_ZOOM: columns are stacked until this height.
+NODE_WIDTH, COLUMN_GAP, ROW_GAP, TITLE_HEIGHT = 300, 50, 40, 30
+READABLE_ZOOM, WINDOW, MARGIN = 0.65, (1920, 1080), 20
+STACK_HEIGHT = WINDOW[1] / READABLE_ZOOM - 2 * MARGIN - TITLE_HEIGHT
+SLOT_HEIGHT, WIDGET_HEIGHT, PREVIEW_HEIGHT, MULTILINE_HEIGHT = 20, 24, 240, 60
+
+
+def _depths(api):
+    """Column of each node: one after its deepest source, then moved right up to just before
+    its nearest consumer (so a loader sits beside what it feeds: short links)."""
+    depth, consumers = {}, {node_id: [] for node_id in api}
+    for node_id, node in api.items():
+        for value in node["inputs"].values():
+            if _is_link(value):
+                consumers[str(value[0])].append(node_id)
 
     def node_depth(node_id):
         if node_id not in depth:
@@ -110,18 +121,80 @@ def api_to_ui(api, node_classes):
 
     for node_id in api:
         node_depth(node_id)
+    for node_id in sorted(api, key=lambda n: -depth[n]):
+        if consumers[node_id]:
+            depth[node_id] = max(depth[node_id], min(depth[c] for c in consumers[node_id]) - 1)
+    return depth
+
+
+def _height(node_class, ui_inputs):
+    """About the height the editor gives the node (slots, widgets, a loaded picture)."""
+    specs = {name: (input_type, options) for name, input_type, options, _ in input_specs(node_class)}
+    widgets = [w for w in editor_widgets(node_class) if not w.converted]
+    slots = max(len(ui_inputs), len(node_class.RETURN_TYPES))
+    height = SLOT_HEIGHT * slots + WIDGET_HEIGHT * len(widgets) + 10
+    height += sum(MULTILINE_HEIGHT for w in widgets if w.name in specs
+                  and specs[w.name][1].get("multiline"))
+    return height + (PREVIEW_HEIGHT if any(w.role == UPLOAD for w in widgets) else 0)
+
+
+def _positions(depth, heights):
+    """Of the stackings below, the one that fits a 1920x1080 window at the largest zoom."""
+    def zoom(positions):
+        right = max(x for x, _ in positions.values()) + NODE_WIDTH + MARGIN
+        bottom = max(y + heights[n] for n, (_, y) in positions.items()) + MARGIN
+        return min(WINDOW[0] / right, WINDOW[1] / bottom)
+
+    return max((_stacked(depth, heights, limit) for limit in range(400, int(STACK_HEIGHT), 50)),
+               key=zoom)
+
+
+def _stacked(depth, heights, stack_height):
+    """Columns left to right; consecutive columns share one stack while it stays under
+    stack_height, so a long chain wraps into a compact grid instead of a wide row."""
+    columns = {}
+    for node_id in sorted(depth, key=int):
+        columns.setdefault(depth[node_id], []).append(node_id)
+    stacks, used = [[]], 0
+    for column in sorted(columns):
+        extent = sum(heights[n] + TITLE_HEIGHT + ROW_GAP for n in columns[column])
+        if stacks[-1] and used + extent > stack_height:
+            stacks.append([])
+            used = 0
+        stacks[-1].extend(columns[column])
+        used += extent
+    positions = {}
+    for x, stack in enumerate(stacks):
+        y = MARGIN + TITLE_HEIGHT
+        for node_id in stack:
+            positions[node_id] = [MARGIN + x * (NODE_WIDTH + COLUMN_GAP), y]
+            y += heights[node_id] + TITLE_HEIGHT + ROW_GAP
+    return positions
+
+
+def _view(nodes):
+    """The zoom and offset the editor opens the graph with (extra.ds): all of it in a
+    1920x1080 window, at the largest zoom up to 1."""
+    right = max(n["pos"][0] + n["size"][0] for n in nodes) + MARGIN
+    bottom = max(n["pos"][1] + n["size"][1] for n in nodes) + MARGIN
+    scale = round(min(1.0, WINDOW[0] / right, WINDOW[1] / bottom), 3)
+    return {"scale": scale, "offset": [0, 0]}
+
+
+def api_to_ui(api, node_classes):
+    """Lay the API graph out (columns by dependency depth, stacked to fit a 1920x1080 window
+    at a zoom where the editor draws text) and write the editor's format: every socket input
+    (linked or not), widget inputs fed by a link as converted inputs ("widget": {"name": ...}),
+    and one widgets_values entry per editor widget."""
+    depth = _depths(api)
     link_ids = {}  # (destination id, input name) -> link id
     for node_id, node in sorted(api.items(), key=lambda item: int(item[0])):
         for name, value in node["inputs"].items():
             if _is_link(value):
                 link_ids[(node_id, name)] = len(link_ids) + 1
-    links, nodes, outputs_links = [], [], {}
-    rows_used = {}
+    links, nodes, outputs_links, heights = [], [], {}, {}
     for node_id, node in sorted(api.items(), key=lambda item: int(item[0])):
         cls = node_classes[node["class_type"]]
-        column = depth[node_id]
-        row = rows_used.get(column, 0)
-        rows_used[column] = row + 1
         values = node["inputs"]
         widgets = editor_widgets(cls)
         ui_inputs = [{"name": name, "type": input_type, "link": link_ids.get((node_id, name))}
@@ -144,12 +217,16 @@ def api_to_ui(api, node_classes):
         ui_outputs = [{"name": names[slot], "type": _type_name(rtype), "slot_index": slot,
                        "links": []}
                       for slot, rtype in enumerate(cls.RETURN_TYPES)]
+        heights[node_id] = _height(cls, ui_inputs)
         nodes.append({"id": int(node_id), "type": node["class_type"],
-                      "pos": [40 + 360 * column, 40 + 260 * row], "size": [320, 200],
+                      "pos": None, "size": [NODE_WIDTH, heights[node_id]],
                       "flags": {}, "order": depth[node_id], "mode": 0,
                       "inputs": ui_inputs, "outputs": ui_outputs,
                       "properties": {"Node name for S&R": node["class_type"]},
                       "widgets_values": widgets_values})
+    positions = _positions(depth, heights)
+    for ui_node in nodes:
+        ui_node["pos"] = positions[str(ui_node["id"])]
     # Output link lists are complete only now: a source may have a higher id than its targets.
     for ui_node in nodes:
         for slot, output in enumerate(ui_node["outputs"]):
@@ -159,7 +236,8 @@ def api_to_ui(api, node_classes):
     ui_links = [[lid, src, slot, dst, dst_slot, by_id[src]["outputs"][slot]["type"]]
                 for lid, src, slot, dst, dst_slot in sorted(links)]
     return {"last_node_id": max(by_id), "last_link_id": len(ui_links), "nodes": nodes,
-            "links": ui_links, "groups": [], "config": {}, "extra": {}, "version": UI_VERSION}
+            "links": ui_links, "groups": [], "config": {}, "extra": {"ds": _view(nodes)},
+            "version": UI_VERSION}
 
 
 def _type_name(input_type):

@@ -34,5 +34,32 @@ class MultiRefTinyDemoModels:
                 tiny_models.tiny_vae(seed + 2), tiny_models.tiny_clip_vision(seed + 3))
 
 
-NODE_CLASS_MAPPINGS = {"MultiRefTinyDemoModels": MultiRefTinyDemoModels}
-NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefTinyDemoModels": "MultiRef Tiny Demo Models (random)"}
+class MultiRefTinyDemoAdapter:
+    DESCRIPTION = ("Builds an image adapter with RANDOM weights (base IP-Adapter layout) shaped for "
+                   "the given model and MultiRef Tiny Demo Models' CLIP vision, so the demo runs "
+                   "every MultiRef node without an adapter download. For trying the graph and "
+                   "for tests only.")
+    CATEGORY = "MultiRef/dev"
+    FUNCTION = "build"
+    RETURN_TYPES = ("MULTIREF_ADAPTER",)
+    OUTPUT_TOOLTIPS = ("a random-weight adapter for the tiny demo models, for MultiRef Encode "
+                       "References and MultiRef Apply Adapter",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model from MultiRef Tiny Demo Models (the adapter "
+                                           "gets one image layer per cross-attention)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                     "Seed of the random weights (same seed, same adapter)."}),
+        }}
+
+    def build(self, model, seed):
+        log.warning("MultiRefTinyDemoAdapter: building an adapter with RANDOM weights")
+        return (tiny_models.tiny_adapter(model, seed),)
+
+
+NODE_CLASS_MAPPINGS = {"MultiRefTinyDemoModels": MultiRefTinyDemoModels,
+                       "MultiRefTinyDemoAdapter": MultiRefTinyDemoAdapter}
+NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefTinyDemoModels": "MultiRef Tiny Demo Models (random)",
+                              "MultiRefTinyDemoAdapter": "MultiRef Tiny Demo Adapter (random)"}

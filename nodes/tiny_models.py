@@ -200,3 +200,28 @@ def sdxl_shaped_unet(device, dtype=torch.float16, seed=0):
     if torch.device(device).type != "meta":
         randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def tiny_adapter(model, seed=4, tokens=4):
+    """A base IP-Adapter (linear image projection to `tokens` tokens, image key/value
+    projections in every cross-attention) with random weights, shaped for `model`'s UNet and
+    for the tiny CLIP vision model's image embeddings."""
+    from ..kernels.adapter import build_adapter
+    from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, cross_attention_dims, published_order
+    dims = cross_attention_dims(model.model.diffusion_model)
+    context = next(iter(dims.values()))[0]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+
+    tensors = {"image_proj.proj.weight": rand(tokens * context, CLIP_VISION_PROJECTION),
+               "image_proj.proj.bias": torch.zeros(tokens * context),
+               "image_proj.norm.weight": torch.ones(context),
+               "image_proj.norm.bias": torch.zeros(context)}
+    for i, location in enumerate(published_order(dims)):  # the published layer numbering
+        inner = dims[location][1]
+        tensors[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = rand(inner, context)
+        tensors[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = rand(inner, context)
+    return build_adapter("ip_adapter", FAMILY_BY_CONTEXT_DIM[context], tensors,
+                         source="tiny demo adapter (random weights)")

@@ -1,6 +1,8 @@
-"""Start the installable host's real web server (`comfyui` command) with the pack in its
-custom_nodes, for tests that talk to it over HTTP or load its editor page."""
+"""Start the session host's real web server with the pack in its custom_nodes, for tests that
+talk to it over HTTP or load its editor page: the installable host's `comfyui` command, or a
+checkout's main.py (whose editor is the comfyui-frontend-package it pins)."""
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -14,6 +16,21 @@ import pytest
 from conftest import HOST, ROOT, headless_host
 
 
+def _server_command(workdir):
+    """The command that serves `workdir` (models/, input/, custom_nodes/ ...), without the
+    address; skips the test when this host cannot serve."""
+    if HOST.kind == "installable comfyui":
+        server_cmd = shutil.which("comfyui", path=os.path.dirname(sys.executable))
+        if server_cmd is None:
+            pytest.skip("starting a server needs the installable host's `comfyui` command")
+        return [server_cmd, "--cpu", "--cwd", str(workdir)]
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        pytest.skip("the checkout's web editor is the comfyui-frontend-package its "
+                    "requirements.txt pins; install it (.ci/checkout-requirements.txt has it)")
+    main = os.path.join(os.environ["COMFYUI_PATH"], "main.py")
+    return [sys.executable, main, "--cpu", "--base-directory", str(workdir)]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -22,18 +39,14 @@ def _free_port():
 
 @contextlib.contextmanager
 def running_server(workdir, ready_timeout=120):
-    """Yield the server's base URL once the pack's nodes are listed in /object_info.
-    Skips the test when the session's host is not the installable one (it has no server)."""
-    server_cmd = shutil.which("comfyui", path=os.path.dirname(sys.executable))
-    if HOST.kind != "installable comfyui" or server_cmd is None:
-        pytest.skip("starting a server needs the installable host's `comfyui` command")
+    """Yield the server's base URL once the pack's nodes are listed in /object_info."""
+    command = _server_command(workdir)
     (workdir / "custom_nodes").mkdir()
     os.symlink(ROOT, workdir / "custom_nodes" / headless_host.PACK_FOLDER_NAME)
     port = _free_port()
     log_path = workdir / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([server_cmd, "--cpu", "--cwd", str(workdir), "--listen",
-                                 "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([*command, "--listen", "127.0.0.1", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -22,7 +22,10 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_workflows.py", "tests/test_patching.py", "tests/test_adapters.py",
               "tests/test_references.py", "tests/test_routing_nodes.py", "tests/test_msa_node.py",
               "tests/test_guidance_sampling.py", "tests/test_training.py",
-              "tests/test_training_node.py", "tests/test_packaging.py")
+              "tests/test_training_node.py", "tests/test_packaging.py",
+              "tests/test_reliability.py",
+              # the checkout's own server and editor (skips, saying why, without its front end)
+              "tests/test_editor.py")
 # test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout
 # below: it runs once.
 HOST_TESTS_DESELECTED = ("tests/test_runner.py::test_demo_workflow_writes_a_png",)
@@ -53,7 +56,8 @@ def test_host_tests_pass_on_the_checkout():
     path = _checkout()
     deselect = [arg for test in HOST_TESTS_DESELECTED for arg in ("--deselect", test)]
     result = _run(["-m", "pytest", *HOST_TESTS, *deselect], timeout=900,
-                  MULTIREF_TEST_HOST="checkout", COMFYUI_PATH=path)
+                  MULTIREF_TEST_HOST="checkout", COMFYUI_PATH=path,
+                  COLUMNS="400")  # skip reasons in full: pytest cuts lines to the width
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-4000:]
     # The session really ran on the checkout, and ran tests (not only skips).
@@ -61,6 +65,12 @@ def test_host_tests_pass_on_the_checkout():
     passed = re.search(r"(\d+) passed", report)
     assert passed and int(passed.group(1)) > 0, report[-2000:]
     assert not re.search(r"\d+ (failed|error)", report), report[-4000:]
+    # With the checkout's front end installed, its editor tests ran (only opt-in ones skip).
+    has_front_end = _run(["-c", "import comfyui_frontend_package"], timeout=60).returncode == 0
+    editor_skips = [line for line in report.splitlines() if line.startswith("SKIPPED")
+                    and "test_editor.py" in line and "MULTIREF_WRITE_THUMBNAILS" not in line
+                    and "2024 editor" not in line]
+    assert not (has_front_end and editor_skips), editor_skips
 
 
 def test_runner_demo_writes_a_png_on_the_checkout(tmp_path):

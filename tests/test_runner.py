@@ -60,6 +60,9 @@ def assert_demo_ran(result, folder):
     assert written and all(os.path.isfile(p) and os.path.dirname(p) == str(folder) for p in written)
     pngs = sorted(str(folder / p) for p in os.listdir(folder) if p.endswith(".png"))
     assert pngs and sorted(p for p in written if p.endswith(".png")) == pngs
+    # The demo's two SaveImage prefixes: the picture and its routing maps.
+    assert [os.path.basename(p).rsplit("_", 2)[0] for p in pngs] == ["multiref_demo",
+                                                                     "multiref_demo_routing"]
     for png in pngs:
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -104,9 +107,13 @@ def test_missing_node_class_names_it_and_the_fix(host):
 
 
 def test_missing_model_file_names_the_file_and_the_folder(host):
-    prompt = _demo()
-    prompt["1"] = {"class_type": "CheckpointLoaderSimple",
-                   "inputs": {"ckpt_name": "my_sdxl_finetune.safetensors"}}
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "my_sdxl_finetune.safetensors"}},
+              "2": {"class_type": "EmptyLatentImage",
+                    "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0],
+                                                          "filename_prefix": "missing"}}}
     with pytest.raises(headless_host.HostError) as err:
         host.execute(prompt)
     message = str(err.value)

@@ -6,15 +6,12 @@ graph unchanged:
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
     the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
     MultiRefAdapterLoader;
-  * a training node gets a tiny generated dataset and a temporary run folder;
-  * input images and masks are written, under the names the workflow uses, into a temporary
-    input folder.
+  * a training node gets a tiny generated dataset and a temporary run folder.
+Pictures are left alone: Load Image reads the shipped example pictures that the pack copied
+into the host's input folder when it loaded, as on a user's machine.
 Sizes and step counts shrink so a CPU runs every workflow in seconds."""
 import copy
 import os
-
-import numpy as np
-from PIL import Image
 
 import tiny_checkpoints
 import training_data
@@ -68,35 +65,19 @@ def _adapter_file(folder, name):
     raise KeyError(f"no tiny layout for adapter file {name}")
 
 
-def _image(path, seed, mask=False):
-    rng = np.random.default_rng(seed)
-    if mask:
-        pixels = np.zeros((48, 48, 3), np.uint8)
-        pixels[8:40, 12:36] = 255
-    else:
-        pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
 def swap_in_tiny_models(prompt, host, tmp_path):
     prompt = copy.deepcopy(prompt)
     adapters = tmp_path / "multiref"
     adapters.mkdir(exist_ok=True)
     host.folder_paths.add_model_folder_path("multiref", str(adapters))
-    # A checkout's input/ folder is the user's: the pictures go to a folder of the test's own.
-    inputs = str(tmp_path / "input")
-    os.makedirs(inputs, exist_ok=True)
-    host.folder_paths.set_input_directory(inputs)
     for name, cls in TEST_NODES.items():
         host.nodes[f"{name}ForTests"] = cls
-    for seed, node in enumerate(prompt.values()):
+    for node in prompt.values():
         kind, args = node["class_type"], node["inputs"]
         if kind in TEST_NODES:
             node["class_type"] = f"{kind}ForTests"
         elif kind == "MultiRefAdapterLoader":
             _adapter_file(str(adapters), args["adapter_name"])
-        elif kind in ("LoadImage", "LoadImageMask"):
-            _image(os.path.join(inputs, args["image"]), seed, mask=kind == "LoadImageMask")
         elif kind == "MultiRefTrain":
             args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
                                                                  groups=2, refs=1)

@@ -363,9 +363,10 @@ class LoadedAdapter:
         return self.project(encode_pixels(uncond_pixel_values(convention, size, mean, std)))
 
     def describe(self):
-        count = "one token per CLIP token" if self.tokens is None else f"{self.tokens} tokens"
-        contents = (f"{count} of width {self.context_dim}" if self.has_image_layers
-                    else "self-attention LoRA only")
+        contents = "self-attention LoRA only"
+        if self.has_image_layers:
+            count = "one token per CLIP token" if self.tokens is None else f"{self.tokens} tokens"
+            contents = f"{count} of width {self.context_dim}"
         return f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} layers, {contents})"
 
     # -- use ------------------------------------------------------------------------------------

@@ -151,6 +151,38 @@ class LinearProjection(nn.Module):
         return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, self.output_dim))
 
 
+class MLPProjection(nn.Module):
+    """Full-face IP-Adapter image projection (h94 ip-adapter-full-face_sd15): each CLIP
+    penultimate hidden state (257 tokens for ViT-H at 224 px: the class token and 16x16 patches)
+    goes on its own through Linear -> GELU -> Linear -> LayerNorm (published keys proj.0, proj.2,
+    proj.3), so the adapter gives one token per CLIP token."""
+    clip_input = PLUS_INPUT
+    tokens = None  # as many as the CLIP vision model gives
+
+    def __init__(self, embedding_dim, output_dim):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.GELU(),
+                                  nn.Linear(embedding_dim, output_dim), nn.LayerNorm(output_dim))
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        with torch.device("meta"):
+            module = cls(sd["proj.0.weight"].shape[1], sd["proj.2.weight"].shape[0])
+        module.load_state_dict(sd, assign=True)
+        return module
+
+    @property
+    def input_width(self):
+        return self.proj[0].in_features
+
+    @property
+    def output_dim(self):
+        return self.proj[2].out_features
+
+    def forward(self, hidden_states):
+        return self.proj(hidden_states)
+
+
 def uncond_pixel_values(convention, size=224, mean=CLIP_MEAN, std=CLIP_STD):
     """(1, 3, size, size) CLIP input (already normalized) of a Plus adapter's "no image"."""
     if convention == UNCOND_ZERO_PIXELS:
@@ -163,7 +195,9 @@ def uncond_pixel_values(convention, size=224, mean=CLIP_MEAN, std=CLIP_STD):
 
 def image_projection_from_state_dict(sd):
     """`sd` without the `image_proj.` prefix; the layout says which projection it is."""
-    return (Resampler if "latents" in sd else LinearProjection).from_state_dict(sd)
+    if "latents" in sd:
+        return Resampler.from_state_dict(sd)
+    return (MLPProjection if "proj.3.weight" in sd else LinearProjection).from_state_dict(sd)
 
 
 class LoRAPair(nn.Module):
@@ -237,8 +271,9 @@ class LoadedAdapter:
     kind: "ip_adapter" | "ip_adapter_plus" | "mip_adapter" | "mip_adapter_plus" | "syncd" |
         "multiref" (trained by this pack), as detected from the keys or the pack's metadata.
     family: base model family, "sd15" or "sdxl".
-    image_proj: Resampler (Plus: 16 tokens from CLIP penultimate hidden states) or
-        LinearProjection (base: 4 tokens from CLIP image_embeds); None in a LoRA-only file (the
+    image_proj: Resampler (Plus: 16 tokens from CLIP penultimate hidden states),
+        MLPProjection (full-face: one token per CLIP hidden state) or LinearProjection (base: 4
+        tokens from CLIP image_embeds); None in a LoRA-only file (the
         trainer's self-attention LoRA without an adapter: it serves Masked Shared Attention only).
     layers: AdapterLayer per cross-attention layer, in the published order (diffusers attention
         order: down blocks, up blocks, mid block); published key `ip_adapter.{2*i+1}` is layers[i].
@@ -279,7 +314,7 @@ class LoadedAdapter:
 
     @property
     def tokens(self):
-        """Image tokens per view (16 Plus, 4 base)."""
+        """Image tokens per view (16 Plus, 4 base; None for full-face: one per CLIP token)."""
         return self.image_proj.tokens
 
     @property
@@ -328,8 +363,10 @@ class LoadedAdapter:
         return self.project(encode_pixels(uncond_pixel_values(convention, size, mean, std)))
 
     def describe(self):
-        contents = (f"{self.tokens} tokens of width {self.context_dim}" if self.has_image_layers
-                    else "self-attention LoRA only")
+        contents = "self-attention LoRA only"
+        if self.has_image_layers:
+            count = "one token per CLIP token" if self.tokens is None else f"{self.tokens} tokens"
+            contents = f"{count} of width {self.context_dim}"
         return f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} layers, {contents})"
 
     # -- use ------------------------------------------------------------------------------------

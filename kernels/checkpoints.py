@@ -3,7 +3,7 @@ layout to one set of tensor names, map the published layer numbering to ComfyUI 
 locations, and write/read the pack's own safetensors format. Plain torch, no ComfyUI import.
 
 Canonical names (those of the h94 IP-Adapter files, plus LoRA):
-  image_proj.*                               image projection (Resampler or linear)
+  image_proj.*                               image projection (Resampler, MLP or linear)
   ip_adapter.{2i+1}.to_k_ip.weight / to_v_ip.weight / text_to_weight.weight (MIP only)
   self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight   (SynCD / trained by the pack)
 i = index of the cross-attention layer in diffusers attention order: down blocks, up blocks, mid
@@ -34,8 +34,10 @@ ADAPTER_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 # Where the published files come from (for "missing file" messages).
 DOWNLOADS = (
     "h94/IP-Adapter (huggingface.co/h94/IP-Adapter): models/ip-adapter_sd15.bin, "
-    "models/ip-adapter-plus_sd15.bin, sdxl_models/ip-adapter_sdxl_vit-h.bin, "
-    "sdxl_models/ip-adapter-plus_sdxl_vit-h.bin (or their .safetensors)",
+    "models/ip-adapter-plus_sd15.bin, models/ip-adapter-plus-face_sd15.bin, "
+    "models/ip-adapter-full-face_sd15.bin, sdxl_models/ip-adapter_sdxl_vit-h.bin, "
+    "sdxl_models/ip-adapter-plus_sdxl_vit-h.bin, sdxl_models/ip-adapter-plus-face_sdxl_vit-h.bin "
+    "(or their .safetensors)",
     "MIP-Adapter (huggingface.co/hqhQAQ/MIP-Adapter): model_sdxl.bin, model_sdxl_plus.bin",
     "SynCD (www.cs.cmu.edu/~syncd-project/assets/sdxl_finetuned_20k.ckpt): sdxl_finetuned_20k.ckpt",
 )
@@ -132,6 +134,8 @@ _PLUS_PROJ = ("image_proj.latents", "image_proj.proj_in.weight", "image_proj.pro
               "image_proj.layers.{L}.1.3.weight")
 _BASE_PROJ = ("image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight",
               "image_proj.norm.bias")
+_FULL_FACE_PROJ = ("image_proj.proj.0.weight", "image_proj.proj.0.bias", "image_proj.proj.2.weight",
+                   "image_proj.proj.2.bias", "image_proj.proj.3.weight", "image_proj.proj.3.bias")
 _IP = ("ip_adapter.{N}.to_k_ip.weight", "ip_adapter.{N}.to_v_ip.weight")
 _MIP = ("ip_adapter.{N}.text_to_weight.weight",)
 _SYNCD_BLOCK = "unet.{BLOCK}.attentions.{N}.transformer_blocks.{N}."
@@ -146,6 +150,7 @@ _SYNCD = (_SYNCD_BLOCK + "attn2.processor.attn_op.to_k_ip.0.weight",
 LAYOUTS = {  # kind -> key patterns that must all be present
     "ip_adapter": _BASE_PROJ + _IP,
     "ip_adapter_plus": _PLUS_PROJ + _IP,
+    "ip_adapter_full_face": _FULL_FACE_PROJ + _IP,
     "mip_adapter": _BASE_PROJ + _IP + _MIP,
     "mip_adapter_plus": _PLUS_PROJ + _IP + _MIP,
     "syncd": _SYNCD,
@@ -160,6 +165,42 @@ def _pattern_regex(pattern):
 def _matched(pattern, keys):
     regex = _pattern_regex(pattern)
     return any(regex.match(k) for k in keys)
+
+
+FACEID_FIX = ("use ComfyUI_IPAdapter_plus's FaceID nodes for this file, or an adapter that reads "
+              "the image alone, such as ip-adapter-plus-face_sd15 / "
+              "ip-adapter-plus-face_sdxl_vit-h (h94/IP-Adapter)")
+
+
+def refuse_unsupported(tensors, source="checkpoint"):
+    """A CheckpointError for the published adapters the pack recognises but cannot run,
+    saying what is missing (nothing for any other file)."""
+    keys = list(tensors)
+    lora = [k for k in keys if re.match(r"^ip_adapter\.\d+\.to_q_lora\.", k)]
+    portrait = ("image_proj.proj.0.weight" in tensors and "image_proj.norm.weight" in tensors
+                and "image_proj.proj.3.weight" not in tensors)
+    if lora or portrait or any(k.startswith("image_proj.perceiver_resampler.") for k in keys):
+        what = ("its image projection reads a face-identity vector (with CLIP hidden states "
+                "in the Plus versions)" + (" and it carries a LoRA for the UNet's attention "
+                f"({lora[0]}, ...) that its own LoRA file completes" if lora else ""))
+        raise CheckpointError(
+            f"{source}: an IP-Adapter FaceID file (h94/IP-Adapter-FaceID or Kolors FaceID): "
+            f"{what}. That vector is the 512-value embedding of InsightFace's face recognition "
+            "model (buffalo_l, antelopev2 for Kolors) of a detected, aligned face; the pack "
+            f"has no InsightFace face detector or recognition model, so it cannot feed it: {FACEID_FIX}")
+    latents, proj_out = tensors.get("image_proj.latents"), tensors.get("image_proj.proj_out.weight")
+    to_k = tensors.get("ip_adapter.1.to_k_ip.weight")
+    if latents is not None and proj_out is not None and to_k is not None and \
+            FAMILY_BY_CONTEXT_DIM.get(to_k.shape[1]) == "sdxl" and latents.shape[-1] == proj_out.shape[0]:
+        raise CheckpointError(
+            f"{source}: a Kolors IP-Adapter Plus file (Kwai-Kolors/Kolors-IP-Adapter-Plus, a "
+            f"{latents.shape[-1]}-wide Resampler reading CLIP ViT-L/14-336; SDXL Plus files have a "
+            "1280-wide one). It is made for Kolors base models, whose ChatGLM text encoder gives "
+            "4096-wide text that the UNet projects to 2048 before cross-attention; the pack runs "
+            "SD1.5 and SDXL base models only (its routing encodes each phrase through the model's "
+            "text encoder at the cross-attention width, which a Kolors text encoder does not "
+            "give). Use this file with ComfyUI_IPAdapter_plus on a Kolors model, or "
+            "ip-adapter-plus_sdxl_vit-h (h94/IP-Adapter) with an SDXL model")
 
 
 def detect_layout(keys, source="checkpoint"):
@@ -178,7 +219,7 @@ def detect_layout(keys, source="checkpoint"):
     raise CheckpointError(
         f"{source}: unknown key layout (first keys: {sample}). Closest known layout: {closest}, "
         f"which also needs keys like: {', '.join(scores[closest][2][:4])}. Supported: h94 "
-        "IP-Adapter base/Plus (SD1.5, SDXL), MIP-Adapter, SynCD sdxl_finetuned_20k.ckpt, and files "
+        "IP-Adapter base/Plus/Plus-face/full-face (SD1.5, SDXL), MIP-Adapter, SynCD sdxl_finetuned_20k.ckpt, and files "
         "saved by this pack")
 
 
@@ -261,7 +302,8 @@ def _check_numbering(tensors, source):
 
 def family_of(tensors, source):
     context_dim = tensors["ip_adapter.1.to_k_ip.weight"].shape[1]
-    proj_dim = (tensors.get("image_proj.proj_out.weight", tensors.get("image_proj.norm.weight"))).shape[0]
+    proj_dim = next(tensors[k] for k in ("image_proj.proj_out.weight", "image_proj.norm.weight",
+                                         "image_proj.proj.3.weight") if k in tensors).shape[0]
     if context_dim != proj_dim:
         raise CheckpointError(f"{source}: the image projection makes {proj_dim}-wide tokens but the "
                               f"layers read {context_dim}-wide ones; the file is inconsistent")
@@ -283,6 +325,7 @@ def load_adapter(path):
         alpha = float(alpha) if alpha else None
         uncond = metadata.get("uncond", "")
     else:
+        refuse_unsupported(tensors, source)
         kind = detect_layout(tensors.keys(), source)
         canonical = syncd_to_canonical(tensors) if kind == "syncd" else {
             k: v for k, v in tensors.items() if k.startswith(("image_proj.", "ip_adapter."))}

@@ -49,6 +49,9 @@ class Reference:
     phrase: the object's words as they appear in the prompt, e.g. "dog" (routing uses them).
     weight: strength of this reference (multiplies its image-attention contribution).
     start_percent, end_percent: the part of sampling (0 = first step, 1 = last) it is active in.
+    negative_images: (1 or V, H', W', 3) float in 0..1, what the reference must NOT look like:
+        their adapter tokens replace the "no image" tokens of the unconditional branch; None =
+        the adapter family's own "no image".
     """
     images: torch.Tensor
     masks: Optional[torch.Tensor] = None
@@ -56,22 +59,33 @@ class Reference:
     weight: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
+    negative_images: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         check_reference(self)
 
 
-def check_reference(ref):
-    images, masks = ref.images, ref.masks
+def check_image_batch(images, what):
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ReferenceInputError(f"reference image: expected an IMAGE batch (views, height, width, 3), "
-                             f"got {shape}; connect an RGB image (convert RGBA/gray first)")
+        raise ReferenceInputError(f"{what}: expected an IMAGE batch (views, height, width, 3), "
+                                  f"got {shape}; connect an RGB image (convert RGBA/gray first)")
     if images.shape[0] == 0:
-        raise ReferenceInputError("reference image: the image batch is empty (0 views); connect at "
-                             "least one image of the object")
-    check_finite(images, "reference image", "re-load or re-decode the image")
-    check_pixel_range(images, "reference image")
+        raise ReferenceInputError(f"{what}: the image batch is empty (0 views); connect at "
+                                  "least one image")
+    check_finite(images, what, "re-load or re-decode the image")
+    check_pixel_range(images, what)
+
+
+def check_reference(ref):
+    images, masks = ref.images, ref.masks
+    check_image_batch(images, "reference image")
+    if ref.negative_images is not None:
+        check_image_batch(ref.negative_images, "reference negative_image")
+        if ref.negative_images.shape[0] not in (1, images.shape[0]):
+            raise ReferenceInputError(
+                f"reference negative_image: {ref.negative_images.shape[0]} images for "
+                f"{images.shape[0]} views; give one negative image, or one per view")
     if not math.isfinite(ref.weight):
         raise ReferenceInputError(f"reference weight: {ref.weight} is not a number; give 0..5")
     if masks is not None:
@@ -85,6 +99,37 @@ def check_reference(ref):
     if not 0.0 <= ref.start_percent <= ref.end_percent <= 1.0:
         raise ReferenceInputError(f"reference start/end percent: need 0 <= start <= end <= 1, got "
                              f"{ref.start_percent}..{ref.end_percent}")
+
+
+# Tiled encoding (ComfyUI_IPAdapter_plus's IPAdapter Tiled cuts a picture this way): at most
+# this many square tiles along the long side of a non-square picture.
+MAX_TILES = 4
+NEAR_SQUARE = (0.75, 4 / 3)  # height / width ratios cut into 2 x 2 tiles of the centre square
+
+
+def square_tiles(images):
+    """(V, H, W, 3) -> (V * k, s, s, 3): every view cut into k square tiles, view after view, so
+    that the CLIP vision model (which crops each picture to its centre square) sees all of it.
+    A nearly square view (NEAR_SQUARE) gives 2 x 2 tiles of its centre square; any other one
+    tiles of its short side along its long side, at most MAX_TILES (a longer view keeps its
+    centre MAX_TILES squares), overlapping evenly when they do not fit exactly."""
+    _, height, width, _ = images.shape
+    if NEAR_SQUARE[0] < height / width < NEAR_SQUARE[1]:
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        half = side // 2
+        starts = [(top + y * half, left + x * half) for y in range(2) for x in range(2)]
+        size = half
+    else:
+        size, long = min(height, width), max(height, width)
+        count = min(math.ceil(long / size), MAX_TILES)
+        span = min(long, count * size)
+        first = (long - span) // 2
+        overlap = (count * size - span) / (count - 1) if count > 1 else 0
+        along = [first + int(i * (size - overlap)) for i in range(count)]
+        starts = [(0, a) if width > height else (a, 0) for a in along]
+    return torch.stack([images[:, y:y + size, x:x + size] for y, x in starts], dim=1).reshape(
+        -1, size, size, images.shape[-1])
 
 
 MASK_VALUES = ("binary", "soft")

@@ -46,12 +46,12 @@ def _find_adapter(name):
     return None
 
 
-def _searched():
+def searched_folders():
     return [p for folder in ADAPTER_FOLDERS for p in folder_paths.get_folder_paths(folder)]
 
 
 def _not_installed(name):
-    return (f"file {name!r} not found. Searched: {', '.join(_searched())}. Put one of these "
+    return (f"file {name!r} not found. Searched: {', '.join(searched_folders())}. Put one of these "
             f"files there (any name, detected by its keys): {'; '.join(checkpoints.DOWNLOADS)}")
 
 
@@ -90,7 +90,7 @@ class MultiRefAdapterLoader:
         return {"required": {
             "adapter_name": (adapter_files(), {"tooltip":
                              "Adapter file (IP-Adapter, MIP-Adapter, SynCD, or trained by "
-                             f"MultiRef Train). Put files in {' or '.join(_searched())} (folders "
+                             f"MultiRef Train). Put files in {' or '.join(searched_folders())} (folders "
                              "added for 'multiref'/'ipadapter' in extra_model_paths.yaml count "
                              "too), then refresh; what to download: "
                              f"{model_files.README_SECTION}."}),

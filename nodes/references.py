@@ -9,8 +9,9 @@ import comfy.model_management
 
 from ..kernels.adapter import CLIP_MEAN, CLIP_STD
 from ..kernels.checkpoints import bind_to_unet
+from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
-                                  check_finite, latent_masks)
+                                  check_finite, latent_masks, square_tiles)
 
 log = logging.getLogger("multiref")
 
@@ -51,13 +52,19 @@ class MultiRefReference:
                                          "the whole image."}),
             "previous": ("MULTIREF_REFERENCES", {"tooltip": "References made so far, to chain "
                                                             "several objects."}),
+            "negative_image": ("IMAGE", {"tooltip": "Optional: what this reference must not look "
+                               "like (one image, or one per view); its adapter tokens replace the "
+                               "'no image' tokens of the negative branch (IPAdapter's "
+                               "image_negative)."}),
         }}
 
-    def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None):
+    def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None,
+             negative_image=None):
         if mask is not None and mask.ndim == 2:
             mask = mask.unsqueeze(0)
         ref = Reference(images=image, masks=mask, phrase=phrase.strip(), weight=float(weight),
-                        start_percent=float(start_percent), end_percent=float(end_percent))
+                        start_percent=float(start_percent), end_percent=float(end_percent),
+                        negative_images=negative_image)
         return (tuple(previous or ()) + (ref,),)
 
 
@@ -98,47 +105,91 @@ class MultiRefEncodeReferences:
                             "binary: a mask is cut at 0.5 (object or not). soft: grey mask values "
                             "are kept, and Masked Shared Attention counts a token of value m "
                             "e^(m-1) times (SynCD's soft masks; 0 = left out)."}),
+            "combine_views": (list(COMBINATIONS), {"default": "concat", "tooltip":
+                              "How the views of one reference are combined: concat keeps every "
+                              "view's tokens; add / average / norm average / subtract (first view "
+                              "minus the mean of the others) combine their CLIP features into one "
+                              "set of tokens (IPAdapter's combine_embeds)."}),
+            "crop": (list(CROPS), {"default": "center", "tooltip":
+                     "center: CLIP vision sees the centre square of each view (as before). tiles: "
+                     "each view is cut into square tiles (2x2 for a nearly square view, up to 4 "
+                     "along a long one), every tile encoded (IPAdapter Tiled's cut)."}),
         }}
 
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
-               mask_values="binary"):
+               mask_values="binary", combine_views="concat", crop="center"):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
+        if combine_views not in COMBINATIONS:
+            raise ReferenceInputError(f"combine_views: {combine_views!r} is not one of {COMBINATIONS}")
+        if crop not in CROPS:
+            raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
         with torch.no_grad():
             encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation,
-                                            mask_values) for ref in references)
+                                            mask_values, combine_views, crop) for ref in references)
         for n, enc in enumerate(encoded, 1):
             check_encoded(enc, n)
         log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
                  ", ".join(f"{e.image_tokens.shape[1]} tokens" for e in encoded))
         return (encoded,)
 
-    def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation, mask_values="binary"):
+    def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation, mask_values="binary",
+                   combine="concat", crop="center"):
         views, height, width = ref.images.shape[:3]
         grid = (height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
         masks = None
         if ref.masks is not None:  # first, so a bad mask fails before any encoding
             cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
             masks = latent_masks(cropped, views, grid, mask_dilation, mask_values)
-        tokens = self.tokens(adapter, clip_vision, ref.images)
-        uncond = unconditional_tokens(adapter, clip_vision)
+        tokens = image_tokens(adapter, clip_vision, ref.images, combine, crop)
+        per_view = tokens.shape[1] // views  # tokens of one view (of its tiles, or the combined)
+        if ref.negative_images is None:
+            uncond = unconditional_tokens(adapter, clip_vision)
+            uncond = uncond.repeat(1, views * per_view // uncond.shape[1], 1)
+        else:
+            negative = image_tokens(adapter, clip_vision, ref.negative_images)[0]
+            negative = negative.reshape(ref.negative_images.shape[0], -1, negative.shape[-1])
+            # One negative per view (or the one for all); combined views read the first, as
+            # IPAdapter does; each tile of a view reads its view's negative.
+            negative = negative[:1] if combine != "concat" else negative
+            negative = negative.expand(views, -1, -1)
+            uncond = negative.repeat(1, per_view // negative.shape[1], 1)
+        uncond = uncond.reshape(1, -1, uncond.shape[-1])
         latents = vae_latents(vae, ref.images) if vae is not None else None
         if latents is not None and tuple(latents.shape[-2:]) != grid:
             raise ReferenceInputError(f"vae: latents of {tuple(latents.shape[-2:])} for images of "
                                       f"{(height, width)}; connect an SD1.5/SDXL VAE (8x downscale)")
         return EncodedReference(
-            image_tokens=tokens.reshape(1, -1, tokens.shape[-1]),
-            uncond_tokens=uncond.repeat(1, views, 1),
+            image_tokens=tokens, uncond_tokens=uncond,
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
             adapter_fingerprint=adapter.fingerprint)
 
-    @staticmethod
-    def tokens(adapter, clip_vision, images):
-        return adapter.project(clip_vision.encode_image(images)).float()
+
+
+CROPS = ("center", "tiles")
+
+
+def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):
+    """(1, V * n, C) the adapter's tokens of V views, view after view (n per view: its tokens, or
+    those of each of its tiles). Combined views give one set of tokens, repeated for every view:
+    attention over V copies of a set of keys and values gives what one copy gives, so the
+    combination acts as IPAdapter's, and each view keeps tokens of its own (Masked Shared
+    Attention's SynCD conditioning reads them view by view)."""
+    views = images.shape[0]
+    output = clip_vision.encode_image(square_tiles(images) if crop == "tiles" else images)
+    if combine != "concat":
+        try:
+            output = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
+        except (KeyError, AttributeError):
+            pass  # project names what is missing
+    tokens = adapter.project(output).float()
+    if tokens.shape[0] == 1 and views > 1:
+        tokens = tokens.expand(views, -1, -1)
+    return tokens.reshape(1, -1, tokens.shape[-1])
 
 
 def check_size(ref, n, with_vae):

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..kernels import routing
+from ..kernels import embeds, layer_weights, routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
 from . import patching
@@ -125,9 +125,12 @@ def _pad_tokens(token_list):
 class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
-    def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds):
-        """embeddings: None, or (phrase embeddings, empty-prompt embeddings) per reference."""
+    def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds,
+                 layer_factors=None, embeds_scaling="V only"):
+        """embeddings: None, or (phrase embeddings, empty-prompt embeddings) per reference.
+        layer_factors: {location: factor of `scale` there} (None: 1 everywhere)."""
         self.adapter = adapter
+        self.layer_factors, self.embeds_scaling = layer_factors or {}, embeds_scaling
         self.mode, self.scale, self.bounds = mode, scale, bounds
         self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
         self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
@@ -142,9 +145,17 @@ class _RoutedReferences:
         return tuple(w if patching.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
 
+    def layer_scale(self, location):
+        """(scale of the attention output, K/V transform) at one layer: the node's scale times
+        the layer's factor, on the output or on the image keys and values (embeds_scaling)."""
+        weight = self.scale * self.layer_factors.get(location, 1.0)
+        return (embeds.output_scale(weight, self.embeds_scaling),
+                lambda k, v: embeds.scale_keys_values(k, v, weight, self.embeds_scaling, self.counts)[:2])
+
     def make_patch(self, location, inner, to_k):
         layer = self.adapter.layer(location)
         cache = {}
+        scale, scale_keys_values = self.layer_scale(location)
 
         def tensors(device, dtype):
             key = (device, dtype)
@@ -152,7 +163,8 @@ class _RoutedReferences:
                 k_w, v_w = (layer.to_k_ip.weight.to(device, dtype), layer.to_v_ip.weight.to(device, dtype))
                 tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
                 gate = layer.text_to_weight
-                cache[key] = {"k": tokens @ k_w.T, "v": tokens @ v_w.T, "rows": {}, "weights": {},
+                k, v = scale_keys_values(tokens @ k_w.T, tokens @ v_w.T)
+                cache[key] = {"k": k, "v": v, "rows": {}, "weights": {},
                               "gate": None if gate is None else gate.weight.to(device, dtype)}
             return cache[key]
 
@@ -180,7 +192,7 @@ class _RoutedReferences:
         def patch(q, k, v, extra_options):
             text_out = inner(q, k, v, extra_options)
             sigma = patching.current_sigma(extra_options)
-            if not patching.in_sigma_range(sigma, self.bounds):
+            if scale == 0 or not patching.in_sigma_range(sigma, self.bounds):
                 return text_out
             weights = self.reference_weights(sigma)
             roles = patching.row_roles(extra_options, q.shape[0])
@@ -217,7 +229,7 @@ class _RoutedReferences:
             grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
             out, shown = routing.routed_cross_attention(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
-                cached["weights"][weights], self.scale, self.mode, phrases=phrases,
+                cached["weights"][weights], scale, self.mode, phrases=phrases,
                 masks=masks, grid=grid, text_to_weight=cached["gate"], token_counts=counts)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
@@ -278,10 +290,25 @@ class MultiRefApplyAdapter:
             "region_masks": ("MASK", {"tooltip": "Mode mask: one mask per reference (batch in "
                                                  "reference order) over the output image; 0 = "
                                                  "off, 1 = full strength."}),
+            "weight_type": (list(layer_weights.WEIGHT_TYPES), {"default": "linear", "tooltip":
+                            "How the strength varies over the layers (IPAdapter's weight types): "
+                            "linear = the same everywhere; style transfer / composition = only "
+                            "the layers that carry style / layout (SDXL: InstantStyle's blocks); "
+                            "for a style image and a composition image, chain two Apply Adapter "
+                            "nodes, one per image."}),
+            "block_weights": ("STRING", {"default": "", "tooltip":
+                              "Advanced: 'index:weight, ...' per spatial transformer (SDXL 0-10, "
+                              "SD1.5 0-15, in input-middle-output order), e.g. '3:1, 6:0.8'; "
+                              "replaces weight_type, unlisted layers get no image attention."}),
+            "embeds_scaling": (list(embeds.SCALINGS), {"default": "V only", "tooltip":
+                               "Where the strength acts: V only = on the image attention's output; "
+                               "K+V = on the image keys and values; w/ C penalty = times layer "
+                               "width / 1280; K+mean(V) = on the keys and the values' mean."}),
         }}
 
     def apply(self, model, adapter, references, clip, mode, scale, start_percent, end_percent,
-              phrases="", region_masks=None):
+              phrases="", region_masks=None, weight_type="linear", block_weights="",
+              embeds_scaling="V only"):
         adapter.require_image_layers("adapter")
         references = tuple(references)
         if not references:
@@ -311,8 +338,13 @@ class MultiRefApplyAdapter:
                                  "connect the text encoder of this model's checkpoint")
             embeddings = (named, empty_phrase_embeddings(clip, [e.shape[0] for e in named]))
         masks = _region_masks(region_masks, len(references)) if mode == "mask" else None
+        if embeds_scaling not in embeds.SCALINGS:
+            raise ValueError(f"embeds_scaling: {embeds_scaling!r} is not one of {embeds.SCALINGS}")
+        factors = layer_weights.layer_factors(adapter.locations, weight_type, adapter.family,
+                                              block_weights)
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
-                                  patching.sigma_range(model, start_percent, end_percent))
+                                  patching.sigma_range(model, start_percent, end_percent),
+                                  factors, embeds_scaling)
         patched = model.clone()
         patching.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))

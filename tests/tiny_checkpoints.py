@@ -7,6 +7,12 @@ Published layouts reproduced:
   h94 IP-Adapter .bin: torch.save({"image_proj": {...}, "ip_adapter": {"1.to_k_ip.weight": ...}})
   h94 IP-Adapter .safetensors: the same, flattened ("image_proj.latents", "ip_adapter.1....")
   MIP-Adapter model_sdxl(_plus).bin: the h94 nesting plus "{N}.text_to_weight.weight" [1, inner]
+  h94 ip-adapter-plus-face_*: the Plus layout (same keys and shapes; only the training differs)
+  h94 ip-adapter-full-face_sd15: image_proj.proj.{0,2} Linear and proj.3 LayerNorm (MLPProjModel)
+  Kwai-Kolors ip_adapter_plus_general.bin: the Plus layout with a Resampler as wide as its output
+  h94 IP-Adapter-FaceID: image_proj.proj.{0,2} + image_proj.norm (a face-ID vector to 4 or 16
+    tokens), Plus versions also image_proj.perceiver_resampler.*, and (except portrait files)
+    LoRA keys "{n}.to_{q,k,v,out}_lora.{down,up}.weight" on every attention processor n
   SynCD sdxl_finetuned_20k.ckpt: a Lightning checkpoint {"state_dict": {"unet.<diffusers name>":
     ...}, "epoch", "global_step", ...} with PEFT LoRA on attn1 (lora_A/lora_B.default, and the
     wrapped base weights base_layer.weight), IP K/V under attn2.processor.attn_op.to_k_ip.0, and
@@ -43,16 +49,58 @@ PUBLISHED_NAMES = {
     ("mip_adapter", "sdxl"): "model_sdxl",
     ("mip_adapter_plus", "sdxl"): "model_sdxl_plus",
     ("syncd", "sdxl"): "sdxl_finetuned_20k",
+    ("ip_adapter_plus_face", "sd15"): "ip-adapter-plus-face_sd15",
+    ("ip_adapter_plus_face", "sdxl"): "ip-adapter-plus-face_sdxl_vit-h",
+    ("ip_adapter_full_face", "sd15"): "ip-adapter-full-face_sd15",
+    ("kolors_ip_adapter_plus", "sdxl"): "ip_adapter_plus_general",
+    ("faceid", "sd15"): "ip-adapter-faceid_sd15",
+    ("faceid_plusv2", "sdxl"): "ip-adapter-faceid-plusv2_sdxl",
+    ("faceid_portrait", "sd15"): "ip-adapter-faceid-portrait-v11_sd15",
 }
+FACE_ID_WIDTH = 512  # InsightFace's face embedding
+
+
+def full_face_weights(gen, context, dtype=torch.float16):
+    return {"proj.0.weight": _rand(gen, CLIP_HIDDEN, CLIP_HIDDEN, dtype=dtype),
+            "proj.0.bias": _rand(gen, CLIP_HIDDEN, dtype=dtype),
+            "proj.2.weight": _rand(gen, context, CLIP_HIDDEN, dtype=dtype),
+            "proj.2.bias": _rand(gen, context, dtype=dtype),
+            "proj.3.weight": 1 + _rand(gen, context, dtype=dtype),
+            "proj.3.bias": _rand(gen, context, dtype=dtype)}
+
+
+def faceid_weights(gen, context, layout, tokens=4, dtype=torch.float16):
+    """image_proj of a FaceID file (MLPProjModelFaceId / ProjModelFaceIdPlus names)."""
+    sd = {"proj.0.weight": _rand(gen, 2 * FACE_ID_WIDTH, FACE_ID_WIDTH, dtype=dtype),
+          "proj.0.bias": _rand(gen, 2 * FACE_ID_WIDTH, dtype=dtype),
+          "proj.2.weight": _rand(gen, tokens * context, 2 * FACE_ID_WIDTH, dtype=dtype),
+          "proj.2.bias": _rand(gen, tokens * context, dtype=dtype),
+          "norm.weight": 1 + _rand(gen, context, dtype=dtype),
+          "norm.bias": _rand(gen, context, dtype=dtype)}
+    if layout == "faceid_plusv2":
+        sd.update({f"perceiver_resampler.{k}": v for k, v in resampler_weights(gen, context, dtype).items()
+                   if k != "latents"})
+    return sd
+
+
+def faceid_lora_weights(gen, inner_dims, rank=LORA_RANK, dtype=torch.float16):
+    """LoRA of every attention processor (2i: self-attention, 2i+1: cross-attention)."""
+    sd = {}
+    for i, inner in enumerate(inner_dims):
+        for n in (2 * i, 2 * i + 1):
+            for name in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"):
+                sd[f"{n}.{name}.down.weight"] = _rand(gen, rank, inner, dtype=dtype)
+                sd[f"{n}.{name}.up.weight"] = _rand(gen, inner, rank, dtype=dtype)
+    return sd
 
 
 def _rand(gen, *shape, dtype=torch.float16):
     return (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
 
 
-def resampler_weights(gen, context, dtype=torch.float16):
+def resampler_weights(gen, context, dtype=torch.float16, dim=RESAMPLER_DIM):
     """Published Resampler names (no prefix)."""
-    d, inner = RESAMPLER_DIM, RESAMPLER_DIM
+    d, inner = dim, RESAMPLER_DIM
     sd = {"latents": _rand(gen, 1, RESAMPLER_QUERIES, d, dtype=dtype),
           "proj_in.weight": _rand(gen, d, CLIP_HIDDEN, dtype=dtype),
           "proj_in.bias": _rand(gen, d, dtype=dtype),
@@ -118,11 +166,21 @@ def canonical(layout, family, seed=0, blocks=TINY_BLOCKS):
     """The tensors of a tiny adapter under the pack's canonical flat names."""
     gen = torch.Generator().manual_seed(seed)
     context = CONTEXT[family]
-    plus = layout.endswith("plus") or layout == "syncd"
-    proj = resampler_weights(gen, context) if plus else linear_projection_weights(gen, context)
-    out = {f"image_proj.{k}": v for k, v in proj.items()}
     inner_dims = [inner for _, _, inner in blocks]
+    if layout.startswith("faceid"):
+        proj = faceid_weights(gen, context, layout, tokens=4 if layout == "faceid" else 16)
+    elif layout == "ip_adapter_full_face":
+        proj = full_face_weights(gen, context)
+    elif layout == "kolors_ip_adapter_plus":
+        proj = resampler_weights(gen, context, dim=context)
+    elif layout in ("ip_adapter_plus", "ip_adapter_plus_face", "mip_adapter_plus", "syncd"):
+        proj = resampler_weights(gen, context)
+    else:
+        proj = linear_projection_weights(gen, context)
+    out = {f"image_proj.{k}": v for k, v in proj.items()}
     layers = ip_layer_weights(gen, context, inner_dims, text_to_weight=layout.startswith("mip"))
+    if layout in ("faceid", "faceid_plusv2"):
+        layers.update(faceid_lora_weights(gen, inner_dims))
     out.update({f"ip_adapter.{k}": v for k, v in layers.items()})
     if layout == "syncd":
         for i, inner in enumerate(inner_dims):

@@ -23,7 +23,9 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_references.py", "tests/test_routing_nodes.py", "tests/test_msa_node.py",
               "tests/test_guidance_sampling.py", "tests/test_training.py",
               "tests/test_training_node.py", "tests/test_packaging.py",
-              "tests/test_reliability.py",
+              "tests/test_reliability.py", "tests/test_adapter_files.py",
+              "tests/test_unified_loader.py", "tests/test_reference_files.py",
+              "tests/test_reference_options.py", "tests/test_layer_weights.py",
               # the checkout's own server and editor (skips, saying why, without its front end)
               "tests/test_editor.py")
 # test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout

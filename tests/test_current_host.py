@@ -24,6 +24,7 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_guidance_sampling.py", "tests/test_training.py",
               "tests/test_training_node.py", "tests/test_packaging.py",
               "tests/test_reliability.py", "tests/test_dit_models.py",
+              "tests/test_dit_guidance.py", "tests/test_dit_positions.py",
               # the checkout's own server and editor (skips, saying why, without its front end)
               "tests/test_editor.py")
 # test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout

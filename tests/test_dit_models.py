@@ -67,3 +67,12 @@ def test_tiny_flux_takes_reference_latents(one_thread):
     with_reference = _sample(model, clip, cfg=1.0, steps=1, reference=reference)
     assert lengths == [4 * 6, 4 * 6 + 3 * 4]  # target tokens, then target + reference tokens
     assert not torch.equal(plain, with_reference)
+
+
+@needs_dit
+@pytest.mark.parametrize("family", tiny_dit_models.FAMILIES)
+def test_the_trainer_refuses_a_diffusion_transformer(family):
+    from multiref.training import cli, config
+    with pytest.raises(config.TrainConfigError, match="diffusion transformer .*the trainer is "
+                                                      "UNet-only \\(SD1.5, SDXL\\)"):
+        cli.family_of(tiny_dit_models.tiny_dit(family))

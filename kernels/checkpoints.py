@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import save_file
 
-from . import weights_files
+from . import flux_adapters, weights_files
 from .adapter import UNCOND_CONVENTIONS, AdapterMismatchError, build_adapter
 from .weights_files import CheckpointError  # noqa: F401  (the error of every file problem)
 
@@ -317,6 +317,8 @@ def load_adapter(path):
     """Read, detect, convert and build a LoadedAdapter from any supported file."""
     source = os.path.basename(path)
     tensors, metadata = read_checkpoint(path)
+    if flux_adapters.detect_flux_adapter(tensors):  # the Flux layouts: kernels/flux_adapters.py
+        return flux_adapters.load_flux_adapter(tensors, source)
     if metadata.get("format") == LORA_FORMAT:
         return _load_lora_only(tensors, metadata, source)
     if metadata.get("format") == PACK_FORMAT:

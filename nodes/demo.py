@@ -2,7 +2,7 @@
 workflow (the demo of run.py, the tests). Nothing it produces is a meaningful picture."""
 import logging
 
-from . import tiny_models
+from . import tiny_dit_models, tiny_models
 
 log = logging.getLogger("multiref")
 
@@ -20,9 +20,13 @@ class MultiRefTinyDemoModels:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "family": (["sd15", "sdxl"], {"default": "sd15", "tooltip":
-                       "Shape of the tiny UNet: SD1.5-like (one text context) or SDXL-like (two "
-                       "text encoders, size conditioning)."}),
+            "family": (["sd15", "sdxl", *tiny_dit_models.FAMILIES], {"default": "sd15", "tooltip":
+                       "Shape of the tiny model: SD1.5-like UNet (one text context), SDXL-like "
+                       "UNet (two text encoders, size conditioning), or (current ComfyUI only) a "
+                       "Flux transformer with CLIP-L + T5 and the guidance embedding (flux; "
+                       "Kontext is the same model with ReferenceLatent), Flux without it "
+                       "(flux_schnell), or an SD3 MMDiT with CLIP-L + CLIP-G; the transformers "
+                       "come with a 16-channel VAE."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
                      "Seed of the random weights (same seed, same models)."}),
         }}
@@ -30,6 +34,10 @@ class MultiRefTinyDemoModels:
     def build(self, family, seed):
         log.warning("MultiRefTinyDemoModels: building tiny models with RANDOM weights; outputs "
                     "show the pipeline works, not image quality")
+        if family in tiny_dit_models.FAMILIES:
+            return (tiny_dit_models.tiny_dit(family, seed),
+                    tiny_dit_models.tiny_dit_text_encoder(family, seed + 1),
+                    tiny_dit_models.tiny_vae16(seed + 2), tiny_models.tiny_clip_vision(seed + 3))
         return (tiny_models.tiny_unet(family, seed), tiny_models.tiny_text_encoder(family, seed + 1),
                 tiny_models.tiny_vae(seed + 2), tiny_models.tiny_clip_vision(seed + 3))
 

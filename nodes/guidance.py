@@ -27,6 +27,7 @@ MODES = (THREE_BRANCH, TWO_BRANCH)
 # Roles of the guider's cond list, by index (see docs/CONTRACTS.md).
 THREE_BRANCHES = ("full", "image", "uncond")
 TWO_BRANCHES = ("full", "uncond")
+FULL_ONLY = ("full",)
 
 
 class MultiRefGuider(comfy.samplers.CFGGuider):
@@ -36,7 +37,7 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
     has CFGGuider runs it."""
 
     def __init__(self, model_patcher, text_scale, image_scale, image_scale_ramp, normalize, mode,
-                 ramp_over="steps"):
+                 ramp_over="steps", skip_first_step=False, cfg_end_percent=1.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("text_scale", text_scale), ("image_scale", image_scale),
@@ -46,7 +47,11 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
         if ramp_over not in guidance.RAMPS:
             raise ValueError(f"image_scale_ramp_over must be one of {guidance.RAMPS}, got "
                              f"{ramp_over!r}")
+        if not 0.0 <= cfg_end_percent <= 1.0:
+            raise ValueError(f"cfg_end_percent must be between 0 and 1, got {cfg_end_percent}")
         self.ramp_over = ramp_over
+        self.skip_first_step = skip_first_step
+        self.cfg_end_percent = cfg_end_percent
         super().__init__(model_patcher)
         self.set_cfg(text_scale)
         self.image_scale = image_scale
@@ -74,10 +79,25 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
             progress = guidance.sampling_progress(sigma, self.schedule)
         return guidance.image_scale_at(progress, self.image_scale, self.image_scale_ramp)
 
+    def guided_at(self, sigma):
+        """False where only the full branch runs: the first step with skip_first_step (SynCD's
+        Flux sampling starts true CFG at the second step), and past cfg_end_percent."""
+        if self.skip_first_step and self.schedule is not None and sigma >= float(self.schedule[0]):
+            return False
+        if self.cfg_end_percent < 1.0:
+            sampling = self.model_patcher.get_model_object("model_sampling")
+            return sigma >= float(sampling.percent_to_sigma(self.cfg_end_percent))
+        return True
+
+    def set_conds(self, positive, negative):
+        super().set_conds(positive, with_distilled_guidance_of(positive, negative))
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.reshape(-1)[0])
-        image_scale = self.image_scale_now(sigma)
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
+        if not self.guided_at(sigma):
+            return self.run_branches(x, timestep, model_options, [positive], FULL_ONLY)[0]
+        image_scale = self.image_scale_now(sigma)
         if image_scale == 0.0:
             full, uncond = self.run_branches(x, timestep, model_options, [positive, negative],
                                              TWO_BRANCHES)
@@ -110,6 +130,21 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
                         "adapter or MSA first); text-only CFG is used where that happens", sigma)
 
 
+DISTILLED_GUIDANCE_KEY = "guidance"  # the conditioning value FluxGuidance sets
+
+
+def with_distilled_guidance_of(positive, negative):
+    """The negative conditioning carrying the positive's distilled guidance value (Flux-dev's
+    `guidance` embedding), so all branches are true CFG on top of the same distilled guidance,
+    as SynCD samples Flux. A positive without one value for all its entries leaves the negative
+    as it is (the model's default applies to both; a model without the embedding ignores it)."""
+    values = {entry[1].get(DISTILLED_GUIDANCE_KEY) for entry in positive}
+    if len(values) != 1 or None in values:
+        return negative
+    value = values.pop()
+    return [[entry[0], dict(entry[1], **{DISTILLED_GUIDANCE_KEY: value})] for entry in negative]
+
+
 def _guidance_inputs():
     return {
         "text_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
@@ -136,10 +171,21 @@ def _guidance_inputs():
     }
 
 
-_RAMP_INPUT = {"image_scale_ramp_over": (list(guidance.RAMPS), {"default": "steps", "tooltip":
-               "steps: the ramp grows linearly over this run's steps. timestep: as SynCD, "
-               "image_scale + ramp x (1000 - t) / 1000 of the model's timestep t, whatever the "
-               "step count."})}
+_OPTIONAL_INPUTS = {
+    "image_scale_ramp_over": (list(guidance.RAMPS), {"default": "steps", "tooltip":
+                              "steps: the ramp grows linearly over this run's steps. timestep: as "
+                              "SynCD, image_scale + ramp x (1000 - t) / 1000 of the model's "
+                              "timestep t, whatever the step count."}),
+    "skip_first_step": ("BOOLEAN", {"default": False, "tooltip":
+                        "On: the first step runs the full branch alone, unguided (SynCD on Flux "
+                        "starts true CFG at the second step; recommended on guidance-distilled "
+                        "models such as Flux-dev)."}),
+    "cfg_end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                        "tooltip": "Guidance runs until this part of the sampling (as the core "
+                        "start/end percents); after it only the full branch runs, one row per "
+                        "image (faster; on a guidance-distilled model its own guidance embedding "
+                        "still applies)."}),
+}
 
 
 _CONDITIONING_TOOLTIPS = {
@@ -168,12 +214,13 @@ class MultiRefNormalizedCFGGuider:
             "positive": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["positive"]}),
             "negative": ("CONDITIONING", {"tooltip": _CONDITIONING_TOOLTIPS["negative"]}),
             **_guidance_inputs(),
-        }, "optional": dict(_RAMP_INPUT)}
+        }, "optional": dict(_OPTIONAL_INPUTS)}
 
     def get_guider(self, model, positive, negative, text_scale, image_scale, image_scale_ramp,
-                   normalize, mode, image_scale_ramp_over="steps"):
+                   normalize, mode, image_scale_ramp_over="steps", skip_first_step=False,
+                   cfg_end_percent=1.0):
         guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode,
-                                image_scale_ramp_over)
+                                image_scale_ramp_over, skip_first_step, cfg_end_percent)
         guider.set_conds(positive, negative)
         return (guider,)
 
@@ -206,13 +253,14 @@ class MultiRefSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                         "How much of the schedule to run: 1 from pure noise, less keeps more of "
                         "the input latent."}),
-        }, "optional": dict(_RAMP_INPUT)}
+        }, "optional": dict(_OPTIONAL_INPUTS)}
 
     def sample(self, model, seed, steps, sampler_name, scheduler, positive, negative,
                latent_image, text_scale, image_scale, image_scale_ramp, normalize,
-               mode, denoise, image_scale_ramp_over="steps"):
+               mode, denoise, image_scale_ramp_over="steps", skip_first_step=False,
+               cfg_end_percent=1.0):
         guider = MultiRefGuider(model, text_scale, image_scale, image_scale_ramp, normalize, mode,
-                                image_scale_ramp_over)
+                                image_scale_ramp_over, skip_first_step, cfg_end_percent)
         guider.set_conds(positive, negative)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device,
                                          sampler=sampler_name, scheduler=scheduler,

@@ -62,6 +62,11 @@ def _base_models(spec):
 def family_of(patcher):
     """sd15 or sdxl, from the UNet's cross-attention width."""
     from .blocks import spatial_transformers
+    diffusion_model = patcher.model.diffusion_model
+    if not hasattr(diffusion_model, "input_blocks"):  # a diffusion transformer (Flux, SD3, ...)
+        raise config_mod.TrainConfigError(
+            f"the model is a diffusion transformer ({type(diffusion_model).__name__}), not a "
+            "UNet: the trainer is UNet-only (SD1.5, SDXL); give an SD1.5 or SDXL checkpoint")
     _, first = spatial_transformers(patcher.model.diffusion_model)[0]
     width = first.transformer_blocks[0].attn2.to_k.in_features
     if width not in FAMILY_BY_CONTEXT_DIM:

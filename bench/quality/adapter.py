@@ -75,7 +75,7 @@ def save_mask(path, mask):
 
 
 def write_dataset(folder, groups, seed=1):
-    """PNG files (64x64) + a manifest of `groups` single-object groups; returns its path."""
+    """PNG files (256x256) + a manifest of `groups` single-object groups; returns its path."""
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.makedirs(folder)
@@ -108,7 +108,7 @@ def training_prompt(base_folder, dataset, output_dir, steps, batch_size, learnin
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": dataset,
             "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
             "grad_accumulation": 1, "learning_rate": learning_rate, "lora_rank": lora_rank,
-            "resolution": 64, "save_every": max(steps // 2, 1), "keep_last": 1, "seed": seed,
+            "resolution": world.SIZE * world.UPSCALE, "save_every": max(steps // 2, 1), "keep_last": 1, "seed": seed,
             "gradient_checkpointing": False, "resume": True,
             "adapter": ["2", 0], "clip_vision": ["1", 3]}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "quality_adapter_loss"}},

@@ -5,7 +5,7 @@
 - Text encoder: the host's SD1.5 CLIP text model at width 16 (MultiRef Tiny Demo Models, fixed
   seed), frozen with its random weights: captions differ in their shape words, and the UNet's
   cross-attention learns to read them.
-- Latent: an exact pixel latent (PixelLatentVAE): 2x2 block means of the 64x64 stored pictures,
+- Latent: an exact pixel latent (PixelLatentVAE): 8x8 block means of the 256x256 stored pictures,
   RGB in the first three channels scaled so that the model sees -1..1, the fourth channel 0.
 - CLIP vision (for the adapter): the host's ClipVisionModel of the demo node, frozen, random.
 The weights are written as safetensors; `QualityModels` (a node registered into the host by the
@@ -36,8 +36,8 @@ DEMO_SEED = 5  # seed of the demo node's text encoder and CLIP vision (frozen, r
 
 
 class PixelLatentVAE:
-    """An exactly invertible 'VAE' for the world's pictures: encode = 2x2 block means, decode =
-    nearest 2x upscale (pictures drawn at 32 and stored at 64 come back bit for bit)."""
+    """An exactly invertible 'VAE' for the world's pictures: encode = 8x8 block means, decode =
+    nearest 8x upscale (pictures drawn at 32 and stored at 256 come back exactly)."""
 
     def __init__(self):
         self.first_stage_model = torch.nn.Module()  # no weights (the trainer fingerprints it)

@@ -6,9 +6,9 @@ twice = a plain object), 36 identities of which 8 are held out of every training
 scene comes with each object's mask and a reference view of the same object instance seen
 differently (another position, scale, small rotation, background grey).
 
-Pictures are drawn at 32x32 and stored 2x nearest-upscaled (64x64), the smallest size the
-trainer takes; the benchmark's pixel latent averages 2x2 blocks back, so for these pictures the
-encoding is exactly invertible (base.PixelLatentVAE).
+Pictures are drawn at 32x32 and stored 8x nearest-upscaled (256x256), so that the 8x latent
+grid every SD node and the trainer assume is the drawing's own grid: the benchmark's pixel latent
+averages 8x8 blocks back, which for these pictures is exactly invertible (base.PixelLatentVAE).
 
 Two-object scenes put the first-named object in the left half and the second in the right half:
 the caption's word order is the layout, so the halves are the true region masks for `mask`
@@ -18,7 +18,7 @@ import itertools
 import numpy as np
 
 SIZE = 32
-UPSCALE = 2
+UPSCALE = 8  # as SD's VAE: the stored picture is 8x the latent grid
 SHAPES = ("circle", "square", "triangle", "cross")
 PALETTE = np.array([[230, 40, 40], [235, 215, 30], [40, 190, 60], [30, 200, 220],
                     [40, 70, 235], [215, 50, 215]], np.float32) / 255  # saturated hues only
@@ -123,11 +123,11 @@ def random_scene(rng, n_objects, identities=TRAIN_IDENTITIES):
 
 
 def upscale(image):
-    """32x32 picture -> the stored 64x64 (nearest, so 2x2 block means give it back exactly)."""
+    """32x32 picture -> the stored 256x256 (nearest, so 8x8 block means give it back exactly)."""
     return image.repeat(UPSCALE, axis=0).repeat(UPSCALE, axis=1)
 
 
 def downscale(image):
-    """Stored or generated 64x64 picture -> 32x32 by 2x2 block means."""
+    """Stored or generated 256x256 picture -> 32x32 by 8x8 block means."""
     h, w = image.shape[0] // UPSCALE, image.shape[1] // UPSCALE
     return image.reshape(h, UPSCALE, w, UPSCALE, -1).mean(axis=(1, 3))

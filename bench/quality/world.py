@@ -1,8 +1,9 @@
 """The synthetic world: scenes of one or two objects on a grey background, with ground truth.
 
 An object = a SHAPE (named in the caption: circle, square, triangle, cross) and an IDENTITY the
-caption never names: two colours of a six-hue palette in horizontal stripes (the same colour
-twice = a plain object), 36 identities of which 8 are held out of every training set. Every
+caption never names: two colours of a six-hue palette in stripes (the same colour twice = a
+plain object; which colour comes first is only the stripes' phase), 21 identities of which 5 are
+held out of every training set. Every
 scene comes with each object's mask and a reference view of the same object instance seen
 differently (another position, scale, small rotation, background grey).
 
@@ -23,8 +24,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 PALETTE = np.array([[230, 40, 40], [235, 215, 30], [40, 190, 60], [30, 200, 220],
                     [40, 70, 235], [215, 50, 215]], np.float32) / 255  # saturated hues only
 COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
-IDENTITIES = tuple(itertools.product(range(len(PALETTE)), repeat=2))  # (stripe colour a, b)
-HELD_OUT = IDENTITIES[3::4][:8]  # one in four, spread over the palette (one plain)
+IDENTITIES = tuple(itertools.combinations_with_replacement(range(len(PALETTE)), 2))  # colours a <= b
+HELD_OUT = IDENTITIES[2::4]  # one in four, spread over the palette: 3 striped, 2 plain
 TRAIN_IDENTITIES = tuple(i for i in IDENTITIES if i not in HELD_OUT)
 STRIPE = 2  # pixels per stripe
 

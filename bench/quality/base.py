@@ -89,8 +89,9 @@ def build_unet(unet_config=None, weights=None, seed=0):
             unet.out[-1].bias.zero_()
     else:
         unet.load_state_dict(weights)
-    device = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    import comfy.model_management
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=torch.device("cpu"))
 
 
 def demo_encoders(host):
@@ -139,8 +140,8 @@ def v_loss(model, x0, context, generator):
     |x0 - x0_hat|^2 (1 + sigma^2) / sigma^2 equals |v - v_hat|^2 (x_t = x0 + sigma * noise)."""
     ms = model.model_sampling
     t = torch.randint(0, len(ms.sigmas), (x0.shape[0],), generator=generator)
-    sigma = ms.sigmas[t].float()
-    noise = torch.randn(x0.shape, generator=generator)
+    sigma = ms.sigmas[t.to(ms.sigmas.device)].float()
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
     denoised = model.apply_model(x0 + s * noise, sigma, c_crossattn=context)
     return (((denoised - x0) ** 2).mean(dim=(1, 2, 3)) * (1 + sigma ** 2) / sigma ** 2).mean()
@@ -148,9 +149,12 @@ def v_loss(model, x0, context, generator):
 
 def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
           unet_config=None, progress=None):
-    """Train the base from scratch. Returns (patcher, curve: list of (step, mean loss, seconds))."""
+    """Train the base from scratch (on the host's torch device: a GPU when there is one).
+    Returns (patcher, curve: list of (step, mean loss, seconds))."""
     patcher = build_unet(unet_config, seed=seed)
     model = patcher.model
+    device = patcher.load_device
+    model.to(device)
     clip, _ = demo_encoders(host)
     pool, captions = scene_pool(pool_size, seed, two_object_share)
     contexts = encode_captions(clip, sorted(set(captions)) + [""])
@@ -162,9 +166,10 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     try:
         for step in range(1, steps + 1):
             idx = torch.randint(0, pool_size, (batch,), generator=gen)
-            x0 = pool[idx]
+            x0 = pool[idx].to(device)
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
-            context = torch.stack([contexts["" if d else captions[i]] for i, d in zip(idx.tolist(), drop)])
+            context = torch.stack([contexts["" if d else captions[i]]
+                                   for i, d in zip(idx.tolist(), drop)]).to(device)
             lr_now = lr * min(1.0, step / 100)  # short warm-up
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
@@ -183,12 +188,13 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
         for h in handles:
             h.remove()
         model.eval()
+        model.to(patcher.offload_device)
     return patcher, curve
 
 
 def save(patcher, folder, curve, unet_config=None):
     os.makedirs(folder, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
     meta = {"unet_config": json.dumps(unet_config or UNET_CONFIG), "curve": json.dumps(curve),
             "parameterization": "v", "demo_seed": str(DEMO_SEED)}
     tmp = os.path.join(folder, ".base_unet.safetensors.tmp")

@@ -71,12 +71,10 @@ def test_one_base_step_trains_and_reloads(host, trained_base):
         assert torch.equal(reloaded[key], value), key
 
 
-def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_path, output_folder,
-                                                      monkeypatch):
+def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_path, output_folder):
     folder = trained_base[0]
     base.register(host)
     evaluate.register(host)
-    monkeypatch.setattr(evaluate, "STEPS", 2)
     saved_input = host.folder_paths.get_input_directory()
     host.folder_paths.set_input_directory(str(tmp_path))
     try:
@@ -88,7 +86,8 @@ def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_pa
                 for j, (shape, identity) in enumerate((("circle", (0, 0)), ("square", (2, 4))))]
         pictures = evaluate.run(host, evaluate.prompt(
             folder, "a circle and a square", 1, 2, "smoke",
-            [(i, m, phrase) for (i, m, _), phrase in zip(refs, ("circle", "square"))], "mask", True))
+            [(i, m, phrase) for (i, m, _), phrase in zip(refs, ("circle", "square"))], "mask", True,
+            steps=2))
     finally:
         host.folder_paths.set_input_directory(saved_input)
     assert len(pictures) == 2

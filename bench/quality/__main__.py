@@ -25,16 +25,19 @@ from . import adapter, base, evaluate, report
 HERE = os.path.dirname(os.path.abspath(__file__))
 # base: steps, batch, learning rate, scene pool; adapter: steps, groups, batch, learning rate;
 # evaluation: samples per base prompt, fidelity scenes x samples, confusion scenes x samples,
-# guidance scenes x samples.
+# guidance scenes x samples, sampling steps. `tiny` is what a 2-core machine shared with other
+# work manages in about 40 minutes (its figures have wide intervals).
 SCALES = {
     "smoke": dict(base=(2, 4, 1e-3, 16), adapter=(1, 2, 2, 1e-4), base_eval=1, fidelity=(1, 1),
-                  confusion=(1, 1), guidance=(1, 1), channels=32),
+                  confusion=(1, 1), guidance=(1, 1), channels=32, steps=2),
+    "tiny": dict(base=(200, 16, 2e-3, 1024), adapter=(60, 128, 2, 3e-4), base_eval=4,
+                 fidelity=(4, 3), confusion=(4, 3), guidance=(2, 3), channels=32, steps=10),
     "quick": dict(base=(800, 32, 2e-3, 4096), adapter=(150, 256, 4, 3e-4), base_eval=8,
-                  fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32),
+                  fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32, steps=20),
     "full": dict(base=(5000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
-                 fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32),
+                 fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32, steps=20),
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,
-                fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64),
+                fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64, steps=30),
 }
 log = logging.getLogger("multiref.quality")
 
@@ -70,10 +73,11 @@ def run(scale, cache, pictures=None, host=None):
     times["adapter training"] = time.time() - start
     figures, grids = {"text_scale": evaluate.TEXT_SCALE, "base_curve": curve}, {}
     start = time.time()
-    figures["base"], grids["base"] = evaluate.base_shapes(host, base_folder, s["base_eval"])
-    figures["fidelity"], grids["fidelity"] = evaluate.identity_fidelity(host, base_folder, *s["fidelity"])
-    figures["confusion"], grids["confusion"] = evaluate.confusion(host, base_folder, *s["confusion"])
-    figures["guidance"], grids["guidance"] = evaluate.guidance(host, base_folder, *s["guidance"])
+    steps = s["steps"]
+    figures["base"], grids["base"] = evaluate.base_shapes(host, base_folder, s["base_eval"], steps)
+    figures["fidelity"], grids["fidelity"] = evaluate.identity_fidelity(host, base_folder, *s["fidelity"], steps)
+    figures["confusion"], grids["confusion"] = evaluate.confusion(host, base_folder, *s["confusion"], steps)
+    figures["guidance"], grids["guidance"] = evaluate.guidance(host, base_folder, *s["guidance"], steps)
     times["evaluation"] = time.time() - start
     if pictures:
         _pictures(grids, pictures)
@@ -92,8 +96,9 @@ def _pictures(grids, folder):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=list(SCALES), default="full",
-                        help="quick: about 20 minutes on 2 CPU cores; full (default): about 90; "
-                             "gpu: larger and longer, for a CUDA GPU")
+                        help="quick: about 20 minutes on 2 idle CPU cores; full (default): about "
+                             "90; gpu: larger and longer, for a CUDA GPU; tiny: a shared 2-core "
+                             "machine's 40 minutes; smoke: the tests' seconds-long run")
     parser.add_argument("--cache", default=os.path.join(HERE, ".cache"),
                         help="where trained weights are kept (default bench/quality/.cache)")
     parser.add_argument("--pictures", default=None, help="folder for the sample grids (e.g. docs/images)")

@@ -51,7 +51,7 @@ class Graph:
 
 
 def prompt(base_folder, text, seed, batch, prefix, references=(), mode="sum", msa=False,
-           normalize=True, text_scale=TEXT_SCALE, image_scale=IMAGE_SCALE):
+           normalize=True, text_scale=TEXT_SCALE, image_scale=IMAGE_SCALE, steps=STEPS):
     """references: [(image file, mask file, phrase)] in the host's input folder."""
     g = Graph()
     models = g.add("MultiRefQualityModels", folder=base_folder)
@@ -59,7 +59,7 @@ def prompt(base_folder, text, seed, batch, prefix, references=(), mode="sum", ms
     negative = g.add("CLIPTextEncode", text="", clip=[models, 1])
     latent = g.add("EmptyLatentImage", width=EMPTY_LATENT_SIDE, height=EMPTY_LATENT_SIDE, batch_size=batch)
     if not references:
-        samples = g.add("KSampler", seed=seed, steps=STEPS, cfg=text_scale, sampler_name="euler",
+        samples = g.add("KSampler", seed=seed, steps=steps, cfg=text_scale, sampler_name="euler",
                         scheduler="normal", denoise=1.0, model=[models, 0], positive=[positive, 0],
                         negative=[negative, 0], latent_image=[latent, 0])
     else:
@@ -83,7 +83,7 @@ def prompt(base_folder, text, seed, batch, prefix, references=(), mode="sum", ms
             model = g.add("MultiRefApplyMSA", strength=1.0, start_percent=0.0, end_percent=1.0,
                           first_step_unmasked=False, layers="all", mode="references", batch_phrase="",
                           model=[model, 0], references=[encoded, 0], adapter=[loaded, 0], clip=[models, 1])
-        samples = g.add("MultiRefSampler", seed=seed, steps=STEPS, sampler_name="euler",
+        samples = g.add("MultiRefSampler", seed=seed, steps=steps, sampler_name="euler",
                         scheduler="normal", positive=[positive, 0], negative=[negative, 0],
                         latent_image=[latent, 0], text_scale=text_scale, image_scale=image_scale,
                         image_scale_ramp=0.0, normalize=normalize, mode="three-branch", denoise=1.0,
@@ -122,16 +122,16 @@ def clipped_share(picture):
 
 # ---- the figures -------------------------------------------------------------------------
 
-def base_shapes(host, base_folder, per_prompt):
+def base_shapes(host, base_folder, per_prompt, steps=STEPS):
     """Single-object prompts: share drawing the prompted shape; two-object prompts: share with
     both shapes, each in its half (no references: the base alone)."""
     single, pairs, examples = [], [], []
     for k, shape in enumerate(world.SHAPES):
-        pics = run(host, prompt(base_folder, world.caption([shape]), 100 + k, per_prompt, "q_base1"))
+        pics = run(host, prompt(base_folder, world.caption([shape]), 100 + k, per_prompt, "q_base1", steps=steps))
         single += [detector.find_shape(detector.objects(p), shape) is not None for p in pics]
         examples += pics[:4]
     for k, (a, b) in enumerate([(a, b) for a in world.SHAPES for b in world.SHAPES if a != b]):
-        pics = run(host, prompt(base_folder, world.caption([a, b]), 200 + k, max(per_prompt // 4, 1), "q_base2"))
+        pics = run(host, prompt(base_folder, world.caption([a, b]), 200 + k, max(per_prompt // 4, 1), "q_base2", steps=steps))
         for p in pics:
             found = detector.objects(p)
             pairs.append(detector.find_shape(found, a, (0, world.SIZE / 2)) is not None and
@@ -139,7 +139,7 @@ def base_shapes(host, base_folder, per_prompt):
     return {"single_shape": single, "two_shapes": pairs}, examples
 
 
-def identity_fidelity(host, base_folder, scenes, per_scene):
+def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
     """Held-out identities, one reference each: share of samples whose largest object matches the
     reference's identity, with the reference (adapter, `sum`) and without (the base alone, same
     prompt and seed: the chance level)."""
@@ -150,7 +150,7 @@ def identity_fidelity(host, base_folder, scenes, per_scene):
         image, mask, ref = write_reference(host, f"q_fid{k}", rng, shape, identity)
         want = detector.identity_histogram(identity)
         for refs, out in (([(image, mask, shape)], with_ref), ((), without)):
-            pics = run(host, prompt(base_folder, world.caption([shape]), 300 + k, per_scene, "q_fid", refs))
+            pics = run(host, prompt(base_folder, world.caption([shape]), 300 + k, per_scene, "q_fid", refs, steps=steps))
             for p in pics:
                 found = detector.objects(p)
                 out.append(bool(found) and detector.matches(found[0]["histogram"], want))
@@ -165,7 +165,7 @@ def identity_fidelity(host, base_folder, scenes, per_scene):
 SETTINGS = [(mode, msa) for mode in ("sum", "weighted", "mask") for msa in (False, True)]
 
 
-def confusion(host, base_folder, scenes, per_scene):
+def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
     """Two objects, two references (phrases = their shapes; identities share no colour). Per
     setting: share of scenes (samples) where an object carries the OTHER reference's identity
     (matches it, and better than its own), and share where both carry their own."""
@@ -181,7 +181,7 @@ def confusion(host, base_folder, scenes, per_scene):
         swapped, both_own = [], []
         for k, (s, refs) in enumerate(specs):
             pics = run(host, prompt(base_folder, s["caption"], 400 + k, per_scene, "q_conf",
-                                    [(i, m, ph) for (i, m, _), ph in zip(refs, s["shapes"])], mode, msa))
+                                    [(i, m, ph) for (i, m, _), ph in zip(refs, s["shapes"])], mode, msa, steps=steps))
             hists = [detector.identity_histogram(i) for i in s["identities"]]
             for p in pics:
                 found = detector.objects(p)
@@ -207,7 +207,7 @@ def _carries(h, own, other):
 GUIDANCE_SCALES = (1.0, 3.0, 6.0, 12.0)
 
 
-def guidance(host, base_folder, scenes, per_scene):
+def guidance(host, base_folder, scenes, per_scene, steps=STEPS):
     """One reference (held-out identity), image scale swept, plain vs normalized three-branch
     guidance: clipped-pixel share (saturation), prompted shape drawn, identity matched."""
     rng = np.random.default_rng(13)
@@ -222,7 +222,7 @@ def guidance(host, base_folder, scenes, per_scene):
             for k, (shape, identity, (image, mask, _)) in enumerate(specs):
                 pics = run(host, prompt(base_folder, world.caption([shape]), 500 + k, per_scene, "q_gui",
                                         [(image, mask, shape)], "sum", False, normalize,
-                                        image_scale=scale))
+                                        image_scale=scale, steps=steps))
                 for p in pics:
                     found = detector.objects(p)
                     clipped.append(clipped_share(p))

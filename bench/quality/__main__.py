@@ -75,7 +75,8 @@ def run(scale, cache, pictures=None, host=None):
     start = time.time()
     steps = s["steps"]
     figures["base"], grids["base"] = evaluate.base_shapes(host, base_folder, s["base_eval"], steps)
-    figures["fidelity"], grids["fidelity"] = evaluate.identity_fidelity(host, base_folder, *s["fidelity"], steps)
+    figures["fidelity"], grids["fidelity"] = evaluate.identity_fidelity(host, base_folder,
+                                                                        *s["fidelity"], steps)
     figures["confusion"], grids["confusion"] = evaluate.confusion(host, base_folder, *s["confusion"], steps)
     figures["guidance"], grids["guidance"] = evaluate.guidance(host, base_folder, *s["guidance"], steps)
     times["evaluation"] = time.time() - start
@@ -110,7 +111,8 @@ def main(argv=None):
     total = time.time() - start
     print(f"\n`python -m bench.quality --scale {args.scale}`: {total / 60:.1f} min in all "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
-    print(f"base loss curve (step, loss, s): {json.dumps([[c[0], round(c[1], 4), round(c[2])] for c in figures['base_curve']])}")
+    curve = [[c[0], round(c[1], 4), round(c[2])] for c in figures["base_curve"]]
+    print(f"base loss curve (step, loss, seconds): {json.dumps(curve)}")
     print("\n".join(report.table(figures)))
     return 0
 

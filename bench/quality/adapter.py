@@ -26,10 +26,9 @@ ADAPTER_NAME = "quality_adapter.safetensors"
 
 def cross_attention_layers(unet_state):
     """Key prefixes of every transformer block with cross-attention, in the published order."""
-    prefixes = sorted({k.split(".attn2.")[0] for k in unet_state if ".attn2.to_k." in k},
-                      key=lambda p: ({"input_blocks": 0, "output_blocks": 1, "middle_block": 2}[p.split(".")[0]],
-                                     [int(x) for x in p.split(".") if x.isdigit()]))
-    return prefixes
+    order = {"input_blocks": 0, "output_blocks": 1, "middle_block": 2}
+    return sorted({k.split(".attn2.")[0] for k in unet_state if ".attn2.to_k." in k},
+                  key=lambda p: (order[p.split(".")[0]], [int(x) for x in p.split(".") if x.isdigit()]))
 
 
 def initial_adapter(unet_state, context_dim, seed=0):
@@ -71,7 +70,8 @@ def save_png(path, pixels):
 
 
 def save_mask(path, mask):
-    Image.fromarray((world.upscale(mask[..., None].astype(np.float32))[..., 0] * 255).astype(np.uint8)).save(path)
+    pixels = world.upscale(mask[..., None].astype(np.float32))[..., 0]
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
 
 
 def write_dataset(folder, groups, seed=1):
@@ -108,10 +108,12 @@ def training_prompt(base_folder, dataset, output_dir, steps, batch_size, learnin
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": dataset,
             "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
             "grad_accumulation": 1, "learning_rate": learning_rate, "lora_rank": lora_rank,
-            "resolution": world.SIZE * world.UPSCALE, "save_every": max(steps // 2, 1), "keep_last": 1, "seed": seed,
+            "resolution": world.SIZE * world.UPSCALE, "save_every": max(steps // 2, 1),
+            "keep_last": 1, "seed": seed,
             "gradient_checkpointing": False, "resume": True,
             "adapter": ["2", 0], "clip_vision": ["1", 3]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "quality_adapter_loss"}},
+        "4": {"class_type": "SaveImage",
+              "inputs": {"images": ["3", 2], "filename_prefix": "quality_adapter_loss"}},
     }
 
 

@@ -127,11 +127,13 @@ def base_shapes(host, base_folder, per_prompt, steps=STEPS):
     both shapes, each in its half (no references: the base alone)."""
     single, pairs, examples = [], [], []
     for k, shape in enumerate(world.SHAPES):
-        pics = run(host, prompt(base_folder, world.caption([shape]), 100 + k, per_prompt, "q_base1", steps=steps))
+        pics = run(host, prompt(base_folder, world.caption([shape]), 100 + k, per_prompt, "q_base1",
+                                steps=steps))
         single += [detector.find_shape(detector.objects(p), shape) is not None for p in pics]
         examples += pics[:4]
     for k, (a, b) in enumerate([(a, b) for a in world.SHAPES for b in world.SHAPES if a != b]):
-        pics = run(host, prompt(base_folder, world.caption([a, b]), 200 + k, max(per_prompt // 4, 1), "q_base2", steps=steps))
+        pics = run(host, prompt(base_folder, world.caption([a, b]), 200 + k, max(per_prompt // 4, 1),
+                                "q_base2", steps=steps))
         for p in pics:
             found = detector.objects(p)
             pairs.append(detector.find_shape(found, a, (0, world.SIZE / 2)) is not None and
@@ -150,7 +152,8 @@ def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
         image, mask, ref = write_reference(host, f"q_fid{k}", rng, shape, identity)
         want = detector.identity_histogram(identity)
         for refs, out in (([(image, mask, shape)], with_ref), ((), without)):
-            pics = run(host, prompt(base_folder, world.caption([shape]), 300 + k, per_scene, "q_fid", refs, steps=steps))
+            pics = run(host, prompt(base_folder, world.caption([shape]), 300 + k, per_scene, "q_fid",
+                                    refs, steps=steps))
             for p in pics:
                 found = detector.objects(p)
                 out.append(bool(found) and detector.matches(found[0]["histogram"], want))
@@ -181,14 +184,16 @@ def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
         swapped, both_own = [], []
         for k, (s, refs) in enumerate(specs):
             pics = run(host, prompt(base_folder, s["caption"], 400 + k, per_scene, "q_conf",
-                                    [(i, m, ph) for (i, m, _), ph in zip(refs, s["shapes"])], mode, msa, steps=steps))
+                                    [(i, m, ph) for (i, m, _), ph in zip(refs, s["shapes"])],
+                                    mode, msa, steps=steps))
             hists = [detector.identity_histogram(i) for i in s["identities"]]
             for p in pics:
                 found = detector.objects(p)
                 carries = []
                 for j, region in enumerate(((0, world.SIZE / 2), (world.SIZE / 2, world.SIZE))):
                     inside = [o for o in found if region[0] <= o["centroid"][0] < region[1]]
-                    carries.append(_carries(inside[0]["histogram"], hists[j], hists[1 - j]) if inside else None)
+                    carries.append(_carries(inside[0]["histogram"], hists[j], hists[1 - j])
+                                   if inside else None)
                 swapped.append("other" in carries)
                 both_own.append(carries == ["own", "own"])
             if k < 4:

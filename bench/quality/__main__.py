@@ -34,7 +34,7 @@ SCALES = {
                  fidelity=(4, 3), confusion=(4, 3), guidance=(2, 3), channels=32, steps=10),
     "quick": dict(base=(800, 32, 2e-3, 4096), adapter=(150, 256, 4, 3e-4), base_eval=8,
                   fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32, steps=20),
-    "full": dict(base=(5000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
+    "full": dict(base=(4000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
                  fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32, steps=20),
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,
                 fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64, steps=30),

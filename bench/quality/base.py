@@ -41,7 +41,6 @@ class PixelLatentVAE:
 
     def __init__(self):
         self.first_stage_model = torch.nn.Module()  # no weights (the trainer fingerprints it)
-        self.downscale_ratio = world.UPSCALE
 
     def encode(self, pixels):
         x = pixels[..., :3].movedim(-1, 1).float()
@@ -148,7 +147,7 @@ def v_loss(model, x0, context, generator):
 
 
 def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
-          unet_config=None, progress=None):
+          unet_config=None):
     """Train the base from scratch (on the host's torch device: a GPU when there is one).
     Returns (patcher, curve: list of (step, mean loss, seconds))."""
     patcher = build_unet(unet_config, seed=seed)
@@ -182,8 +181,6 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
             if step % log_every == 0 or step == steps:
                 curve.append((step, float(np.mean(losses[-log_every:])), time.time() - start))
                 log.info("base step %d/%d loss %.4f (%.0fs)", step, steps, curve[-1][1], curve[-1][2])
-                if progress:
-                    progress(step, steps)
     finally:
         for h in handles:
             h.remove()

@@ -21,18 +21,13 @@ import numpy as np
 SIZE = 32
 UPSCALE = 8  # as SD's VAE: the stored picture is 8x the latent grid
 SHAPES = ("circle", "square", "triangle", "cross")
+# red, yellow, green, cyan, blue, magenta: saturated hues only (the background is grey)
 PALETTE = np.array([[230, 40, 40], [235, 215, 30], [40, 190, 60], [30, 200, 220],
-                    [40, 70, 235], [215, 50, 215]], np.float32) / 255  # saturated hues only
-COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+                    [40, 70, 235], [215, 50, 215]], np.float32) / 255
 IDENTITIES = tuple(itertools.combinations_with_replacement(range(len(PALETTE)), 2))  # colours a <= b
 HELD_OUT = IDENTITIES[2::4]  # one in four, spread over the palette: 3 striped, 2 plain
 TRAIN_IDENTITIES = tuple(i for i in IDENTITIES if i not in HELD_OUT)
 STRIPE = 2  # pixels per stripe
-
-
-def identity_name(identity):
-    a, b = identity
-    return COLOUR_NAMES[a] if a == b else f"{COLOUR_NAMES[a]}/{COLOUR_NAMES[b]} stripes"
 
 
 def shape_mask(shape, cx, cy, radius, angle=0.0, size=SIZE):

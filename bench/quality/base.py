@@ -1,0 +1,232 @@
+"""The base text-to-image model, trained from scratch on the world with the host's own classes.
+
+- UNet: the host's UNetModel (in the host's SD1.5 model class, v-prediction) with a small
+  config: 32 latent pixels, channels 32 x (1, 2, 2), attention only at the two coarse levels.
+- Text encoder: the host's SD1.5 CLIP text model at width 16 (MultiRef Tiny Demo Models, fixed
+  seed), frozen with its random weights: captions differ in their shape words, and the UNet's
+  cross-attention learns to read them.
+- Latent: an exact pixel latent (PixelLatentVAE): 8x8 block means of the 256x256 stored pictures,
+  RGB in the first three channels scaled so that the model sees -1..1, the fourth channel 0.
+- CLIP vision (for the adapter): the host's ClipVisionModel of the demo node, frozen, random.
+The weights are written as safetensors; `QualityModels` (a node registered into the host by the
+benchmark) builds the same host classes and loads them, so the shipped nodes run on them. The
+host's CheckpointLoaderSimple cannot detect so small an architecture from a file."""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import world
+
+log = logging.getLogger("multiref.quality")
+SD15_LATENT_SCALE = 0.18215  # the SD1.5 latent format's scale factor (the model sees latent * it)
+UNET_CONFIG = {
+    "in_channels": 4, "out_channels": 4, "image_size": 32, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [0, 1, 1],
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+    "num_head_channels": 16, "num_heads": -1, "use_spatial_transformer": True,
+    "use_temporal_attention": False, "use_temporal_resblock": False, "context_dim": 16,
+    "use_linear_in_transformer": False, "adm_in_channels": None,
+}
+DEMO_SEED = 5  # seed of the demo node's text encoder and CLIP vision (frozen, random)
+
+
+class PixelLatentVAE:
+    """An exactly invertible 'VAE' for the world's pictures: encode = 8x8 block means, decode =
+    nearest 8x upscale (pictures drawn at 32 and stored at 256 come back exactly)."""
+
+    def __init__(self):
+        self.first_stage_model = torch.nn.Module()  # no weights (the trainer fingerprints it)
+
+    def encode(self, pixels):
+        x = pixels[..., :3].movedim(-1, 1).float()
+        x = torch.nn.functional.avg_pool2d(x, world.UPSCALE)
+        latent = (2 * x - 1) / SD15_LATENT_SCALE
+        return torch.cat([latent, torch.zeros_like(latent[:, :1])], dim=1)
+
+    def decode(self, latent):
+        x = (latent[:, :3].float() * SD15_LATENT_SCALE + 1) / 2
+        x = x.repeat_interleave(world.UPSCALE, -1).repeat_interleave(world.UPSCALE, -2)
+        return x.clamp(0, 1).movedim(1, -1)
+
+
+def model_class(unet_config=None):
+    import comfy.model_base
+    import comfy.supported_models
+
+    class WorldSD15(comfy.supported_models.SD15):
+        """SD1.5's model class (latent format, CLIP handling) with the world's small UNet."""
+        unet_extra_config = {}
+
+        def model_type(self, state_dict, prefix=""):
+            return comfy.model_base.ModelType.V_PREDICTION
+
+    WorldSD15.unet_config = dict(unet_config or UNET_CONFIG)
+    return WorldSD15
+
+
+def build_unet(unet_config=None, weights=None, seed=0):
+    """A ModelPatcher around the host's model class; fresh weights (PyTorch's default layer
+    initialisation, output layers zero as in the ADM/SD recipe) or `weights`."""
+    import comfy.model_patcher
+    cls = model_class(unet_config)
+    model = cls(dict(cls.unet_config)).get_model({})
+    unet = model.diffusion_model
+    if weights is None:
+        torch.manual_seed(seed)
+        layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+        for module in unet.modules():
+            for layer in layers:  # the host's subclasses skip it (uninitialised memory)
+                if isinstance(module, layer):
+                    layer.reset_parameters(module)
+        with torch.no_grad():
+            unet.out[-1].weight.zero_()
+            unet.out[-1].bias.zero_()
+    else:
+        unet.load_state_dict(weights)
+    import comfy.model_management
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=torch.device("cpu"))
+
+
+def demo_encoders(host):
+    """(CLIP, CLIP_VISION) of the pack's demo node, at a fixed seed."""
+    demo = host.nodes["MultiRefTinyDemoModels"]()
+    _, clip, _, clip_vision = getattr(demo, demo.FUNCTION)(family="sd15", seed=DEMO_SEED)
+    return clip, clip_vision
+
+
+def encode_captions(clip, captions):
+    out = {}
+    with torch.no_grad():
+        for text in captions:
+            cond, _ = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            out[text] = cond[0].float()
+    return out
+
+
+def out_of_place_residuals(unet):
+    """The installable host's transformer block adds its residuals in place (x += n) after a
+    LayerNorm saved x for backward; feeding every norm of the block a copy keeps autograd valid
+    (same values). Returns the hook handles (remove them after training)."""
+    handles = []
+    for module in unet.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            for norm in (module.norm1, module.norm2, module.norm3):
+                handles.append(norm.register_forward_pre_hook(lambda m, args: (args[0].clone(),) + args[1:]))
+    return handles
+
+
+def scene_pool(n, seed, two_object_share):
+    """n training scenes from the training identities: (N, 4, 32, 32) in the sampler's space
+    (latent x 0.18215 = pixels in -1..1, fourth channel 0), and their captions."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        s = world.random_scene(rng, 2 if rng.random() < two_object_share else 1)
+        images.append(s["image"])
+        captions.append(s["caption"])
+    x = torch.from_numpy(np.stack(images)).movedim(-1, 1) * 2 - 1
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1), captions
+
+
+def v_loss(model, x0, context, generator):
+    """Loss of one batch in the model's v-parameterisation, computed on its denoised output:
+    |x0 - x0_hat|^2 (1 + sigma^2) / sigma^2 equals |v - v_hat|^2 (x_t = x0 + sigma * noise)."""
+    ms = model.model_sampling
+    t = torch.randint(0, len(ms.sigmas), (x0.shape[0],), generator=generator)
+    sigma = ms.sigmas[t.to(ms.sigmas.device)].float()
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigma.view(-1, 1, 1, 1)
+    denoised = model.apply_model(x0 + s * noise, sigma, c_crossattn=context)
+    return (((denoised - x0) ** 2).mean(dim=(1, 2, 3)) * (1 + sigma ** 2) / sigma ** 2).mean()
+
+
+def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
+          unet_config=None):
+    """Train the base from scratch (on the host's torch device: a GPU when there is one).
+    Returns (patcher, curve: list of (step, mean loss, seconds))."""
+    patcher = build_unet(unet_config, seed=seed)
+    model = patcher.model
+    device = patcher.load_device
+    model.to(device)
+    clip, _ = demo_encoders(host)
+    pool, captions = scene_pool(pool_size, seed, two_object_share)
+    contexts = encode_captions(clip, sorted(set(captions)) + [""])
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.diffusion_model.parameters(), lr=lr, weight_decay=0.0)
+    handles = out_of_place_residuals(model.diffusion_model)
+    curve, losses, start = [], [], time.time()
+    model.train()
+    try:
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, pool_size, (batch,), generator=gen)
+            x0 = pool[idx].to(device)
+            drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
+            context = torch.stack([contexts["" if d else captions[i]]
+                                   for i, d in zip(idx.tolist(), drop)]).to(device)
+            lr_now = lr * min(1.0, step / 100)  # short warm-up
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            loss = v_loss(model, x0, context, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.diffusion_model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % log_every == 0 or step == steps:
+                curve.append((step, float(np.mean(losses[-log_every:])), time.time() - start))
+                log.info("base step %d/%d loss %.4f (%.0fs)", step, steps, curve[-1][1], curve[-1][2])
+    finally:
+        for h in handles:
+            h.remove()
+        model.eval()
+        model.to(patcher.offload_device)
+    return patcher, curve
+
+
+def save(patcher, folder, curve, unet_config=None):
+    os.makedirs(folder, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    meta = {"unet_config": json.dumps(unet_config or UNET_CONFIG), "curve": json.dumps(curve),
+            "parameterization": "v", "demo_seed": str(DEMO_SEED)}
+    tmp = os.path.join(folder, ".base_unet.safetensors.tmp")
+    save_file(weights, tmp, metadata=meta)
+    os.replace(tmp, os.path.join(folder, "base_unet.safetensors"))
+
+
+def load(folder):
+    """(patcher, curve) from a saved base."""
+    from safetensors import safe_open
+    path = os.path.join(folder, "base_unet.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    patcher = build_unet(json.loads(meta["unet_config"]), weights=load_file(path))
+    return patcher, [tuple(c) for c in json.loads(meta["curve"])]
+
+
+class QualityModels:
+    """Test-bench loader node: the trained base (folder of base_unet.safetensors), the demo text
+    encoder and CLIP vision, and the pixel latent."""
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "CLIP_VISION")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+    HOST = []  # the booted host (for the demo node)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"folder": ("STRING", {})}}
+
+    def load(self, folder):
+        patcher, _ = load(folder)
+        clip, clip_vision = demo_encoders(self.HOST[0])
+        return patcher, clip, PixelLatentVAE(), clip_vision
+
+
+def register(host):
+    QualityModels.HOST[:] = [host]
+    host.nodes["MultiRefQualityModels"] = QualityModels

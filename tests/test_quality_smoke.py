@@ -1,0 +1,96 @@
+"""Seconds-long smoke version of the quality benchmark (`python -m bench.quality`): the world's
+ground truth read back by the detector, the exact pixel latent, one training step of the base
+with the host's classes, the adapter's training prompt (one step of MultiRef Train), and a few
+samples drawn through the shipped nodes and scored."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench.quality import adapter, base, detector, evaluate, world
+
+
+def test_detector_reads_clean_renders():
+    rng = np.random.default_rng(123)
+    shapes_right = identities_right = total = 0
+    for i in range(60):
+        s = world.random_scene(rng, 1 + i % 2)
+        found = detector.objects(s["image"])
+        for shape, identity in zip(s["shapes"], s["identities"]):
+            total += 1
+            obj = detector.find_shape(found, shape)
+            shapes_right += obj is not None
+            identities_right += obj is not None and detector.matches(
+                obj["histogram"], detector.identity_histogram(identity))
+    for i in range(40):  # reference views: rotated and rescaled
+        shape, identity = world.SHAPES[i % 4], world.IDENTITIES[(7 * i) % len(world.IDENTITIES)]
+        image, mask = world.reference_view(rng, shape, identity)
+        found = detector.objects(image)
+        total += 1
+        shapes_right += bool(found) and found[0]["shape"] == shape
+        identities_right += bool(found) and detector.matches(found[0]["histogram"],
+                                                             detector.identity_histogram(identity))
+    assert shapes_right / total >= 0.95, shapes_right / total
+    assert identities_right / total >= 0.95, identities_right / total
+
+
+def test_identities_without_a_common_colour_do_not_match():
+    a, b = detector.identity_histogram((0, 1)), detector.identity_histogram((2, 3))
+    assert not detector.matches(a, b) and detector.matches(a, detector.identity_histogram((1, 0)))
+    assert not set(world.HELD_OUT) & set(world.TRAIN_IDENTITIES)
+
+
+def test_pixel_latent_is_exact_on_world_pictures():
+    rng = np.random.default_rng(5)
+    picture = world.upscale(world.random_scene(rng, 2)["image"])
+    pixels = torch.from_numpy(picture)[None]
+    vae = base.PixelLatentVAE()
+    latent = vae.encode(pixels)
+    assert latent.shape == (1, 4, world.SIZE, world.SIZE)
+    assert torch.allclose(vae.decode(latent), pixels, atol=1e-5)
+
+
+@pytest.fixture
+def trained_base(host, tmp_path, one_thread):
+    patcher, curve = base.train(host, steps=1, batch=2, lr=1e-3, pool_size=4, log_every=1)
+    folder = str(tmp_path / "base")
+    base.save(patcher, folder, curve)
+    return folder, patcher, curve
+
+
+def test_one_base_step_trains_and_reloads(host, trained_base):
+    folder, patcher, curve = trained_base
+    assert len(curve) == 1 and np.isfinite(curve[0][1])
+    out = patcher.model.diffusion_model.out[-1].weight
+    assert out.abs().sum() > 0  # zero-initialised output layer moved after one step
+    base.register(host)
+    model, clip, vae, clip_vision = base.QualityModels().load(folder)
+    reloaded = model.model.diffusion_model.state_dict()
+    for key, value in patcher.model.diffusion_model.state_dict().items():
+        assert torch.equal(reloaded[key], value), key
+
+
+def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_path, output_folder):
+    folder = trained_base[0]
+    base.register(host)
+    evaluate.register(host)
+    saved_input = host.folder_paths.get_input_directory()
+    host.folder_paths.set_input_directory(str(tmp_path))
+    try:
+        path, summary, losses = adapter.train(host, folder, str(tmp_path), steps=1, groups=2,
+                                              batch_size=1, learning_rate=1e-4)
+        assert os.path.isfile(path) and summary["steps"] == 1 and len(losses) >= 1
+        rng = np.random.default_rng(0)
+        refs = [evaluate.write_reference(host, f"r{j}", rng, shape, identity)
+                for j, (shape, identity) in enumerate((("circle", (0, 0)), ("square", (2, 4))))]
+        pictures = evaluate.run(host, evaluate.prompt(
+            folder, "a circle and a square", 1, 2, "smoke",
+            [(i, m, phrase) for (i, m, _), phrase in zip(refs, ("circle", "square"))], "mask", True,
+            steps=2))
+    finally:
+        host.folder_paths.set_input_directory(saved_input)
+    assert len(pictures) == 2
+    for p in pictures:
+        assert p.shape == (world.SIZE, world.SIZE, 3) and np.isfinite(p).all()
+        detector.objects(p)  # the detector reads generated pictures too

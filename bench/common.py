@@ -19,7 +19,7 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 def boot_pack(comfyui_path=None):
     """Boot the installed host, or the ComfyUI checkout at `comfyui_path` (as run.py does);
-    returns name -> the pack's module as the host loaded it, e.g. pack("nodes.tiny_models")."""
+    returns name -> the pack's module as the host loaded it, e.g. pack("families.tiny_models")."""
     host.boot(comfyui_path)
     return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
 
@@ -69,14 +69,14 @@ class Setup:
             torch.cuda.synchronize()
 
     def unet(self, pack):
-        tiny = pack("nodes.tiny_models")
+        tiny = pack("families.tiny_models")
         if self.sdxl:
             return tiny.sdxl_shaped_unet(self.device, self.dtype)
         return tiny.tiny_unet("sdxl")
 
     def widths(self, pack):
         """(text context, pooled text, adm) widths of the model's conditioning."""
-        tiny = pack("nodes.tiny_models")
+        tiny = pack("families.tiny_models")
         if self.sdxl:
             return tiny.SDXL_UNET["context_dim"], SDXL_POOLED, tiny.SDXL_UNET["adm_in_channels"]
         return tiny.SDXL_CONTEXT, tiny.TEXT_G_WIDTH, tiny.SDXL_ADM

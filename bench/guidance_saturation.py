@@ -69,11 +69,11 @@ def saturation_runner(pack, steps):
     GaussianConditions it ran with)."""
     import comfy.samplers
     guidance_nodes, patching = pack("nodes.guidance"), pack("nodes.patching")
-    model = pack("nodes.tiny_models").tiny_unet("sd15", seed=0)
+    model = pack("families.tiny_models").tiny_unet("sd15", seed=0)
     latent = LATENT
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(latent, generator=gen)
-    context = torch.zeros(1, 77, pack("nodes.tiny_models").SD15_CONTEXT)
+    context = torch.zeros(1, 77, pack("families.tiny_models").SD15_CONTEXT)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
 
     def run(image_scale, normalize):

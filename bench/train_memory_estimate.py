@@ -132,7 +132,7 @@ def main(argv=None):
     parser.add_argument("--comfyui", help="a ComfyUI checkout to run on (needed for --anchor)")
     args = parser.parse_args(argv)
     pack = boot_pack(args.comfyui)
-    patcher = pack("nodes.tiny_models").sdxl_shaped_unet(META, torch.bfloat16)
+    patcher = pack("families.tiny_models").sdxl_shaped_unet(META, torch.bfloat16)
     unet = patcher.model.diffusion_model
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     print(f"meta-device estimate: SDXL-shaped UNet ({sum(p.numel() for p in unet.parameters()) / 1e9:.3f}B "

@@ -20,7 +20,7 @@ from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import EncodedReference, check_finite
 from ..kernels.routing import layer_grid
 from . import patching
-from .routing import phrase_embeddings
+from ..families.text import phrase_embeddings
 
 log = logging.getLogger("multiref")
 

@@ -17,6 +17,7 @@ import torch
 from ..kernels import routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
+from ..families.text import empty_phrase_embeddings, phrase_embeddings
 from . import patching
 
 log = logging.getLogger("multiref")
@@ -87,30 +88,6 @@ class RoutingRecorder(patching.SharedAcrossClones):
             total = resized if total is None else total + resized
             layers += count
         return None if total is None else total / layers
-
-
-def phrase_embeddings(clip, phrase, what):
-    """The text encoder's output for the phrase alone, tokens after BOS up to EOS: (P, C_ctx)."""
-    tokens = clip.tokenize(phrase)
-    key = next(iter(tokens))
-    end_token = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
-    if len(tokens[key]) > 1:
-        raise ValueError(f"{what}: phrase {phrase!r} is longer than one 75-token chunk; name the "
-                         "object in a few words")
-    ids = [t[0] for t in tokens[key][0]]
-    count = ids.index(end_token, 1) - 1
-    if count < 1:
-        raise ValueError(f"{what}: phrase {phrase!r} gives no tokens; write the object's words "
-                         "(e.g. 'dog') as they appear in the prompt")
-    cond = clip.encode_from_tokens(tokens)
-    return cond[0, 1:1 + count].detach().float().cpu()
-
-
-def empty_phrase_embeddings(clip, counts):
-    """MIP-Adapter's phrases for the uncond rows: the encoding of the empty prompt at the same
-    token positions (1..P_i) as each phrase, so the negative prediction is routed by no words."""
-    cond = clip.encode_from_tokens(clip.tokenize(""))
-    return [cond[0, 1:1 + count].detach().float().cpu() for count in counts]
 
 
 def _pad_tokens(token_list):

@@ -9,7 +9,8 @@ import torch
 import comfy.samplers
 from multiref.kernels import guidance
 from multiref.nodes import guidance as guidance_nodes
-from multiref.nodes import patching, tiny_models
+from multiref.nodes import patching
+from multiref.families import tiny_models
 
 STEPS = 3
 SHAPE = (1, 4, 6, 10)
@@ -163,7 +164,8 @@ def _tiny_adapter_model(model):
     """The pack's MultiRefApplyAdapter (sum mode, one reference) with a random-weight adapter in
     the published key layout, sized for the tiny UNet."""
     from multiref.kernels.adapter import build_adapter
-    from multiref.kernels.checkpoints import cross_attention_dims, published_order
+    from multiref.kernels.adapter import published_order
+    from multiref.kernels.checkpoints import cross_attention_dims
     from multiref.kernels.references import EncodedReference
     from multiref.nodes.routing import MultiRefApplyAdapter
     gen = torch.Generator().manual_seed(5)

@@ -15,7 +15,8 @@ from multiref.kernels import checkpoints, msa
 from multiref.kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from multiref.kernels.references import EncodedReference
 from multiref.nodes import guidance as guidance_nodes
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.nodes import patching
 from multiref.nodes.msa import MultiRefApplyMSA, apply_msa
 
 STEPS = 3

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import comfy.sample
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.nodes import patching
 
 TINY_LOCATIONS = [("input", 1, 0), ("input", 3, 0), ("middle", 0, 0), ("output", 0, 0),
                   ("output", 1, 0), ("output", 2, 0), ("output", 3, 0)]

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 import comfy.sample
 import comfy.sd
 from multiref.kernels.adapter import build_adapter
-from multiref.kernels.checkpoints import cross_attention_dims, published_order
+from multiref.kernels.adapter import published_order
+from multiref.kernels.checkpoints import cross_attention_dims
 from multiref.kernels.references import EncodedReference
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.nodes import patching
 from multiref.nodes.routing import (RECORDER_KEY, MultiRefApplyAdapter, MultiRefRoutingMaps,
                                     RoutingRecorder)
 
@@ -242,7 +244,7 @@ def test_uncond_rows_are_routed_by_the_empty_prompt(sd15):
     """As MIP-Adapter: image-conditioned rows are routed by the phrases, uncond rows by the
     empty prompt's tokens at the phrases' positions (with the uncond image tokens)."""
     from multiref.kernels import routing as routing_kernel
-    from multiref.nodes.routing import empty_phrase_embeddings, phrase_embeddings
+    from multiref.families.text import empty_phrase_embeddings, phrase_embeddings
     model, clip, adapter, _, _ = sd15
     refs = (encoded(adapter, "dog", 0), encoded(adapter, "red hat", 1))
     q, k, v, out, text = call_layer_patch(apply(model, adapter, refs, clip, "weighted"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from multiref.kernels.diffusion_objective import output_scale_of, parameterization_loss
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.training import blocks, checkpoint, loop, manifest
 from multiref.training.config import TrainConfig, TrainConfigError
 

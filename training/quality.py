@@ -36,7 +36,7 @@ def mass_inside(relevance_maps, mask):
 def score_groups(run, groups, clip, resolution, seed=0):
     """{group name: {phrase: score}} for every group with object masks in its target. `run`
     is a loop.Run whose patcher is loaded; its LoRA is still fresh (a no-op)."""
-    from ..nodes.routing import phrase_embeddings
+    from ..families.text import phrase_embeddings
     base = run.patcher.model
     sampling = base.model_sampling
     options = dict(run.patcher.model_options.get("transformer_options", {}))

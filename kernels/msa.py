@@ -42,13 +42,6 @@ def resize_masks(masks, height, width):
     return resize_mask_values(masks, height, width) > 0.5
 
 
-def resize_maps(maps, height, width):
-    """(B, h, w) soft maps (attention) -> (B, height, width), bilinear: to average maps of
-    layers of different resolutions on one grid."""
-    return F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear",
-                         align_corners=False)[:, 0]
-
-
 def foreground_index(fg):
     """(R, N) bool foreground -> flat indices into the (R * N) reference tokens, reference after
     reference. Computed once per mask and grid (it syncs the device), then reused every step."""

@@ -15,12 +15,15 @@ import logging
 
 import torch
 
-from ..kernels import msa, routing
+from ..families.text import phrase_embeddings
+from ..kernels import msa
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import EncodedReference, check_finite
 from ..kernels.routing import layer_grid
+from ..techniques import msa as technique
+from ..techniques import relevance
+from ..techniques import routing as routing_technique
 from . import patching
-from ..families.text import phrase_embeddings
 
 log = logging.getLogger("multiref")
 
@@ -158,47 +161,32 @@ class _ReferenceRows(patching.SharedAcrossClones):
 
 
 class _PhraseMaps(patching.SharedAcrossClones):
-    """Batch mode without masks but with a phrase: the phrase's cross-attention maps of the full
-    rows, averaged over the layers of one step, give the next step's masks (Otsu + dilation, as
-    SynCD's data generation); before the first maps exist the whole images are shared."""
+    """Batch mode without masks but with a phrase: the phrase's relevance maps of the full rows
+    (techniques.relevance), averaged over the layers of one step, give the next step's masks
+    (Otsu + dilation, as SynCD's data generation); before the first maps exist the whole
+    images are shared."""
 
     def __init__(self, embeddings):
         self.embeddings = embeddings
-        self.sigma, self.total, self.layers, self.masks = None, None, 0, None
+        self.collected = relevance.RelevanceMaps()
+        self.masks = None
 
-    def start_call(self, sigma, first_step):
-        """Called once per UNet call: a new step turns the last step's maps into masks."""
-        if first_step and sigma != self.sigma:
-            self.masks = None
-        elif sigma != self.sigma and self.total is not None:
-            self.masks = msa.phrase_masks(self.total / self.layers)
-        if sigma != self.sigma:
-            self.sigma, self.total, self.layers = sigma, None, 0
-
-    def add(self, maps, latent_grid):
-        """maps: (rows, h, w) relevance of the phrase at one layer, brought to the latent grid."""
-        resized = msa.resize_maps(maps.cpu(), *latent_grid)
-        self.total = resized if self.total is None else self.total + resized
-        self.layers += 1
+    def start_call(self, sigma, latent_grid):
+        """Called once per UNet call: the last step's maps, on the latent grid, become masks."""
+        step = self.collected.start(sigma)
+        last = self.collected.maps(step - 1, patching.BLOCK_GROUPS["all"], latent_grid) if step else None
+        self.masks = None if last is None else msa.phrase_masks(last[:, 0])
 
     def make_patch(self, location, inner, to_k):
-        cache = {}
-
         def attn2(q, k, v, extra_options):
             roles = patching.row_roles(extra_options, q.shape[0])
             full = patching.rows_with_role(roles, "full")
             if full:
-                # Cached per layer; a LoRA patching to_k puts a new weight tensor there.
-                key = (q.device, q.dtype, to_k.weight.data_ptr())
-                if key not in cache:
-                    with torch.no_grad():
-                        phrase = to_k(self.embeddings.to(q.device, q.dtype))
-                    cache[key] = routing.phrase_keys([phrase])
                 grid = tuple(extra_options["original_shape"][-2:])
-                h, w = layer_grid(grid, q.shape[1])
-                relevance = routing.relevance_maps(_take(q, full), cache[key],
-                                                   extra_options["n_heads"])
-                self.add(relevance[..., 0].reshape(len(full), h, w), grid)
+                maps = relevance.phrase_relevance(_take(q, full), to_k, [self.embeddings],
+                                                  extra_options["n_heads"])
+                self.collected.record(patching.current_sigma(extra_options), location[0],
+                                      layer_grid(grid, q.shape[1]), maps)
             return inner(q, k, v, extra_options)
         return attn2
 
@@ -216,7 +204,7 @@ class _BatchCall(patching.SharedAcrossClones):
         first = self.state.is_first_step(sigma)
         masks = self.masks
         if self.phrase_maps is not None:
-            self.phrase_maps.start_call(sigma, first)
+            self.phrase_maps.start_call(sigma, tuple(x.shape[-2:]))
             masks = self.phrase_maps.masks
         active = patching.in_sigma_range(sigma, self.bounds)
         self.state.call = _Call(tuple(x.shape[-2:]), (), masks,
@@ -253,8 +241,8 @@ class _LoRAOutput(patching.SharedAcrossClones):
         stash = extra_options.pop(OUTPUT_KEY, None)
         if stash is None:
             return n
-        rows, attention_out, pair = stash
-        return torch.cat([n[:rows] + pair(attention_out[:rows]).to(n.dtype), n[rows:]])
+        rows, attention_out, lora = stash
+        return technique.lora_output(n, attention_out, lora, rows)
 
 
 class _LoRAWeights:
@@ -303,15 +291,13 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         targets = min(start for start, _ in spans.values()) if spans else q.shape[0]
         lora = None if self.lora is None else self._lora(q.device, q.dtype)
         if lora is not None:
-            n = extra_options[INPUT_KEY][:targets]
-            q, k, v = (torch.cat([x[:targets] + lora[name](n), x[targets:]])
-                       for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
+            q, k, v = technique.with_lora(q, k, v, extra_options[INPUT_KEY], lora, targets)
         if not readers:
             out = self.inner(q, k, v, extra_options)
         else:
             out = self._shared(q, k, v, extra_options, roles, readers, call, spans, lora)
         if lora is not None:
-            extra_options[OUTPUT_KEY] = (targets, out, lora["to_out"])
+            extra_options[OUTPUT_KEY] = (targets, out, lora)
         return out
 
     def _shared(self, q, k, v, extra_options, roles, readers, call, spans, lora):
@@ -327,14 +313,11 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
                 by_set.setdefault(tag, []).append(i)
             for tag, group in by_set.items():
                 start, end = spans[tag]
-                k_fg = msa.gather_foreground(k[start:end], index)
-                v_fg = msa.gather_foreground(v[start:end], index)
-                if lora is not None:  # the target projects the references' inputs with its LoRA
-                    n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
-                    k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
+                ref_n = None if lora is None else extra_options[INPUT_KEY][start:end]
                 at = [readers.index(i) for i in group]
-                shared[at] = msa.shared_attention(_take(q, group), _take(k, group),
-                                                  _take(v, group), k_fg, v_fg, heads, bias)
+                shared[at] = technique.read_references(
+                    _take(q, group), _take(k, group), _take(v, group), heads, k[start:end],
+                    v[start:end], index, bias, lora, ref_n)
         else:
             for role in patching.IMAGE_ROLES:
                 group = patching.rows_with_role(roles, role)
@@ -379,9 +362,8 @@ class _ReferenceImageAttention(patching.SharedAcrossClones):
             return out
         key = (call.key, q.device, q.dtype)
         if key not in self.projected:
-            tokens = call.tokens.to(q.device, q.dtype)
-            self.projected = {key: tuple(tokens @ w.weight.to(q.device, q.dtype).T
-                                         for w in (self.layer.to_k_ip, self.layer.to_v_ip))}
+            self.projected = {key: routing_technique.image_keys_values(
+                self.layer, call.tokens.to(q.device, q.dtype))}
         ip_k, ip_v = self.projected[key]
         out = out.clone()
         for start, end in spans:

@@ -14,10 +14,12 @@ import weakref
 
 import torch
 
+from ..families.text import empty_phrase_embeddings, phrase_embeddings
 from ..kernels import routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
-from ..families.text import empty_phrase_embeddings, phrase_embeddings
+from ..techniques import relevance
+from ..techniques import routing as technique
 from . import patching
 
 log = logging.getLogger("multiref")
@@ -28,66 +30,10 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
            (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
 
 
-def schedule_step(schedule, sigma):
-    """The step k of a sampler schedule (sigma_0 > ... > sigma_n) with sigma_k >= sigma >
-    sigma_k+1; the tolerance absorbs the float rounding of the sigma the host hands on."""
-    upper = [float(s) for s in schedule.reshape(-1)[:-1]]
-    count = sum(1 for s in upper if s >= sigma * (1 - 1e-5))
-    return min(max(count - 1, 0), max(len(upper) - 1, 0))
-
-
-class RoutingRecorder(patching.SharedAcrossClones):
-    """The routing maps of the prompt (`full`) rows of the last sampling run, summed per step,
-    layer group and layer resolution. A higher sigma than the last one starts a new run. The
-    step of an evaluation is its place in the sampler's schedule when the host passes it
-    (`sample_sigmas`): sigma_k >= sigma > sigma_k+1 is step k, so samplers that evaluate the model
-    twice per step (heun, dpm_2) still count their own steps. Hosts that do not pass it (the
-    installable one) count each lower sigma as the next step. Shared by every later clone, so the
-    sampler's model writes where MultiRefRoutingMaps reads."""
-
-    def __init__(self):
-        self.last_sigma = None
-        self.seen = 0  # sigmas seen in this run (the step count without a schedule)
-        self.step = 0  # the step of the current model evaluation
-        self.sums = {}
-
-    @property
-    def steps(self):
-        """Steps recorded in this run."""
-        return 1 + max((step for step, _, _ in self.sums), default=-1)
-
-    def record(self, sigma, block_name, grid, maps, schedule=None):
-        sigma = 0.0 if sigma is None else sigma
-        # Every routed layer of one model evaluation records; the step is worked out once, at
-        # its first layer (the schedule lives on the GPU: reading it is a device sync).
-        if sigma != self.last_sigma:
-            if self.last_sigma is None or sigma > self.last_sigma:
-                self.seen, self.sums = 0, {}
-            self.seen += 1
-            self.step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
-            self.last_sigma = sigma
-        key = (self.step, block_name, grid)
-        maps = maps.detach().float()
-        entry = self.sums.get(key)
-        if entry is None or entry[0].shape != maps.shape:
-            self.sums[key] = [maps.clone(), 1]
-        else:
-            entry[0].add_(maps)
-            entry[1] += 1
-
-    def maps(self, step, block_names, size):
-        """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`."""
-        total, layers = None, 0
-        for (entry_step, block_name, grid), (summed, count) in self.sums.items():
-            if entry_step != step or block_name not in block_names:
-                continue
-            rows, _, refs = summed.shape
-            spatial = summed.transpose(1, 2).reshape(rows, refs, *grid)
-            resized = torch.nn.functional.interpolate(spatial.cpu(), size=size, mode="bilinear",
-                                                      align_corners=False)
-            total = resized if total is None else total + resized
-            layers += count
-        return None if total is None else total / layers
+class RoutingRecorder(patching.SharedAcrossClones, relevance.RelevanceMaps):
+    """The routing maps of the prompt (`full`) rows of the last sampling run
+    (techniques.relevance.RelevanceMaps). Shared by every later clone, so the sampler's model
+    writes where MultiRefRoutingMaps reads."""
 
 
 def _pad_tokens(token_list):
@@ -126,11 +72,11 @@ class _RoutedReferences:
         def tensors(device, dtype):
             key = (device, dtype)
             if key not in cache:
-                k_w, v_w = (layer.to_k_ip.weight.to(device, dtype), layer.to_v_ip.weight.to(device, dtype))
                 tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
-                gate = layer.text_to_weight
-                cache[key] = {"k": tokens @ k_w.T, "v": tokens @ v_w.T, "rows": {}, "weights": {},
-                              "gate": None if gate is None else gate.weight.to(device, dtype)}
+                ip_k, ip_v = technique.image_keys_values(layer, tokens)
+                gate = technique.gate_of(layer)
+                cache[key] = {"k": ip_k, "v": ip_v, "rows": {}, "weights": {},
+                              "gate": None if gate is None else gate.to(device, dtype)}
             return cache[key]
 
         def phrase_keys(device, dtype, row_roles):
@@ -140,9 +86,8 @@ class _RoutedReferences:
             key = ("phrases", device, dtype)
             entry = cache.get(key)
             if entry is None or entry[0]() is not to_k.weight:
-                with torch.no_grad():
-                    phrases, empty = (routing.phrase_keys([to_k(e.to(device, dtype)) for e in group])
-                                      for group in self.embeddings)
+                phrases, empty = (relevance.phrase_keys(to_k, group, device, dtype)
+                                  for group in self.embeddings)
                 entry = cache[key] = (weakref.ref(to_k.weight), phrases, empty, {})
             _, phrases, empty, per_rows = entry
             image = [r in patching.IMAGE_ROLES for r in row_roles]
@@ -192,10 +137,10 @@ class _RoutedReferences:
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
             grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
-            out, shown = routing.routed_cross_attention(
+            out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], self.scale, self.mode, phrases=phrases,
-                masks=masks, grid=grid, text_to_weight=cached["gate"], token_counts=counts)
+                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:

@@ -68,7 +68,7 @@ def saturation_runner(pack, steps):
     -> (final latent in the model's latent space, mean |d_img| / |d_txt| over the steps, the
     GaussianConditions it ran with)."""
     import comfy.samplers
-    guidance_nodes, patching = pack("nodes.guidance"), pack("nodes.patching")
+    guidance_nodes, patching = pack("nodes.guidance"), pack("families.unet")
     model = pack("families.tiny_models").tiny_unet("sd15", seed=0)
     latent = LATENT
     gen = torch.Generator().manual_seed(1)

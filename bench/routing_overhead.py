@@ -142,7 +142,7 @@ def _plain_ip_adapter(patching, model, adapter, reference, scale):
 
 def bench_sampling(setup, steps):
     pack = boot_pack()
-    patching, node, references = pack("nodes.patching"), pack("nodes.routing"), pack("kernels.references")
+    patching, node, references = pack("families.unet"), pack("nodes.routing"), pack("kernels.references")
     import comfy.sample
     model, latent = setup.unet(pack), setup.latent
     # SDXL-shaped: phrase embeddings are given directly (no SDXL text encoder weights here).

@@ -17,7 +17,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..kernels import guidance
-from .patching import BRANCHES_KEY
+from ..families.unet import BRANCHES_KEY
 
 log = logging.getLogger("multiref")
 

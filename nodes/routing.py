@@ -14,13 +14,13 @@ import weakref
 
 import torch
 
+from ..families import unet as family
 from ..families.text import empty_phrase_embeddings, phrase_embeddings
 from ..kernels import routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
 from ..techniques import relevance
 from ..techniques import routing as technique
-from . import patching
 
 log = logging.getLogger("multiref")
 
@@ -30,7 +30,7 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
            (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
 
 
-class RoutingRecorder(patching.SharedAcrossClones, relevance.RelevanceMaps):
+class RoutingRecorder(family.SharedAcrossClones, relevance.RelevanceMaps):
     """The routing maps of the prompt (`full`) rows of the last sampling run
     (techniques.relevance.RelevanceMaps). Shared by every later clone, so the sampler's model
     writes where MultiRefRoutingMaps reads."""
@@ -57,12 +57,12 @@ class _RoutedReferences:
         self.embeddings = embeddings
         self.masks = masks
         self.weights = [r.weight for r in references]
-        self.reference_bounds = [patching.sigma_range(model, r.start_percent, r.end_percent)
+        self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
 
     def reference_weights(self, sigma):
-        return tuple(w if patching.in_sigma_range(sigma, b) else 0.0
+        return tuple(w if family.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
 
     def make_patch(self, location, inner, to_k):
@@ -90,7 +90,7 @@ class _RoutedReferences:
                                   for group in self.embeddings)
                 entry = cache[key] = (weakref.ref(to_k.weight), phrases, empty, {})
             _, phrases, empty, per_rows = entry
-            image = [r in patching.IMAGE_ROLES for r in row_roles]
+            image = [r in family.IMAGE_ROLES for r in row_roles]
             if all(image):
                 return phrases
             if tuple(image) not in per_rows:
@@ -101,12 +101,12 @@ class _RoutedReferences:
 
         def patch(q, k, v, extra_options):
             text_out = inner(q, k, v, extra_options)
-            sigma = patching.current_sigma(extra_options)
-            if not patching.in_sigma_range(sigma, self.bounds):
+            sigma = family.current_sigma(extra_options)
+            if not family.in_sigma_range(sigma, self.bounds):
                 return text_out
             weights = self.reference_weights(sigma)
-            roles = patching.row_roles(extra_options, q.shape[0])
-            rows = patching.rows_with_role(roles, ROUTED_ROLES)
+            roles = family.row_roles(extra_options, q.shape[0])
+            rows = family.rows_with_role(roles, ROUTED_ROLES)
             # References gated off at this step are left out of the computation (not multiplied
             # by zero), so they contribute exactly nothing on any CPU or GPU.
             active = tuple(i for i, w in enumerate(weights) if w != 0)
@@ -116,7 +116,7 @@ class _RoutedReferences:
             row_roles = tuple(roles[i] for i in rows)
             if row_roles not in cached["rows"]:
                 # Image-conditioned rows read the image tokens, uncond rows the uncond tokens.
-                image = torch.tensor([r in patching.IMAGE_ROLES for r in row_roles], device=q.device)
+                image = torch.tensor([r in family.IMAGE_ROLES for r in row_roles], device=q.device)
                 pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
                 cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
             if weights not in cached["weights"]:
@@ -136,7 +136,7 @@ class _RoutedReferences:
             subset = len(rows) < q.shape[0]
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
-            grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
+            grid = family.layer_grid(extra_options, q.shape[1])
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], self.scale, self.mode, phrases=phrases,
@@ -234,9 +234,9 @@ class MultiRefApplyAdapter:
             embeddings = (named, empty_phrase_embeddings(clip, [e.shape[0] for e in named]))
         masks = _region_masks(region_masks, len(references)) if mode == "mask" else None
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
-                                  patching.sigma_range(model, start_percent, end_percent))
+                                  family.sigma_range(model, start_percent, end_percent))
         patched = model.clone()
-        patching.set_attention_patch(
+        family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
         patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = state.recorder
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
@@ -287,7 +287,7 @@ class MultiRefRoutingMaps:
                                               "gives the picture size)."}),
             "step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
                      "Sampling step to show (0 = first); past the last step shows the last."}),
-            "layers": (list(patching.BLOCK_GROUPS), {"default": "all", "tooltip":
+            "layers": (list(family.BLOCK_GROUPS), {"default": "all", "tooltip":
                        "Which cross-attention layers to average: all, down (input blocks), "
                        "middle, or up (output blocks)."}),
         }, "optional": {
@@ -309,7 +309,7 @@ class MultiRefRoutingMaps:
         latent = samples["samples"]
         size = tuple(image.shape[1:3]) if image is not None else (latent.shape[-2] * 8,
                                                                  latent.shape[-1] * 8)
-        maps = recorder.maps(step, patching.BLOCK_GROUPS[layers], size)
+        maps = recorder.maps(step, family.BLOCK_GROUPS[layers], size)
         if maps is None:
             raise ValueError(f"layers: no routed layer in group '{layers}'; choose 'all'")
         colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(maps.shape[1])])

@@ -1,4 +1,5 @@
-"""Normalized guidance benchmark (DESIGN.md 3.4, 6): prints, in one run,
+"""Normalized guidance benchmark (docs/ARCHITECTURE.md, Normalized guidance; Performance
+targets): prints, in one run,
 
 1. over-saturation table on a fixed tiny setup (the tiny SD1.5-like model driven by an exact
    Gaussian denoiser per branch, see GaussianConditions; the real guider and sampler): for image

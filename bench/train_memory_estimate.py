@@ -5,9 +5,9 @@ keeps: fused attention, bf16 autocast, every reference pixel foreground).
 
     python -m bench.train_memory_estimate                 # the trainer, checkpointing off and on
     python -m bench.train_memory_estimate --anchor --comfyui PATH
-        # the configuration measured on an H100 (DESIGN.md section 6: the host's own UNet
-        # forward, all self-attention projections trainable, 1 and 3 rows), to check the
-        # estimate against a real measurement; needs a current ComfyUI checkout (the installable
+        # the configuration measured on an H100 (docs/ARCHITECTURE.md, Performance targets: the
+        # host's own UNet forward, all self-attention projections trainable, 1 and 3 rows), to check
+        # the estimate against a real measurement; needs a current ComfyUI checkout (the installable
         # host adds a residual in place, which autograd refuses)
 
 Prints per setting the peak in GiB and the phase it occurs in, and the FLOPs of one step.

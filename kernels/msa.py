@@ -1,4 +1,5 @@
-"""Masked Shared Attention (SynCD, DESIGN.md 3.3) with key compaction.
+"""Masked Shared Attention (SynCD; docs/ARCHITECTURE.md, Masked Shared Attention) with key
+compaction.
 
 A reading row attends to [its own tokens | the foreground tokens of every reference] of the same
 self-attention layer. The mask depends only on the key, so instead of a masked attention over

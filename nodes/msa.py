@@ -1,4 +1,5 @@
-"""MultiRefApplyMSA: Masked Shared Attention (SynCD, DESIGN.md 3.3) as a model patch.
+"""MultiRefApplyMSA: Masked Shared Attention (SynCD; docs/ARCHITECTURE.md, Masked Shared
+Attention) as a model patch.
 
 `references` mode, one batched UNet call per step: a row provider on the pack's UNet wrapper
 re-noises the clean reference latents to the step's sigma and appends them as `ref` rows; at
@@ -174,7 +175,9 @@ class _PhraseMaps(family.SharedAcrossClones):
     def start_call(self, sigma, latent_grid):
         """Called once per UNet call: the last step's maps, on the latent grid, become masks."""
         step = self.collected.start(sigma)
-        last = self.collected.maps(step - 1, family.BLOCK_GROUPS["all"], latent_grid) if step else None
+        last = None
+        if step:
+            last = self.collected.maps(step - 1, family.BLOCK_GROUPS["all"], latent_grid)
         self.masks = None if last is None else msa.phrase_masks(last[:, 0])
 
     def make_patch(self, location, inner, to_k):

@@ -4,13 +4,13 @@ Definition (the pack's own; MIP-Adapter describes selecting data by one but does
 its formula): for an object that has a mask in the target image, its score is the fraction of
 its relevance mass that falls inside its own mask,
     score = mean over cross-attention layers l of  sum_x R_i^l(x) * M^l(x),
-R_i^l the object's relevance map at layer l (DESIGN.md 3.2: softmax over positions of phrase
-key . query, mean over heads and phrase tokens; it sums to 1 over positions) and M^l the mask's
-covered fraction of each cell of that layer's grid. The base model (no LoRA) sees the target at
-one mid-noise step (50% of the schedule, seeded noise) with its caption. 1 = the model finds the
-phrase exactly on the object; a map spread evenly scores the mask's area fraction; a phrase the
-model places elsewhere scores near 0. A group scores the minimum over its objects; groups under
-the threshold are dropped before training and listed in data_selection.json.
+R_i^l the object's relevance map at layer l (docs/ARCHITECTURE.md, Routing and Relevance maps:
+softmax over positions of phrase key . query, mean over heads and phrase tokens; it sums to 1 over
+positions) and M^l the mask's covered fraction of each cell of that layer's grid. The base model (no
+LoRA) sees the target at one mid-noise step (50% of the schedule, seeded noise) with its caption. 1
+= the model finds the phrase exactly on the object; a map spread evenly scores the mask's area
+fraction; a phrase the model places elsewhere scores near 0. A group scores the minimum over its
+objects; groups under the threshold are dropped before training and listed in data_selection.json.
 """
 import torch
 

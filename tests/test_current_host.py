@@ -22,7 +22,8 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_workflows.py", "tests/test_patching.py", "tests/test_adapters.py",
               "tests/test_references.py", "tests/test_routing_nodes.py", "tests/test_msa_node.py",
               "tests/test_guidance_sampling.py", "tests/test_training.py",
-              "tests/test_training_node.py", "tests/test_packaging.py")
+              "tests/test_training_node.py", "tests/test_packaging.py",
+              "tests/test_techniques.py")
 # test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout
 # below: it runs once.
 HOST_TESTS_DESELECTED = ("tests/test_runner.py::test_demo_workflow_writes_a_png",)

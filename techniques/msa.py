@@ -22,16 +22,22 @@ def with_lora(q, k, v, n, lora, rows):
     if lora is None:
         return q, k, v
     n = n[:rows]
-    return tuple(torch.cat([x[:rows] + lora[name](n).to(x.dtype), x[rows:]])
+    return tuple(_add_to_rows(x, lora[name](n), rows)
                  for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
+
+
+def _add_to_rows(x, delta, rows):
+    """x with delta added to its first `rows` rows (no copy of the rest when it is all rows)."""
+    if rows == x.shape[0]:
+        return x + delta.to(x.dtype)
+    return torch.cat([x[:rows] + delta.to(x.dtype), x[rows:]])
 
 
 def lora_output(projected, attention_out, lora, rows):
     """The output projection's result with the to_out LoRA delta of the first `rows` rows."""
     if lora is None:
         return projected
-    return torch.cat([projected[:rows] + lora["to_out"](attention_out[:rows]).to(projected.dtype),
-                      projected[rows:]])
+    return _add_to_rows(projected, lora["to_out"](attention_out[:rows]), rows)
 
 
 def read_references(q, k, v, heads, ref_k, ref_v, index, bias=None, lora=None, ref_n=None):

@@ -31,9 +31,11 @@ BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": 
 
 class SharedAcrossClones:
     """Base of per-run state that patches, row providers and later nodes must see as ONE object.
-    The installable host deep-copies model options on clone(), current ComfyUI shares them;
-    never copying keeps both hosts the same (closures holding it included) and keeps large state
-    (reference latents) from being copied by every later node's clone."""
+    Both hosts deep-copy model options on clone(); never copying this state keeps one object per
+    patched model across every later clone (the Routing Maps node reads what the sampler's clone
+    wrote; closures holding it included) and keeps large state (reference latents) from being
+    copied by every later node's clone. A run's start is still told from the sigmas
+    (techniques.relevance.StepClock, one rule for routing maps and MSA), not from a host hook."""
 
     def __deepcopy__(self, memo):
         return self

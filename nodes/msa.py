@@ -49,19 +49,16 @@ class _Call:
 
 class _StepState(family.SharedAcrossClones):
     """Shared by the row provider and the attention patches of one patched model.
-    The host reuses the model options from run to run: a run starts when sigma goes up."""
+    The host reuses the model options from run to run: a run starts when sigma goes up
+    (techniques.relevance.StepClock)."""
 
     def __init__(self):
-        self.run_first_sigma = None
-        self.last_sigma = None
+        self.clock = relevance.StepClock()
         self.call = None
         self.foreground_cache = {}  # (grid, key, unmasked, h, w, device) -> (index, bias)
 
     def is_first_step(self, sigma):
-        if self.last_sigma is None or sigma > self.last_sigma:
-            self.run_first_sigma = sigma
-        self.last_sigma = sigma
-        return sigma == self.run_first_sigma
+        return self.clock.start(sigma)[0] == 0
 
     def foreground(self, h, w, device):
         """(flat indices of the foreground tokens of the call's reference rows at an h x w

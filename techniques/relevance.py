@@ -32,18 +32,39 @@ def phrase_keys(to_k, embeddings, device, dtype):
         return routing.phrase_keys([to_k(e.to(device, dtype)) for e in embeddings])
 
 
-class RelevanceMaps:
-    """The maps of one sampling run (or one scoring pass), summed per step, layer group and
-    layer grid. A higher sigma than the last one starts a new run. The step of an evaluation is
-    its place in the sampler's schedule when the host passes it (`sample_sigmas`): sigma_k >=
-    sigma > sigma_k+1 is step k, so samplers that evaluate the model twice per step (heun, dpm_2)
-    still count their own steps. Hosts that do not pass it (the installable one) count each lower
-    sigma as the next step."""
+class StepClock:
+    """Where a model evaluation stands in its sampling run, told from its sigma: a higher sigma
+    than the last one starts a new run. The step of an evaluation is its place in the sampler's
+    schedule when the host passes it (`sample_sigmas`): sigma_k >= sigma > sigma_k+1 is step k,
+    so samplers that evaluate the model twice per step (heun, dpm_2) still count their own
+    steps. Hosts that do not pass it (the installable one) count each lower sigma as the next
+    step."""
 
     def __init__(self):
         self.last_sigma = None
         self.seen = 0  # sigmas seen in this run (the step count without a schedule)
         self.step = 0  # the step of the current model evaluation
+
+    def start(self, sigma, schedule=None):
+        """Place a model evaluation at `sigma`; returns (its step, whether a new run began)."""
+        sigma = 0.0 if sigma is None else sigma
+        new_run = False
+        # Every layer of one model evaluation may ask; the step is worked out once, at the
+        # first (the schedule lives on the GPU: reading it is a device sync).
+        if sigma != self.last_sigma:
+            new_run = self.last_sigma is None or sigma > self.last_sigma
+            self.seen = 1 if new_run else self.seen + 1
+            self.step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
+            self.last_sigma = sigma
+        return self.step, new_run
+
+
+class RelevanceMaps:
+    """The maps of one sampling run (or one scoring pass), summed per step, layer group and
+    layer grid; steps and runs as StepClock counts them."""
+
+    def __init__(self):
+        self.clock = StepClock()
         self.sums = {}
 
     @property
@@ -53,16 +74,10 @@ class RelevanceMaps:
 
     def start(self, sigma, schedule=None):
         """Place a model evaluation at `sigma` in the run; returns its step."""
-        sigma = 0.0 if sigma is None else sigma
-        # Every layer of one model evaluation records; the step is worked out once, at its
-        # first layer (the schedule lives on the GPU: reading it is a device sync).
-        if sigma != self.last_sigma:
-            if self.last_sigma is None or sigma > self.last_sigma:
-                self.seen, self.sums = 0, {}
-            self.seen += 1
-            self.step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
-            self.last_sigma = sigma
-        return self.step
+        step, new_run = self.clock.start(sigma, schedule)
+        if new_run:
+            self.sums = {}
+        return step
 
     def record(self, sigma, block_name, grid, maps, schedule=None):
         """maps: (rows, L, N) of one layer of layer grid `grid` in layer group `block_name`."""

@@ -24,8 +24,11 @@ docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these 
       the latent grid (H, W) of the layer being called.
   current_sigma(extra_options), sigma_range(model, start_percent, end_percent), in_sigma_range
       where sampling stands, and a start/end percent window in the model's sigmas.
+  on_each_run(model, begin)
+      per-run state: call begin() as each sampling run starts, through the host's own lifecycle
+      hook where it has one.
 """
 
 SEAM = ("attention_locations", "BLOCK_GROUPS", "set_attention_patch",
         "add_row_provider", "row_roles", "rows_with_role", "layer_grid", "current_sigma",
-        "sigma_range", "in_sigma_range")
+        "sigma_range", "in_sigma_range", "on_each_run")

@@ -34,8 +34,8 @@ class SharedAcrossClones:
     Both hosts deep-copy model options on clone(); never copying this state keeps one object per
     patched model across every later clone (the Routing Maps node reads what the sampler's clone
     wrote; closures holding it included) and keeps large state (reference latents) from being
-    copied by every later node's clone. A run's start is still told from the sigmas
-    (techniques.relevance.StepClock, one rule for routing maps and MSA), not from a host hook."""
+    copied by every later node's clone. A run starts where the host says so (on_each_run);
+    without a hook, from the sigmas (techniques.relevance.StepClock)."""
 
     def __deepcopy__(self, memo):
         return self
@@ -49,6 +49,16 @@ def unet_of(model, technique="MultiRef patches"):
                          f"model is {type(model.model).__name__}. Connect an SD1.5 or SDXL "
                          "checkpoint")
     return unet
+
+
+def on_each_run(model, begin):
+    """Call begin() as each sampling run with the clone `model` starts, where the host says so:
+    current ComfyUI calls its ON_PRE_RUN callbacks before every run. The installable host has
+    no such hook; there the state tells a new run from the sigmas (StepClock)."""
+    if not hasattr(model, "add_callback"):
+        return
+    from comfy.patcher_extension import CallbacksMP
+    model.add_callback(CallbacksMP.ON_PRE_RUN, lambda patcher: begin())
 
 
 def attention_locations(model):

@@ -60,6 +60,10 @@ class _StepState(family.SharedAcrossClones):
     def is_first_step(self, sigma):
         return self.clock.start(sigma)[0] == 0
 
+    def new_run(self):
+        """The host said a new run starts: its first step is the next one."""
+        self.clock, self.call = relevance.StepClock(), None
+
     def foreground(self, h, w, device):
         """(flat indices of the foreground tokens of the call's reference rows at an h x w
         layer, their log-weight bias or None); cached: the masks only change when the set of
@@ -486,6 +490,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
         return patched
     state = _StepState()
+    family.on_each_run(patched, state.new_run)
     image_layers = None
     if mode == "references":
         syncd = None
@@ -516,6 +521,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                 raise ValueError("clip: batch_phrase needs the text encoder to find the phrase's "
                                  "attention; connect the CLIP that encoded the prompt")
             phrase_maps = _PhraseMaps(phrase_embeddings(clip, batch_phrase.strip(), "batch_phrase"))
+            family.on_each_run(patched, phrase_maps.collected.new_run)
             blocks = dict(unet_transformer_blocks(unet))
             family.set_attention_patch(
                 patched, "attn2",

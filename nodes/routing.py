@@ -239,6 +239,7 @@ class MultiRefApplyAdapter:
         family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
         patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = state.recorder
+        family.on_each_run(patched, state.recorder.new_run)
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)

@@ -72,6 +72,10 @@ class RelevanceMaps:
         """Steps recorded in this run."""
         return 1 + max((step for step, _, _ in self.sums), default=-1)
 
+    def new_run(self):
+        """Forget the last run (the host said a new one starts)."""
+        self.clock, self.sums = StepClock(), {}
+
     def start(self, sigma, schedule=None):
         """Place a model evaluation at `sigma` in the run; returns its step."""
         step, new_run = self.clock.start(sigma, schedule)

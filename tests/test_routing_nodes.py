@@ -340,3 +340,25 @@ def test_bad_inputs_are_refused_with_clear_errors(sd15):
         apply(model, adapter, refs, tiny_models.tiny_text_encoder("sdxl"))
     with pytest.raises(ValueError, match="model: carries no routing"):
         MultiRefRoutingMaps().show(model, {"samples": torch.zeros(1, 4, 6, 8)}, 0, "all")
+
+
+def test_a_run_that_starts_below_the_last_ones_sigma_is_a_new_run(sd15):
+    """Sampling in two parts (steps 0-1, then step 3 of the same schedule): the second run starts
+    at a lower sigma than the first ended, which the sigmas alone take for the same run. Where
+    the host says when a run starts (current ComfyUI's ON_PRE_RUN), the maps are the second
+    run's alone; the installable host has no such hook."""
+    model, clip, adapter, _, _ = sd15
+    if not hasattr(model, "add_callback"):
+        pytest.skip("the installable host has no run hook; runs are told from the sigmas there")
+    refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat"]))
+    patched = apply(model, adapter, refs, clip, "weighted")
+    cond, _ = clip.encode_from_tokens(clip.tokenize("a dog and a cat"), return_pooled=True)
+    noise = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    recorder = patched.model_options["transformer_options"][RECORDER_KEY]
+    for start, last in ((None, 2), (3, None)):
+        comfy.sample.sample(patched, noise, 4, 5.0, "euler", "normal", [[cond, {}]],
+                            [[torch.zeros_like(cond), {}]], torch.zeros(1, 4, 6, 10), seed=0,
+                            start_step=start, last_step=last, disable_pbar=True)
+    layers = len(unet_family.attention_locations(patched))
+    assert recorder.steps == 1  # the second run's one step, not the first run's two
+    assert sum(count for _, count in recorder.sums.values()) == layers  # one evaluation's layers

@@ -6,15 +6,12 @@ Run the benchmarks from the pack's folder as modules: `python -m bench.<name>`.
 """
 import dataclasses
 import importlib
-import importlib.util
-import os
 import time
 
 import torch
 
 from headless import host
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDXL_RESOLUTION = 1024
 SDXL_POOLED = 1280  # text encoder G's pooled output: SDXL's 2816-wide adm = 1280 + 6 x 256
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -22,18 +19,15 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 def boot_pack(comfyui_path=None):
     """Boot the installed host, or the ComfyUI checkout at `comfyui_path` (as run.py does);
-    returns name -> the pack's module as the host loaded it, e.g. pack("nodes.tiny_models")."""
+    returns name -> the pack's module as the host loaded it, e.g. pack("families.tiny_models")."""
     host.boot(comfyui_path)
     return lambda name: importlib.import_module(f"{host.PACK_FOLDER_NAME}.{name}")
 
 
 def load_kernel(name):
-    """kernels/<name>.py on its own (the kernels import only torch): no host needed."""
-    spec = importlib.util.spec_from_file_location(f"multiref_bench_{name}",
-                                                  os.path.join(ROOT, "kernels", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """kernels/<name>.py imported from the pack's folder as the package `kernels` (the kernels
+    import only torch and each other): no host needed."""
+    return importlib.import_module(f"kernels.{name}")
 
 
 def add_setup_options(parser):
@@ -75,14 +69,14 @@ class Setup:
             torch.cuda.synchronize()
 
     def unet(self, pack):
-        tiny = pack("nodes.tiny_models")
+        tiny = pack("families.tiny_models")
         if self.sdxl:
             return tiny.sdxl_shaped_unet(self.device, self.dtype)
         return tiny.tiny_unet("sdxl")
 
     def widths(self, pack):
         """(text context, pooled text, adm) widths of the model's conditioning."""
-        tiny = pack("nodes.tiny_models")
+        tiny = pack("families.tiny_models")
         if self.sdxl:
             return tiny.SDXL_UNET["context_dim"], SDXL_POOLED, tiny.SDXL_UNET["adm_in_channels"]
         return tiny.SDXL_CONTEXT, tiny.TEXT_G_WIDTH, tiny.SDXL_ADM

@@ -1,4 +1,5 @@
-"""Normalized guidance benchmark (DESIGN.md 3.4, 6): prints, in one run,
+"""Normalized guidance benchmark (docs/ARCHITECTURE.md, Normalized guidance; Performance
+targets): prints, in one run,
 
 1. over-saturation table on a fixed tiny setup (the tiny SD1.5-like model driven by an exact
    Gaussian denoiser per branch, see GaussianConditions; the real guider and sampler): for image
@@ -68,12 +69,12 @@ def saturation_runner(pack, steps):
     -> (final latent in the model's latent space, mean |d_img| / |d_txt| over the steps, the
     GaussianConditions it ran with)."""
     import comfy.samplers
-    guidance_nodes, patching = pack("nodes.guidance"), pack("nodes.patching")
-    model = pack("nodes.tiny_models").tiny_unet("sd15", seed=0)
+    guidance_nodes, patching = pack("nodes.guidance"), pack("families.unet")
+    model = pack("families.tiny_models").tiny_unet("sd15", seed=0)
     latent = LATENT
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(latent, generator=gen)
-    context = torch.zeros(1, 77, pack("nodes.tiny_models").SD15_CONTEXT)
+    context = torch.zeros(1, 77, pack("families.tiny_models").SD15_CONTEXT)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
 
     def run(image_scale, normalize):

@@ -140,7 +140,7 @@ class TwoPass:
 
 def bench_sampling(setup, steps):
     pack = boot_pack()
-    kernel, patching, node = pack("kernels.msa"), pack("nodes.patching"), pack("nodes.msa")
+    kernel, patching, node = pack("kernels.msa"), pack("families.unet"), pack("nodes.msa")
     references = pack("kernels.references")
     import comfy.sample
     model, latent, (context, _, _) = setup.unet(pack), setup.latent, setup.widths(pack)

@@ -108,7 +108,7 @@ def _random_adapter(pack, model, seed=0):
                "image_proj.proj.bias": torch.zeros(IP_TOKENS * context),
                "image_proj.norm.weight": torch.ones(context),
                "image_proj.norm.bias": torch.zeros(context)}
-    for i, location in enumerate(checkpoints.published_order(dims)):
+    for i, location in enumerate(adapter.published_order(dims)):
         ctx, inner = dims[location]
         for name in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{2 * i + 1}.{name}.weight"] = torch.randn(inner, ctx, generator=gen) / ctx ** 0.5
@@ -142,11 +142,11 @@ def _plain_ip_adapter(patching, model, adapter, reference, scale):
 
 def bench_sampling(setup, steps):
     pack = boot_pack()
-    patching, node, references = pack("nodes.patching"), pack("nodes.routing"), pack("kernels.references")
+    patching, node, references = pack("families.unet"), pack("nodes.routing"), pack("kernels.references")
     import comfy.sample
     model, latent = setup.unet(pack), setup.latent
     # SDXL-shaped: phrase embeddings are given directly (no SDXL text encoder weights here).
-    clip = None if setup.sdxl else pack("nodes.tiny_models").tiny_text_encoder("sdxl")
+    clip = None if setup.sdxl else pack("families.tiny_models").tiny_text_encoder("sdxl")
     adapter, context = _random_adapter(pack, model)
     gen = torch.Generator().manual_seed(0)
     positive, negative, noise = setup.sampling_inputs(pack, gen)

@@ -5,9 +5,9 @@ keeps: fused attention, bf16 autocast, every reference pixel foreground).
 
     python -m bench.train_memory_estimate                 # the trainer, checkpointing off and on
     python -m bench.train_memory_estimate --anchor --comfyui PATH
-        # the configuration measured on an H100 (DESIGN.md section 6: the host's own UNet
-        # forward, all self-attention projections trainable, 1 and 3 rows), to check the
-        # estimate against a real measurement; needs a current ComfyUI checkout (the installable
+        # the configuration measured on an H100 (docs/ARCHITECTURE.md, Performance targets: the
+        # host's own UNet forward, all self-attention projections trainable, 1 and 3 rows), to check
+        # the estimate against a real measurement; needs a current ComfyUI checkout (the installable
         # host adds a residual in place, which autograd refuses)
 
 Prints per setting the peak in GiB and the phase it occurs in, and the FLOPs of one step.
@@ -132,7 +132,7 @@ def main(argv=None):
     parser.add_argument("--comfyui", help="a ComfyUI checkout to run on (needed for --anchor)")
     args = parser.parse_args(argv)
     pack = boot_pack(args.comfyui)
-    patcher = pack("nodes.tiny_models").sdxl_shaped_unet(META, torch.bfloat16)
+    patcher = pack("families.tiny_models").sdxl_shaped_unet(META, torch.bfloat16)
     unet = patcher.model.diffusion_model
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     print(f"meta-device estimate: SDXL-shaped UNet ({sum(p.numel() for p in unet.parameters()) / 1e9:.3f}B "

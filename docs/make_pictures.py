@@ -165,7 +165,7 @@ def routing_panel(pack, mode, layer, layout):
         shown = torch.ones(1, q.shape[1], n)
     recorder = routing_nodes.RoutingRecorder()
     recorder.record(1.0, "input", ROUTING_GRID, shown)
-    model = pack("nodes.tiny_models").tiny_unet("sd15")  # only carries the recorder
+    model = pack("families.tiny_models").tiny_unet("sd15")  # only carries the recorder
     model.model_options.setdefault("transformer_options", {})[routing_nodes.RECORDER_KEY] = recorder
     latent = {"samples": torch.zeros(1, 4, *ROUTING_GRID)}
     picture, = routing_nodes.MultiRefRoutingMaps().show(model, latent, 0, "all")

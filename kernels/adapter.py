@@ -29,6 +29,17 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# The published files number their layers in diffusers' order: down, up, mid.
+SECTION_ORDER = {"input": 0, "output": 1, "middle": 2}
+
+
+def published_order(locations):
+    """ComfyUI locations (block_name, block_id, transformer_index) sorted into the published
+    layer order: input blocks (= diffusers down blocks), output blocks (= up), middle (= mid)."""
+    return sorted((tuple(loc) for loc in locations),
+                  key=lambda loc: (SECTION_ORDER[loc[0]], loc[1], loc[2]))
+
+
 class AdapterMismatchError(ValueError):
     """Two parts do not fit (adapter vs CLIP vision vs base model); names both sides."""
 
@@ -399,7 +410,6 @@ class LoadedAdapter:
         optional {location: (context_dim, inner_dim)} of each block's cross-attention, checked
         against the adapter before anything runs.
         """
-        from .checkpoints import published_order
         ordered = tuple(published_order(unet_locations))
         if len(ordered) != len(self.layers):
             raise AdapterMismatchError(

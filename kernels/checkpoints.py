@@ -26,7 +26,7 @@ PACK_FORMAT = "multiref-adapter"
 LORA_FORMAT = "multiref-lora"  # the trainer's self-attention LoRA alone (trained without an adapter)
 PACK_FORMAT_VERSION = "1"
 # Cross-attention context width -> base family. 16 / 48: the pack's tiny demo models
-# (nodes/tiny_models.py), so a machine without downloads can run the whole path.
+# (families/tiny_models.py), so a machine without downloads can run the whole path.
 FAMILY_BY_CONTEXT_DIM = {768: "sd15", 2048: "sdxl", 16: "sd15", 48: "sdxl"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 ADAPTER_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -50,17 +50,7 @@ FILES_BY_FAMILY = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer numbering <-> ComfyUI attention locations
-
-SECTION_ORDER = {"input": 0, "output": 1, "middle": 2}  # diffusers: down, up, mid
-
-
-def published_order(locations):
-    """ComfyUI locations (block_name, block_id, transformer_index) sorted into the published
-    layer order: input blocks (= diffusers down blocks), output blocks (= up), middle (= mid)."""
-    return sorted((tuple(loc) for loc in locations),
-                  key=lambda loc: (SECTION_ORDER[loc[0]], loc[1], loc[2]))
-
+# ComfyUI attention locations of a UNet (their published numbering: adapter.published_order)
 
 def unet_transformer_blocks(diffusion_model):
     """[(location, transformer_block)] of a ComfyUI UNetModel, in execution order (input,
@@ -82,12 +72,19 @@ def cross_attention_dims(diffusion_model):
             for loc, block in unet_transformer_blocks(diffusion_model)}
 
 
+def base_family(diffusion_model):
+    """sd15 or sdxl by the width every cross-attention reads (one width, a known one); else
+    None."""
+    contexts = {context for context, _ in cross_attention_dims(diffusion_model).values()}
+    return FAMILY_BY_CONTEXT_DIM.get(contexts.pop()) if len(contexts) == 1 else None
+
+
 def bind_to_unet(adapter, diffusion_model):
     """The adapter tied to a UNet's attention locations, after checking base family, layer count
     and every layer's widths (so no mismatch reaches a matmul)."""
     dims = cross_attention_dims(diffusion_model)
     contexts = sorted({context for context, _ in dims.values()})
-    model_family = FAMILY_BY_CONTEXT_DIM.get(contexts[0]) if len(contexts) == 1 else None
+    model_family = base_family(diffusion_model)
     if model_family != adapter.family:
         raise AdapterMismatchError(
             f"{adapter.describe()} is made for {adapter.family.upper()} but the model is "

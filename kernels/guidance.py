@@ -1,4 +1,5 @@
-"""Normalized text/image guidance (SynCD eq. 4, DESIGN.md 3.4). Plain torch; no host import.
+"""Normalized text/image guidance (SynCD eq. 4; docs/ARCHITECTURE.md, Normalized guidance).
+Plain torch; no host import.
 
 Three predictions per step: u (negative text, no image condition), i (negative text + image
 condition), f (prompt + image condition). The image guidance d_img = i - u and the text guidance

@@ -26,9 +26,8 @@ def new_self_attention_lora(query_dim, inner_dim, rank, alpha=None):
     return pairs
 
 
-def project(lora, name, layer, x):
-    """layer(x) plus the LoRA delta of projection `name` (lora None = the layer alone)."""
-    out = layer(x)
-    if lora is None:
-        return out
-    return out + lora[name](x.to(lora[name].down.weight.dtype)).to(out.dtype)
+def deltas(pairs):
+    """{projection: delta(x)} of a LoRA set (techniques.msa's LoRA mapping): each delta computed
+    in the LoRA's own dtype (the trainer keeps it in fp32 under bf16 autocast), returned in x's."""
+    return {name: (lambda x, pair=pair: pair(x.to(pair.down.weight.dtype)).to(x.dtype))
+            for name, pair in pairs.items()}

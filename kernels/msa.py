@@ -1,4 +1,5 @@
-"""Masked Shared Attention (SynCD, DESIGN.md 3.3) with key compaction.
+"""Masked Shared Attention (SynCD; docs/ARCHITECTURE.md, Masked Shared Attention) with key
+compaction.
 
 A reading row attends to [its own tokens | the foreground tokens of every reference] of the same
 self-attention layer. The mask depends only on the key, so instead of a masked attention over
@@ -40,13 +41,6 @@ def resize_masks(masks, height, width):
     """(R, H, W) masks (any dtype, 1 = foreground) -> (R, height * width) bool, nearest
     resampling (a foreground token stays a whole token, as SynCD's per-layer downsampling)."""
     return resize_mask_values(masks, height, width) > 0.5
-
-
-def resize_maps(maps, height, width):
-    """(B, h, w) soft maps (attention) -> (B, height, width), bilinear: to average maps of
-    layers of different resolutions on one grid."""
-    return F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear",
-                         align_corners=False)[:, 0]
 
 
 def foreground_index(fg):

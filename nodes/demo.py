@@ -2,7 +2,7 @@
 workflow (the demo of run.py, the tests). Nothing it produces is a meaningful picture."""
 import logging
 
-from . import tiny_dit_models, tiny_models
+from ..families import tiny_dit_models, tiny_models
 
 log = logging.getLogger("multiref")
 

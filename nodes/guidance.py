@@ -1,5 +1,6 @@
 """Normalized text/image guidance as a GUIDER for the core SamplerCustomAdvanced, and an
-all-in-one sampler node built on the same guider (DESIGN.md 3.4; the math is kernels/guidance.py).
+all-in-one sampler node built on the same guider (docs/ARCHITECTURE.md, Normalized guidance;
+the math is kernels/guidance.py).
 
 All branches of a step run in ONE batched model call (`calc_cond_batch` with the conds
 [positive, negative, negative]); `transformer_options["multiref_branches"]` tells the pack's
@@ -17,7 +18,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..kernels import guidance
-from .patching import BRANCHES_KEY
+from ..families.unet import BRANCHES_KEY
 
 log = logging.getLogger("multiref")
 

@@ -1,4 +1,5 @@
-"""MultiRefApplyMSA: Masked Shared Attention (SynCD, DESIGN.md 3.3) as a model patch.
+"""MultiRefApplyMSA: Masked Shared Attention (SynCD; docs/ARCHITECTURE.md, Masked Shared
+Attention) as a model patch.
 
 `references` mode, one batched UNet call per step: a row provider on the pack's UNet wrapper
 re-noises the clean reference latents to the step's sigma and appends them as `ref` rows; at
@@ -15,12 +16,15 @@ import logging
 
 import torch
 
-from ..kernels import msa, routing
+from ..families import unet as family
+from ..families.text import phrase_embeddings
+from ..kernels import msa
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import EncodedReference, check_finite
 from ..kernels.routing import layer_grid
-from . import patching
-from .routing import phrase_embeddings
+from ..techniques import msa as technique
+from ..techniques import relevance
+from ..techniques import routing as routing_technique
 
 log = logging.getLogger("multiref")
 
@@ -43,21 +47,22 @@ class _Call:
         self.tokens = tokens  # (rows, T, C) each reference row's own image tokens, or None
 
 
-class _StepState(patching.SharedAcrossClones):
+class _StepState(family.SharedAcrossClones):
     """Shared by the row provider and the attention patches of one patched model.
-    The host reuses the model options from run to run: a run starts when sigma goes up."""
+    The host reuses the model options from run to run: a run starts when sigma goes up
+    (techniques.relevance.StepClock)."""
 
     def __init__(self):
-        self.run_first_sigma = None
-        self.last_sigma = None
+        self.clock = relevance.StepClock()
         self.call = None
         self.foreground_cache = {}  # (grid, key, unmasked, h, w, device) -> (index, bias)
 
     def is_first_step(self, sigma):
-        if self.last_sigma is None or sigma > self.last_sigma:
-            self.run_first_sigma = sigma
-        self.last_sigma = sigma
-        return sigma == self.run_first_sigma
+        return self.clock.start(sigma)[0] == 0
+
+    def new_run(self):
+        """The host said a new run starts: its first step is the next one."""
+        self.clock, self.call = relevance.StepClock(), None
 
     def foreground(self, h, w, device):
         """(flat indices of the foreground tokens of the call's reference rows at an h x w
@@ -97,8 +102,8 @@ class _Reference:
         self.text, self.pooled, self.tokens = text, pooled, tokens
 
 
-class _ReferenceRows(patching.SharedAcrossClones):
-    """Row provider (nodes.patching): appends the references re-noised to the step's sigma with
+class _ReferenceRows(family.SharedAcrossClones):
+    """Row provider (families/unet.py): appends the references re-noised to the step's sigma with
     fresh noise. target_text conditioning: one set of rows with the text/adm of the first full
     row (else image row). syncd: one set per reading branch, as SynCD's reference pass runs
     per branch: the full rows' set reads each reference's own prompt (its pooled text in the
@@ -112,13 +117,13 @@ class _ReferenceRows(patching.SharedAcrossClones):
         sigma = float(timestep.reshape(-1)[0])
         first = self.state.is_first_step(sigma)
         self.state.call = None
-        if not patching.in_sigma_range(sigma, self.bounds):
+        if not family.in_sigma_range(sigma, self.bounds):
             return None
         height, width = x.shape[-2:]
-        source = patching.rows_with_role(roles, "full") or patching.rows_with_role(roles, "image")
+        source = family.rows_with_role(roles, "full") or family.rows_with_role(roles, "image")
         # A reference of weight 0 is left out: no rows, no tokens.
         active = tuple(i for i, ref in enumerate(self.references)
-                       if ref.weight > 0 and patching.in_sigma_range(sigma, ref.bounds))
+                       if ref.weight > 0 and family.in_sigma_range(sigma, ref.bounds))
         if not source or not active:
             # No reference rows in this call; an adapter's LoRA still applies to the target.
             self.state.call = _Call((height, width), None, None, False)
@@ -143,7 +148,7 @@ class _ReferenceRows(patching.SharedAcrossClones):
         if not self.syncd:
             return rows, [source[0]] * count, TAG
         sets = []
-        full = patching.rows_with_role(roles, "full")
+        full = family.rows_with_role(roles, "full")
         if full:
             text = torch.cat([ref.text for ref in views])
             overrides = {"c_crossattn": lambda copied: msa.repeat_to_length(text, copied.shape[1])}
@@ -151,59 +156,45 @@ class _ReferenceRows(patching.SharedAcrossClones):
                 pooled = torch.cat([ref.pooled for ref in views])
                 overrides["y"] = lambda copied: msa.with_pooled(copied, pooled)
             sets.append((rows, [full[0]] * count, TAG, overrides))
-        image = patching.rows_with_role(roles, "image")
+        image = family.rows_with_role(roles, "image")
         if image:
             sets.append((rows, [image[0]] * count, IMAGE_TAG if full else TAG))
         return sets
 
 
-class _PhraseMaps(patching.SharedAcrossClones):
-    """Batch mode without masks but with a phrase: the phrase's cross-attention maps of the full
-    rows, averaged over the layers of one step, give the next step's masks (Otsu + dilation, as
-    SynCD's data generation); before the first maps exist the whole images are shared."""
+class _PhraseMaps(family.SharedAcrossClones):
+    """Batch mode without masks but with a phrase: the phrase's relevance maps of the full rows
+    (techniques.relevance), averaged over the layers of one step, give the next step's masks
+    (Otsu + dilation, as SynCD's data generation); before the first maps exist the whole
+    images are shared."""
 
     def __init__(self, embeddings):
         self.embeddings = embeddings
-        self.sigma, self.total, self.layers, self.masks = None, None, 0, None
+        self.collected = relevance.RelevanceMaps()
+        self.masks = None
 
-    def start_call(self, sigma, first_step):
-        """Called once per UNet call: a new step turns the last step's maps into masks."""
-        if first_step and sigma != self.sigma:
-            self.masks = None
-        elif sigma != self.sigma and self.total is not None:
-            self.masks = msa.phrase_masks(self.total / self.layers)
-        if sigma != self.sigma:
-            self.sigma, self.total, self.layers = sigma, None, 0
-
-    def add(self, maps, latent_grid):
-        """maps: (rows, h, w) relevance of the phrase at one layer, brought to the latent grid."""
-        resized = msa.resize_maps(maps.cpu(), *latent_grid)
-        self.total = resized if self.total is None else self.total + resized
-        self.layers += 1
+    def start_call(self, sigma, latent_grid):
+        """Called once per UNet call: the last step's maps, on the latent grid, become masks."""
+        step = self.collected.start(sigma)
+        last = None
+        if step:
+            last = self.collected.maps(step - 1, family.BLOCK_GROUPS["all"], latent_grid)
+        self.masks = None if last is None else msa.phrase_masks(last[:, 0])
 
     def make_patch(self, location, inner, to_k):
-        cache = {}
-
         def attn2(q, k, v, extra_options):
-            roles = patching.row_roles(extra_options, q.shape[0])
-            full = patching.rows_with_role(roles, "full")
+            roles = family.row_roles(extra_options, q.shape[0])
+            full = family.rows_with_role(roles, "full")
             if full:
-                # Cached per layer; a LoRA patching to_k puts a new weight tensor there.
-                key = (q.device, q.dtype, to_k.weight.data_ptr())
-                if key not in cache:
-                    with torch.no_grad():
-                        phrase = to_k(self.embeddings.to(q.device, q.dtype))
-                    cache[key] = routing.phrase_keys([phrase])
-                grid = tuple(extra_options["original_shape"][-2:])
-                h, w = layer_grid(grid, q.shape[1])
-                relevance = routing.relevance_maps(_take(q, full), cache[key],
-                                                   extra_options["n_heads"])
-                self.add(relevance[..., 0].reshape(len(full), h, w), grid)
+                maps = relevance.phrase_relevance(_take(q, full), to_k, [self.embeddings],
+                                                  extra_options["n_heads"])
+                self.collected.record(family.current_sigma(extra_options), location[0],
+                                      family.layer_grid(extra_options, q.shape[1]), maps)
             return inner(q, k, v, extra_options)
         return attn2
 
 
-class _BatchCall(patching.SharedAcrossClones):
+class _BatchCall(family.SharedAcrossClones):
     """Row provider for batch mode: adds no rows, only tells the patches whether this call is in
     the sigma range, whether it is the first (unmasked) step, and which masks hold."""
 
@@ -216,9 +207,9 @@ class _BatchCall(patching.SharedAcrossClones):
         first = self.state.is_first_step(sigma)
         masks = self.masks
         if self.phrase_maps is not None:
-            self.phrase_maps.start_call(sigma, first)
+            self.phrase_maps.start_call(sigma, tuple(x.shape[-2:]))
             masks = self.phrase_maps.masks
-        active = patching.in_sigma_range(sigma, self.bounds)
+        active = family.in_sigma_range(sigma, self.bounds)
         self.state.call = _Call(tuple(x.shape[-2:]), (), masks,
                                 first and self.first_step_unmasked) if active else None
         return None
@@ -236,7 +227,7 @@ INPUT_KEY = "multiref_attn1_input"
 OUTPUT_KEY = "multiref_attn1_lora_output"
 
 
-class _StashInput(patching.SharedAcrossClones):
+class _StashInput(family.SharedAcrossClones):
     """attn1_patch: keeps the self-attention input n (what to_q/to_k/to_v read) for the replace,
     which needs it for the LoRA deltas; the block passes the same extra_options to both."""
 
@@ -245,7 +236,7 @@ class _StashInput(patching.SharedAcrossClones):
         return n, context, value
 
 
-class _LoRAOutput(patching.SharedAcrossClones):
+class _LoRAOutput(family.SharedAcrossClones):
     """attn1_output_patch: adds the to_out LoRA delta of the target rows after the host's to_out
     (the replace leaves the pre-to_out output it needs in extra_options)."""
 
@@ -253,8 +244,8 @@ class _LoRAOutput(patching.SharedAcrossClones):
         stash = extra_options.pop(OUTPUT_KEY, None)
         if stash is None:
             return n
-        rows, attention_out, pair = stash
-        return torch.cat([n[:rows] + pair(attention_out[:rows]).to(n.dtype), n[rows:]])
+        rows, attention_out, lora = stash
+        return technique.lora_output(n, attention_out, lora, rows)
 
 
 class _LoRAWeights:
@@ -269,7 +260,7 @@ class _LoRAWeights:
         return torch.func.functional_call(self.pair, self.weights, (x,))
 
 
-class _SharedSelfAttention(patching.SharedAcrossClones):
+class _SharedSelfAttention(family.SharedAcrossClones):
     """attn1 replace: reading rows get shared attention, every other row goes to `inner` (what
     ran there before: the host's attention or another node's replace). With an adapter's
     self-attention LoRA, the target rows' q, k, v (and to_out) get its deltas and the reference
@@ -292,26 +283,24 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         call = self.state.call
         if call is None:
             return self.inner(q, k, v, extra_options)
-        roles = patching.row_roles(extra_options, q.shape[0])
+        roles = family.row_roles(extra_options, q.shape[0])
         spans = {}
         if self.mode == "references":
             spans = {tag: span for tag, span in extra_options.get("multiref_rows", {}).items()
                      if tag in (TAG, IMAGE_TAG)}
         sharing = self.shares and (bool(spans) or self.mode == "batch")
-        readers = patching.rows_with_role(roles, patching.IMAGE_ROLES) if sharing else []
+        readers = family.rows_with_role(roles, family.IMAGE_ROLES) if sharing else []
         # Reference rows come last.
         targets = min(start for start, _ in spans.values()) if spans else q.shape[0]
         lora = None if self.lora is None else self._lora(q.device, q.dtype)
         if lora is not None:
-            n = extra_options[INPUT_KEY][:targets]
-            q, k, v = (torch.cat([x[:targets] + lora[name](n), x[targets:]])
-                       for x, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")))
+            q, k, v = technique.with_lora(q, k, v, extra_options[INPUT_KEY], lora, targets)
         if not readers:
             out = self.inner(q, k, v, extra_options)
         else:
             out = self._shared(q, k, v, extra_options, roles, readers, call, spans, lora)
         if lora is not None:
-            extra_options[OUTPUT_KEY] = (targets, out, lora["to_out"])
+            extra_options[OUTPUT_KEY] = (targets, out, lora)
         return out
 
     def _shared(self, q, k, v, extra_options, roles, readers, call, spans, lora):
@@ -327,17 +316,14 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
                 by_set.setdefault(tag, []).append(i)
             for tag, group in by_set.items():
                 start, end = spans[tag]
-                k_fg = msa.gather_foreground(k[start:end], index)
-                v_fg = msa.gather_foreground(v[start:end], index)
-                if lora is not None:  # the target projects the references' inputs with its LoRA
-                    n_fg = msa.gather_foreground(extra_options[INPUT_KEY][start:end], index)
-                    k_fg, v_fg = k_fg + lora["to_k"](n_fg), v_fg + lora["to_v"](n_fg)
+                ref_n = None if lora is None else extra_options[INPUT_KEY][start:end]
                 at = [readers.index(i) for i in group]
-                shared[at] = msa.shared_attention(_take(q, group), _take(k, group),
-                                                  _take(v, group), k_fg, v_fg, heads, bias)
+                shared[at] = technique.read_references(
+                    _take(q, group), _take(k, group), _take(v, group), heads, k[start:end],
+                    v[start:end], index, bias, lora, ref_n)
         else:
-            for role in patching.IMAGE_ROLES:
-                group = patching.rows_with_role(roles, role)
+            for role in family.IMAGE_ROLES:
+                group = family.rows_with_role(roles, role)
                 if group:
                     fg = self.state.batch_foreground(len(group), h, w, q.device)
                     at = [readers.index(i) for i in group]
@@ -356,12 +342,12 @@ class _SharedSelfAttention(patching.SharedAcrossClones):
         if len(rows) == q.shape[0]:
             return self.inner(q, k, v, extra_options)
         # The inner patch sees a consistent batch: its rows' roles, and no reference-row spans.
-        options = dict(extra_options, **{patching.ROLES_KEY: tuple(roles[i] for i in rows),
+        options = dict(extra_options, **{family.ROLES_KEY: tuple(roles[i] for i in rows),
                                          "multiref_rows": {}})
         return self.inner(_take(q, rows), _take(k, rows), _take(v, rows), options)
 
 
-class _ReferenceImageAttention(patching.SharedAcrossClones):
+class _ReferenceImageAttention(family.SharedAcrossClones):
     """attn2 replace (syncd conditioning with an adapter's image layers): the reference rows get
     the adapter's image attention at SynCD's reference-pass scale over their own tokens; every
     other row is what `inner` gives (the host's attention, or the routing node's patch)."""
@@ -379,24 +365,14 @@ class _ReferenceImageAttention(patching.SharedAcrossClones):
             return out
         key = (call.key, q.device, q.dtype)
         if key not in self.projected:
-            tokens = call.tokens.to(q.device, q.dtype)
-            self.projected = {key: tuple(tokens @ w.weight.to(q.device, q.dtype).T
-                                         for w in (self.layer.to_k_ip, self.layer.to_v_ip))}
+            self.projected = {key: routing_technique.image_keys_values(
+                self.layer, call.tokens.to(q.device, q.dtype))}
         ip_k, ip_v = self.projected[key]
         out = out.clone()
         for start, end in spans:
             out[start:end] = msa.reference_image_attention(q[start:end], out[start:end], ip_k,
                                                            ip_v, extra_options["n_heads"])
         return out
-
-
-def _check_model(model):
-    unet = getattr(model.model, "diffusion_model", None)
-    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"model: Masked Shared Attention works on UNet models (SD1.5, SDXL "
-                         f"families); this model is {type(model.model).__name__}. Connect an "
-                         "SD1.5 or SDXL checkpoint")
-    return unet
 
 
 def _prepare_references(model, unet, references, syncd=None):
@@ -423,7 +399,7 @@ def _prepare_references(model, unet, references, syncd=None):
             raise ValueError(f"references: reference {n} masks {tuple(masks.shape)} do not match "
                              f"its latent grid {grid} "
                              "(views, h, w); re-encode the reference so mask and latents agree")
-        bounds = patching.sigma_range(model, ref.start_percent, ref.end_percent)
+        bounds = family.sigma_range(model, ref.start_percent, ref.end_percent)
         with torch.no_grad():
             latents = model.model.process_latent_in(latents.detach().float()).cpu()
         prepared.append(_Reference(latents, None if masks is None else masks.float().cpu(), bounds,
@@ -507,13 +483,14 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         raise ValueError(f"layers: {layers!r} is unknown; use one of {LAYERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: {strength} is outside 0..1")
-    unet = _check_model(model)
-    bounds = patching.sigma_range(model, start_percent, end_percent)
+    unet = family.unet_of(model, "Masked Shared Attention")
+    bounds = family.sigma_range(model, start_percent, end_percent)
     patched = model.clone()
     if strength == 0.0:
         log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
         return patched
     state = _StepState()
+    family.on_each_run(patched, state.new_run)
     image_layers = None
     if mode == "references":
         syncd = None
@@ -544,26 +521,27 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                 raise ValueError("clip: batch_phrase needs the text encoder to find the phrase's "
                                  "attention; connect the CLIP that encoded the prompt")
             phrase_maps = _PhraseMaps(phrase_embeddings(clip, batch_phrase.strip(), "batch_phrase"))
+            family.on_each_run(patched, phrase_maps.collected.new_run)
             blocks = dict(unet_transformer_blocks(unet))
-            patching.set_attention_patch(
+            family.set_attention_patch(
                 patched, "attn2",
                 lambda location, inner: phrase_maps.make_patch(location, inner,
                                                                blocks[location].attn2.to_k))
         provider = _BatchCall(masks, bounds, state, first_step_unmasked, phrase_maps)
-    patching.add_row_provider(patched, provider)
+    family.add_row_provider(patched, provider)
     lora = _self_attention_lora(adapter, unet, mode)
-    sharing = patching.BLOCK_GROUPS[layers]
+    sharing = family.BLOCK_GROUPS[layers]
     make_patch = lambda location, inner: _SharedSelfAttention(
         inner, state, strength, mode, None if lora is None else lora[location],
         location[0] in sharing)
     # With a LoRA every layer is patched (the LoRA covers all); `layers` picks where to share.
-    patching.set_attention_patch(patched, "attn1", make_patch,
+    family.set_attention_patch(patched, "attn1", make_patch,
                                  blocks="all" if lora is not None else layers)
     if lora is not None:
         patched.set_model_attn1_patch(_StashInput())
         patched.set_model_attn1_output_patch(_LoRAOutput())
     if image_layers:
-        patching.set_attention_patch(patched, "attn2", lambda location, inner: _ReferenceImageAttention(
+        family.set_attention_patch(patched, "attn2", lambda location, inner: _ReferenceImageAttention(
             inner, state, image_layers[location]))
     log.info("MultiRefApplyMSA: mode %s, reference conditioning %s", mode,
              conditioning if mode == "references" else "-")

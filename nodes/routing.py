@@ -14,10 +14,13 @@ import weakref
 
 import torch
 
+from ..families import unet as family
+from ..families.text import empty_phrase_embeddings, phrase_embeddings
 from ..kernels import embeds, layer_weights, routing
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
-from . import patching
+from ..techniques import relevance
+from ..techniques import routing as technique
 
 log = logging.getLogger("multiref")
 
@@ -27,90 +30,10 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
            (0.8, 0.3, 0.85), (0.15, 0.8, 0.85), (0.95, 0.55, 0.15), (0.6, 0.6, 0.6))
 
 
-def schedule_step(schedule, sigma):
-    """The step k of a sampler schedule (sigma_0 > ... > sigma_n) with sigma_k >= sigma >
-    sigma_k+1; the tolerance absorbs the float rounding of the sigma the host hands on."""
-    upper = [float(s) for s in schedule.reshape(-1)[:-1]]
-    count = sum(1 for s in upper if s >= sigma * (1 - 1e-5))
-    return min(max(count - 1, 0), max(len(upper) - 1, 0))
-
-
-class RoutingRecorder(patching.SharedAcrossClones):
-    """The routing maps of the prompt (`full`) rows of the last sampling run, summed per step,
-    layer group and layer resolution. A higher sigma than the last one starts a new run. The
-    step of an evaluation is its place in the sampler's schedule when the host passes it
-    (`sample_sigmas`): sigma_k >= sigma > sigma_k+1 is step k, so samplers that evaluate the model
-    twice per step (heun, dpm_2) still count their own steps. Hosts that do not pass it (the
-    installable one) count each lower sigma as the next step. Shared by every later clone, so the
-    sampler's model writes where MultiRefRoutingMaps reads."""
-
-    def __init__(self):
-        self.last_sigma = None
-        self.seen = 0  # sigmas seen in this run (the step count without a schedule)
-        self.step = 0  # the step of the current model evaluation
-        self.sums = {}
-
-    @property
-    def steps(self):
-        """Steps recorded in this run."""
-        return 1 + max((step for step, _, _ in self.sums), default=-1)
-
-    def record(self, sigma, block_name, grid, maps, schedule=None):
-        sigma = 0.0 if sigma is None else sigma
-        # Every routed layer of one model evaluation records; the step is worked out once, at
-        # its first layer (the schedule lives on the GPU: reading it is a device sync).
-        if sigma != self.last_sigma:
-            if self.last_sigma is None or sigma > self.last_sigma:
-                self.seen, self.sums = 0, {}
-            self.seen += 1
-            self.step = self.seen - 1 if schedule is None else schedule_step(schedule, sigma)
-            self.last_sigma = sigma
-        key = (self.step, block_name, grid)
-        maps = maps.detach().float()
-        entry = self.sums.get(key)
-        if entry is None or entry[0].shape != maps.shape:
-            self.sums[key] = [maps.clone(), 1]
-        else:
-            entry[0].add_(maps)
-            entry[1] += 1
-
-    def maps(self, step, block_names, size):
-        """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`."""
-        total, layers = None, 0
-        for (entry_step, block_name, grid), (summed, count) in self.sums.items():
-            if entry_step != step or block_name not in block_names:
-                continue
-            rows, _, refs = summed.shape
-            spatial = summed.transpose(1, 2).reshape(rows, refs, *grid)
-            resized = torch.nn.functional.interpolate(spatial.cpu(), size=size, mode="bilinear",
-                                                      align_corners=False)
-            total = resized if total is None else total + resized
-            layers += count
-        return None if total is None else total / layers
-
-
-def phrase_embeddings(clip, phrase, what):
-    """The text encoder's output for the phrase alone, tokens after BOS up to EOS: (P, C_ctx)."""
-    tokens = clip.tokenize(phrase)
-    key = next(iter(tokens))
-    end_token = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
-    if len(tokens[key]) > 1:
-        raise ValueError(f"{what}: phrase {phrase!r} is longer than one 75-token chunk; name the "
-                         "object in a few words")
-    ids = [t[0] for t in tokens[key][0]]
-    count = ids.index(end_token, 1) - 1
-    if count < 1:
-        raise ValueError(f"{what}: phrase {phrase!r} gives no tokens; write the object's words "
-                         "(e.g. 'dog') as they appear in the prompt")
-    cond = clip.encode_from_tokens(tokens)
-    return cond[0, 1:1 + count].detach().float().cpu()
-
-
-def empty_phrase_embeddings(clip, counts):
-    """MIP-Adapter's phrases for the uncond rows: the encoding of the empty prompt at the same
-    token positions (1..P_i) as each phrase, so the negative prediction is routed by no words."""
-    cond = clip.encode_from_tokens(clip.tokenize(""))
-    return [cond[0, 1:1 + count].detach().float().cpu() for count in counts]
+class RoutingRecorder(family.SharedAcrossClones, relevance.RelevanceMaps):
+    """The routing maps of the prompt (`full`) rows of the last sampling run
+    (techniques.relevance.RelevanceMaps). Shared by every later clone, so the sampler's model
+    writes where MultiRefRoutingMaps reads."""
 
 
 def _pad_tokens(token_list):
@@ -137,12 +60,12 @@ class _RoutedReferences:
         self.embeddings = embeddings
         self.masks = masks
         self.weights = [r.weight for r in references]
-        self.reference_bounds = [patching.sigma_range(model, r.start_percent, r.end_percent)
+        self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
 
     def reference_weights(self, sigma):
-        return tuple(w if patching.in_sigma_range(sigma, b) else 0.0
+        return tuple(w if family.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
 
     def layer_scale(self, location):
@@ -160,12 +83,11 @@ class _RoutedReferences:
         def tensors(device, dtype):
             key = (device, dtype)
             if key not in cache:
-                k_w, v_w = (layer.to_k_ip.weight.to(device, dtype), layer.to_v_ip.weight.to(device, dtype))
                 tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
-                gate = layer.text_to_weight
-                k, v = scale_keys_values(tokens @ k_w.T, tokens @ v_w.T)
-                cache[key] = {"k": k, "v": v, "rows": {}, "weights": {},
-                              "gate": None if gate is None else gate.weight.to(device, dtype)}
+                ip_k, ip_v = scale_keys_values(*technique.image_keys_values(layer, tokens))
+                gate = technique.gate_of(layer)
+                cache[key] = {"k": ip_k, "v": ip_v, "rows": {}, "weights": {},
+                              "gate": None if gate is None else gate.to(device, dtype)}
             return cache[key]
 
         def phrase_keys(device, dtype, row_roles):
@@ -175,12 +97,11 @@ class _RoutedReferences:
             key = ("phrases", device, dtype)
             entry = cache.get(key)
             if entry is None or entry[0]() is not to_k.weight:
-                with torch.no_grad():
-                    phrases, empty = (routing.phrase_keys([to_k(e.to(device, dtype)) for e in group])
-                                      for group in self.embeddings)
+                phrases, empty = (relevance.phrase_keys(to_k, group, device, dtype)
+                                  for group in self.embeddings)
                 entry = cache[key] = (weakref.ref(to_k.weight), phrases, empty, {})
             _, phrases, empty, per_rows = entry
-            image = [r in patching.IMAGE_ROLES for r in row_roles]
+            image = [r in family.IMAGE_ROLES for r in row_roles]
             if all(image):
                 return phrases
             if tuple(image) not in per_rows:
@@ -191,12 +112,12 @@ class _RoutedReferences:
 
         def patch(q, k, v, extra_options):
             text_out = inner(q, k, v, extra_options)
-            sigma = patching.current_sigma(extra_options)
-            if scale == 0 or not patching.in_sigma_range(sigma, self.bounds):
+            sigma = family.current_sigma(extra_options)
+            if scale == 0 or not family.in_sigma_range(sigma, self.bounds):
                 return text_out
             weights = self.reference_weights(sigma)
-            roles = patching.row_roles(extra_options, q.shape[0])
-            rows = patching.rows_with_role(roles, ROUTED_ROLES)
+            roles = family.row_roles(extra_options, q.shape[0])
+            rows = family.rows_with_role(roles, ROUTED_ROLES)
             # References gated off at this step are left out of the computation (not multiplied
             # by zero), so they contribute exactly nothing on any CPU or GPU.
             active = tuple(i for i, w in enumerate(weights) if w != 0)
@@ -206,7 +127,7 @@ class _RoutedReferences:
             row_roles = tuple(roles[i] for i in rows)
             if row_roles not in cached["rows"]:
                 # Image-conditioned rows read the image tokens, uncond rows the uncond tokens.
-                image = torch.tensor([r in patching.IMAGE_ROLES for r in row_roles], device=q.device)
+                image = torch.tensor([r in family.IMAGE_ROLES for r in row_roles], device=q.device)
                 pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
                 cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
             if weights not in cached["weights"]:
@@ -226,11 +147,11 @@ class _RoutedReferences:
             subset = len(rows) < q.shape[0]
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
-            grid = routing.layer_grid(extra_options["original_shape"][-2:], q.shape[1])
-            out, shown = routing.routed_cross_attention(
+            grid = family.layer_grid(extra_options, q.shape[1])
+            out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,
-                masks=masks, grid=grid, text_to_weight=cached["gate"], token_counts=counts)
+                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:
@@ -343,12 +264,13 @@ class MultiRefApplyAdapter:
         factors = layer_weights.layer_factors(adapter.locations, weight_type, adapter.family,
                                               block_weights)
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
-                                  patching.sigma_range(model, start_percent, end_percent),
+                                  family.sigma_range(model, start_percent, end_percent),
                                   factors, embeds_scaling)
         patched = model.clone()
-        patching.set_attention_patch(
+        family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
         patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = state.recorder
+        family.on_each_run(patched, state.recorder.new_run)
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)
@@ -397,7 +319,7 @@ class MultiRefRoutingMaps:
                                               "gives the picture size)."}),
             "step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
                      "Sampling step to show (0 = first); past the last step shows the last."}),
-            "layers": (list(patching.BLOCK_GROUPS), {"default": "all", "tooltip":
+            "layers": (list(family.BLOCK_GROUPS), {"default": "all", "tooltip":
                        "Which cross-attention layers to average: all, down (input blocks), "
                        "middle, or up (output blocks)."}),
         }, "optional": {
@@ -419,7 +341,7 @@ class MultiRefRoutingMaps:
         latent = samples["samples"]
         size = tuple(image.shape[1:3]) if image is not None else (latent.shape[-2] * 8,
                                                                  latent.shape[-1] * 8)
-        maps = recorder.maps(step, patching.BLOCK_GROUPS[layers], size)
+        maps = recorder.maps(step, family.BLOCK_GROUPS[layers], size)
         if maps is None:
             raise ValueError(f"layers: no routed layer in group '{layers}'; choose 'all'")
         colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(maps.shape[1])])

@@ -1,5 +1,5 @@
-"""MultiRefTrain: the bundled trainer as a node (DESIGN.md 3.5). It reads a dataset manifest,
-trains the self-attention LoRA with Masked Shared Attention on the model it is given, and
+"""MultiRefTrain: the bundled trainer as a node (docs/ARCHITECTURE.md, Training). It reads a dataset
+manifest, trains the self-attention LoRA with Masked Shared Attention on the model it is given, and
 returns that model with the LoRA applied, the weights file and the loss curve.
 
 Training needs autograd, which ComfyUI switches off around every node (inference mode): the

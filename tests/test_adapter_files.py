@@ -7,7 +7,7 @@ import torch
 
 import tiny_checkpoints as tc
 from multiref.kernels import checkpoints
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from test_adapters import gelu, layer_norm, load_through_node
 
 

@@ -15,7 +15,7 @@ import tiny_checkpoints as tc
 from headless.host import HostError
 from multiref.kernels import adapter as adapter_mod
 from multiref.kernels import checkpoints
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 
 LAYOUT_FILES = [  # (layout, family, file format) as published
     ("ip_adapter", "sd15", "bin"), ("ip_adapter_plus", "sd15", "bin"),
@@ -204,7 +204,7 @@ def meta_unet(family):
 
 def published_locations(family):
     unet = meta_unet(family)
-    return checkpoints.published_order(loc for loc, _ in checkpoints.unet_transformer_blocks(unet))
+    return adapter_mod.published_order(loc for loc, _ in checkpoints.unet_transformer_blocks(unet))
 
 
 def test_real_sdxl_layer_map():

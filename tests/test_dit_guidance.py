@@ -9,7 +9,7 @@ import comfy.samplers
 from conftest import HOST
 from multiref.kernels import guidance
 from multiref.nodes import guidance as guidance_nodes
-from multiref.nodes import patching
+from multiref.families import unet as unet_family
 
 needs_flux = pytest.mark.skipif(HOST.kind == "installable comfyui", reason=(
     "Flux needs a current ComfyUI (run with MULTIREF_TEST_HOST=checkout COMFYUI_PATH=...)"))
@@ -19,7 +19,7 @@ SHAPE = (1, 16, 4, 6)
 
 
 def _models(family):
-    from multiref.nodes import tiny_dit_models
+    from multiref.families import tiny_dit_models
     return tiny_dit_models.tiny_dit(family, 0), tiny_dit_models.tiny_dit_text_encoder(family, 1)
 
 
@@ -30,8 +30,8 @@ class ImageRowsOffset:
 
     def __call__(self, args, extra):
         out = extra["original_block"](args)
-        roles = patching.row_roles(args["transformer_options"], out["img"].shape[0])
-        rows = patching.rows_with_role(roles, patching.IMAGE_ROLES)
+        roles = unet_family.row_roles(args["transformer_options"], out["img"].shape[0])
+        rows = unet_family.rows_with_role(roles, unet_family.IMAGE_ROLES)
         img = out["img"].clone()
         img[rows] += torch.linspace(-1.0, 1.0, img.shape[-1])
         return dict(out, img=img)

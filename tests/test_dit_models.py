@@ -1,11 +1,12 @@
-"""Tiny Flux / SD3 models from the host's own classes (nodes/tiny_dit_models.py): they sample
+"""Tiny Flux / SD3 models from the host's own classes (families/tiny_dit_models.py): they sample
 through the host's real sampler and decode with the 16-channel VAE; Flux with ReferenceLatent
 (Kontext-style references) too. On a host without Flux the node refuses with a named error."""
 import pytest
 import torch
 
 from conftest import HOST
-from multiref.nodes import demo, tiny_dit_models
+from multiref.families import tiny_dit_models
+from multiref.nodes import demo
 
 ON_CHECKOUT = HOST.kind != "installable comfyui"
 needs_dit = pytest.mark.skipif(not ON_CHECKOUT, reason="Flux/SD3 need a current ComfyUI "

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(HOST.kind == "installable comfyui", reason=(
 
 def _host_ids_and_pe(references, method=None):
     """img_ids and pe of one forward of tiny Flux with these reference latents."""
-    from multiref.nodes import tiny_dit_models
+    from multiref.families import tiny_dit_models
     model = tiny_dit_models.tiny_dit("flux", 0)
     flux = model.model.diffusion_model
     seen = {}

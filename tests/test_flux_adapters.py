@@ -131,7 +131,7 @@ def test_layers_split_by_the_model_and_a_model_of_other_sizes_is_refused(instant
 
 
 def test_an_adapter_of_another_family_is_refused_by_name(tmp_path, instantx, host):
-    from multiref.nodes import tiny_models
+    from multiref.families import tiny_models
     flux_adapter, _ = instantx
     unet = tiny_models.tiny_unet("sd15").model.diffusion_model
     with pytest.raises(AdapterMismatchError, match="InstantX Flux IP-Adapter.*made for FLUX but "

@@ -1,4 +1,5 @@
-"""Normalized guidance math (DESIGN.md 3.4) against a slow per-sample transcription."""
+"""Normalized guidance math (docs/ARCHITECTURE.md, Normalized guidance) against a slow
+per-sample transcription."""
 import math
 
 import pytest

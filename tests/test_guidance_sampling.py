@@ -9,7 +9,8 @@ import torch
 import comfy.samplers
 from multiref.kernels import guidance
 from multiref.nodes import guidance as guidance_nodes
-from multiref.nodes import patching, tiny_models
+from multiref.families import unet as unet_family
+from multiref.families import tiny_models
 
 STEPS = 3
 SHAPE = (1, 4, 6, 10)
@@ -41,7 +42,7 @@ class ImageCondition:
                 for layer in block:
                     for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
                         self.widths[(name, block_id, index)] = transformer.attn2.to_q.out_features
-        patching.set_attention_patch(model, "attn2", self.make_patch)
+        unet_family.set_attention_patch(model, "attn2", self.make_patch)
 
     def width(self, location):
         return self.widths[location]
@@ -51,15 +52,15 @@ class ImageCondition:
         tokens = torch.randn((1, 4, self.width(location)), generator=gen)
 
         def patch(q, k, v, extra_options):
-            roles = patching.row_roles(extra_options, q.shape[0])
+            roles = unet_family.row_roles(extra_options, q.shape[0])
             self.seen.append({"location": location, "roles": roles, "batch": q.shape[0],
                               "cond_or_uncond": list(extra_options["cond_or_uncond"]),
-                              "branches": extra_options.get(patching.BRANCHES_KEY)})
+                              "branches": extra_options.get(unet_family.BRANCHES_KEY)})
             out = inner(q, k, v, extra_options)
-            rows = patching.rows_with_role(roles, patching.IMAGE_ROLES)
+            rows = unet_family.rows_with_role(roles, unet_family.IMAGE_ROLES)
             if rows:
                 image = tokens.to(q).expand(len(rows), -1, -1)
-                extra = patching.host_attention_call(q[rows], image, image, extra_options)
+                extra = unet_family.host_attention_call(q[rows], image, image, extra_options)
                 out = out.clone()
                 out[rows] += extra
             return out
@@ -129,7 +130,7 @@ def test_one_call_per_step_with_full_image_uncond_rows():
         for index, context in zip(call["cond_or_uncond"], call["context"].chunk(3)):
             expected = POSITIVE if index == 0 else NEGATIVE
             assert torch.equal(context, expected.to(context))
-    assert {s["location"] for s in condition.seen} == set(patching.attention_locations(model))
+    assert {s["location"] for s in condition.seen} == set(unet_family.attention_locations(model))
     for seen in condition.seen:
         assert seen["branches"] == ("full", "image", "uncond")
         role_of = {0: "full", 1: "image", 2: "uncond"}
@@ -144,10 +145,10 @@ def test_reference_rows_ride_in_the_same_call():
     model = _model(condition, recorder)
 
     def two_references(x, timestep, c, roles):
-        full = patching.rows_with_role(roles, "full")
+        full = unet_family.rows_with_role(roles, "full")
         return torch.zeros(2, *x.shape[1:]), [full[0], full[0]], "refs"
 
-    patching.add_row_provider(model, two_references)
+    unet_family.add_row_provider(model, two_references)
     _sample(_guider(model), model)
     assert len(recorder.calls) == STEPS
     assert all(call["batch"] == 3 for call in recorder.calls)  # reference rows sliced off again
@@ -163,7 +164,8 @@ def _tiny_adapter_model(model):
     """The pack's MultiRefApplyAdapter (sum mode, one reference) with a random-weight adapter in
     the published key layout, sized for the tiny UNet."""
     from multiref.kernels.adapter import build_adapter
-    from multiref.kernels.checkpoints import cross_attention_dims, published_order
+    from multiref.kernels.adapter import published_order
+    from multiref.kernels.checkpoints import cross_attention_dims
     from multiref.kernels.references import EncodedReference
     from multiref.nodes.routing import MultiRefApplyAdapter
     gen = torch.Generator().manual_seed(5)
@@ -228,8 +230,8 @@ def test_msa_references_ride_once_and_serve_both_image_branches():
     recorder, seen = CallRecorder(), []
 
     def record(q, k, v, extra_options):
-        seen.append(patching.row_roles(extra_options, q.shape[0]))
-        return patching.host_attention_call(q, k, v, extra_options)
+        seen.append(unet_family.row_roles(extra_options, q.shape[0]))
+        return unet_family.host_attention_call(q, k, v, extra_options)
 
     # The recorder goes on first: MSA's row wrapper keeps it and adds its rows inside it.
     model = apply_msa(_model(recorder=recorder), references, 1.0, 0.0, 1.0, False, "all",

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from multiref.kernels import layer_weights
 from multiref.kernels.checkpoints import cross_attention_dims
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.families import unet as unet_family
 from test_adapters import published_locations
 from test_routing_nodes import apply, encoded, tiny_adapter
 
@@ -101,8 +102,8 @@ def layer_output(patched, seed=1):
     roles = ("full", "uncond")
     q, k, v = (torch.randn(2, 12, WIDTH, generator=g) for _ in range(3))
     options = {"n_heads": HEADS, "original_shape": [2, 4, 3, 4], "block": ("input", 1),
-               "sigmas": torch.ones(2), patching.ROLES_KEY: roles}
-    return q, patch(q, k, v, options), patching.host_attention_call(q, k, v, options)
+               "sigmas": torch.ones(2), unet_family.ROLES_KEY: roles}
+    return q, patch(q, k, v, options), unet_family.host_attention_call(q, k, v, options)
 
 
 def expected(sd15, q, text, scale_out, transform):

@@ -99,7 +99,7 @@ def test_stand_ins_are_undone_and_cast_fp32_linear_to_bf16():
 def test_trainer_step_estimate_on_meta_and_checkpointing_lowers_it(one_thread):
     """The trainer's real step (tiny SDXL-like UNet moved to meta) runs under the estimator;
     checkpointing what runs lowers the backward peak; the step holds more than the weights."""
-    import multiref.nodes.tiny_models as tiny
+    import multiref.families.tiny_models as tiny
 
     def pack(name):
         return importlib.import_module(f"multiref.{name}")

@@ -15,7 +15,8 @@ from multiref.kernels import checkpoints, msa
 from multiref.kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from multiref.kernels.references import EncodedReference
 from multiref.nodes import guidance as guidance_nodes
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.families import unet as unet_family
 from multiref.nodes.msa import MultiRefApplyMSA, apply_msa
 
 STEPS = 3
@@ -141,7 +142,7 @@ class TwoPass:
 
     def wrapper(self, apply_model, args):
         x, sigmas, c = args["input"], args["timestep"], args["c"]
-        roles = patching.roles_from_chunks(args["cond_or_uncond"], patching.DEFAULT_BRANCHES,
+        roles = unet_family.roles_from_chunks(args["cond_or_uncond"], unet_family.DEFAULT_BRANCHES,
                                            x.shape[0])
         source = roles.index("full")
         rows = self.latents.shape[0]
@@ -213,7 +214,7 @@ class TwoPass:
         patched.set_model_unet_function_wrapper(self.wrapper)
         patched.set_model_attn1_patch(self.keep_input)
         patched.set_model_attn1_output_patch(self.add_output_delta)
-        for location in patching.attention_locations(model):
+        for location in unet_family.attention_locations(model):
             patched.set_model_attn1_replace(self.patch(location), *location)
         return patched
 
@@ -282,8 +283,8 @@ class SynCDTwoPass(TwoPass):
     def wrapper(self, apply_model, args):
         x, sigmas, c = args["input"], args["timestep"], args["c"]
         options = c["transformer_options"]
-        roles = patching.roles_from_chunks(args["cond_or_uncond"], options.get(
-            patching.BRANCHES_KEY, patching.DEFAULT_BRANCHES), x.shape[0])
+        roles = unet_family.roles_from_chunks(args["cond_or_uncond"], options.get(
+            unet_family.BRANCHES_KEY, unet_family.DEFAULT_BRANCHES), x.shape[0])
         rows = self.latents.shape[0]
         sigma = float(sigmas[0])
         noisy = self.latents + msa.step_noise(self.latents.shape, sigma) * sigma  # EPS model
@@ -329,7 +330,7 @@ class SynCDTwoPass(TwoPass):
         patched = super().install(model)
         replaces = model.model_options.get("transformer_options", {}).get(
             "patches_replace", {}).get("attn2", {})
-        for location in patching.attention_locations(model):
+        for location in unet_family.attention_locations(model):
             inner = replaces.get(location, lambda q, k, v, o: optimized_attention(q, k, v, o["n_heads"]))
             patched.set_model_attn2_replace(self.image_attention(location, inner), *location)
         return patched

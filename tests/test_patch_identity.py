@@ -3,7 +3,7 @@ import torch
 
 import comfy.sample
 from comfy.ldm.modules.attention import optimized_attention
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 
 
 def _sample(model, family="sd15"):

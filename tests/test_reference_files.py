@@ -14,7 +14,7 @@ import tiny_checkpoints as tc
 from multiref.kernels import checkpoints, encoded_files
 from multiref.kernels.references import ReferenceInputError
 from multiref.kernels.weights_files import CheckpointError
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 
 FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import tiny_checkpoints as tc
 from multiref.kernels import checkpoints
 from multiref.kernels.references import ReferenceInputError
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import tiny_checkpoints as tc
 from multiref.kernels import checkpoints
 from multiref.kernels.adapter import AdapterMismatchError
 from multiref.kernels.references import EncodedReference, Reference, ReferenceInputError
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from test_adapters import layer_norm, slow_resampler
 
 

@@ -17,7 +17,7 @@ import training_data
 from conftest import ROOT, headless_host
 from multiref.kernels.checkpoints import CheckpointError
 from multiref.kernels.references import Reference, ReferenceInputError
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.nodes.loaders import MultiRefAdapterLoader
 from multiref.nodes.training import MultiRefTrain
 from multiref.training import checkpoint, cli, loop, manifest
@@ -512,7 +512,7 @@ import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 import conftest, torch
 torch.set_num_threads(1)
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.training import checkpoint, loop
 from multiref.training.config import TrainConfig
 real, calls = checkpoint.save_file, []

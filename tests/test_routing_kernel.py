@@ -1,4 +1,5 @@
-"""Routing math (kernels/routing.py) against slow, obvious implementations of DESIGN.md 3.2."""
+"""Routing math (kernels/routing.py) against slow, obvious implementations of
+docs/ARCHITECTURE.md, Routing."""
 import math
 
 import pytest
@@ -44,7 +45,8 @@ def plain_ip_attention(q, k, v, heads):
 
 
 def slow_routed(q, text_out, heads, refs, scale, per_reference_keys=None, text_to_weight=None):
-    """DESIGN.md 3.2 written out reference by reference: refs = [(k_ip, v_ip, w_i)]."""
+    """docs/ARCHITECTURE.md, Routing, written out reference by reference: refs = [(k_ip, v_ip,
+    w_i)]."""
     out = text_out.double().clone()
     if per_reference_keys is not None:
         relevance = slow_relevance(q, per_reference_keys, heads)

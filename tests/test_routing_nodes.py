@@ -7,9 +7,11 @@ import torch.nn.functional as F
 import comfy.sample
 import comfy.sd
 from multiref.kernels.adapter import build_adapter
-from multiref.kernels.checkpoints import cross_attention_dims, published_order
+from multiref.kernels.adapter import published_order
+from multiref.kernels.checkpoints import cross_attention_dims
 from multiref.kernels.references import EncodedReference
-from multiref.nodes import patching, tiny_models
+from multiref.families import tiny_models
+from multiref.families import unet as unet_family
 from multiref.nodes.routing import (RECORDER_KEY, MultiRefApplyAdapter, MultiRefRoutingMaps,
                                     RoutingRecorder)
 
@@ -68,7 +70,7 @@ def plain_ip_adapter(model, adapter, references, scale):
         def attention(q, k, v, extra_options):
             out = inner(q, k, v, extra_options)
             heads = extra_options["n_heads"]
-            roles = patching.row_roles(extra_options, q.shape[0])
+            roles = unet_family.row_roles(extra_options, q.shape[0])
             for ref in references:
                 for row, role in enumerate(roles):
                     tokens = ref.image_tokens if role == "full" else ref.uncond_tokens
@@ -81,7 +83,7 @@ def plain_ip_adapter(model, adapter, references, scale):
             return out
         return attention
 
-    patching.set_attention_patch(patched, "attn2", make)
+    unet_family.set_attention_patch(patched, "attn2", make)
     return patched
 
 
@@ -179,9 +181,9 @@ def test_three_references_sample_non_square_with_maps(sd15, host):
     images, = MultiRefRoutingMaps().show(patched, {"samples": out}, 1, "all")
     assert images.shape == (2, 48, 80, 3)
     # weighted maps sum to one over the references: each pixel is a convex mix of the colours
-    maps = recorder.maps(1, patching.BLOCK_GROUPS["all"], (48, 80))
+    maps = recorder.maps(1, unet_family.BLOCK_GROUPS["all"], (48, 80))
     torch.testing.assert_close(maps.sum(1), torch.ones(2, 48, 80), atol=1e-4, rtol=0)
-    assert set(patching.BLOCK_GROUPS) == {"all", "down", "up", "middle"}
+    assert set(unet_family.BLOCK_GROUPS) == {"all", "down", "up", "middle"}
     down, = MultiRefRoutingMaps().show(patched, {"samples": out}, 99, "down")
     assert down.shape == images.shape and not torch.equal(down, images)
     assert {"MultiRefApplyAdapter", "MultiRefRoutingMaps"} <= set(host.nodes)
@@ -207,8 +209,8 @@ def call_layer_patch(patched, roles, seed):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(len(roles), 12, WIDTH, generator=g) for _ in range(3))
     options = {"n_heads": HEADS, "original_shape": [len(roles), 4, 3, 4], "block": ("input", 1),
-               "sigmas": torch.ones(len(roles)), patching.ROLES_KEY: roles}
-    return q, k, v, patch(q, k, v, options), patching.host_attention_call(q, k, v, options)
+               "sigmas": torch.ones(len(roles)), unet_family.ROLES_KEY: roles}
+    return q, k, v, patch(q, k, v, options), unet_family.host_attention_call(q, k, v, options)
 
 
 def test_patch_rows_by_role_and_composition(sd15):
@@ -219,7 +221,7 @@ def test_patch_rows_by_role_and_composition(sd15):
 
     def earlier(q, k, v, extra_options):
         seen.append(extra_options["block"])
-        return patching.host_attention_call(q, k, v, extra_options)
+        return unet_family.host_attention_call(q, k, v, extra_options)
 
     base = model.clone()
     base.set_model_attn2_replace(earlier, "input", 1, 0)
@@ -242,7 +244,7 @@ def test_uncond_rows_are_routed_by_the_empty_prompt(sd15):
     """As MIP-Adapter: image-conditioned rows are routed by the phrases, uncond rows by the
     empty prompt's tokens at the phrases' positions (with the uncond image tokens)."""
     from multiref.kernels import routing as routing_kernel
-    from multiref.nodes.routing import empty_phrase_embeddings, phrase_embeddings
+    from multiref.families.text import empty_phrase_embeddings, phrase_embeddings
     model, clip, adapter, _, _ = sd15
     refs = (encoded(adapter, "dog", 0), encoded(adapter, "red hat", 1))
     q, k, v, out, text = call_layer_patch(apply(model, adapter, refs, clip, "weighted"),
@@ -305,7 +307,7 @@ def test_sigma_ranges_gate_the_node_and_each_reference(sd15):
                              "sigmas": torch.full((2,), sigma), "cond_or_uncond": [0, 1]}
     assert torch.equal(both(q, k, v, options(early_sigma)), alone(q, k, v, options(early_sigma)))
     assert not torch.allclose(both(q, k, v, options(late_sigma)), alone(q, k, v, options(late_sigma)))
-    text = patching.host_attention_call(q, k, v, options(early_sigma))
+    text = unet_family.host_attention_call(q, k, v, options(early_sigma))
     assert torch.equal(windowed(q, k, v, options(early_sigma)), text)
     assert not torch.equal(windowed(q, k, v, options(late_sigma)), text)
     # Weighted and mask routing: a gated-off reference (with more views, so more padding) is
@@ -338,3 +340,25 @@ def test_bad_inputs_are_refused_with_clear_errors(sd15):
         apply(model, adapter, refs, tiny_models.tiny_text_encoder("sdxl"))
     with pytest.raises(ValueError, match="model: carries no routing"):
         MultiRefRoutingMaps().show(model, {"samples": torch.zeros(1, 4, 6, 8)}, 0, "all")
+
+
+def test_a_run_that_starts_below_the_last_ones_sigma_is_a_new_run(sd15):
+    """Sampling in two parts (steps 0-1, then step 3 of the same schedule): the second run starts
+    at a lower sigma than the first ended, which the sigmas alone take for the same run. Where
+    the host says when a run starts (current ComfyUI's ON_PRE_RUN), the maps are the second
+    run's alone; the installable host has no such hook."""
+    model, clip, adapter, _, _ = sd15
+    if not hasattr(model, "add_callback"):
+        pytest.skip("the installable host has no run hook; runs are told from the sigmas there")
+    refs = tuple(encoded(adapter, p, i) for i, p in enumerate(["dog", "cat"]))
+    patched = apply(model, adapter, refs, clip, "weighted")
+    cond, _ = clip.encode_from_tokens(clip.tokenize("a dog and a cat"), return_pooled=True)
+    noise = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    recorder = patched.model_options["transformer_options"][RECORDER_KEY]
+    for start, last in ((None, 2), (3, None)):
+        comfy.sample.sample(patched, noise, 4, 5.0, "euler", "normal", [[cond, {}]],
+                            [[torch.zeros_like(cond), {}]], torch.zeros(1, 4, 6, 10), seed=0,
+                            start_step=start, last_step=last, disable_pbar=True)
+    layers = len(unet_family.attention_locations(patched))
+    assert recorder.steps == 1  # the second run's one step, not the first run's two
+    assert sum(count for _, count in recorder.sums.values()) == layers  # one evaluation's layers

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from multiref.kernels.diffusion_objective import output_scale_of, parameterization_loss
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.training import blocks, checkpoint, loop, manifest
 from multiref.training.config import TrainConfig, TrainConfigError
 
@@ -323,11 +323,16 @@ def test_adapter_training_updates_ip_layers_and_saves_a_loadable_adapter(data, t
 
 
 def test_mass_inside_matches_a_slow_sum():
-    from multiref.training.quality import mass_inside
+    """The quality score read from the relevance collector (two layers at one grid, one at
+    another) against the mean over layers of sum_x R(x) M(x) written out cell by cell."""
+    from multiref.techniques.relevance import RelevanceMaps
     gen = torch.Generator().manual_seed(0)
-    maps = [torch.rand(2, h, h, generator=gen) for h in (8, 4)]
+    maps = [torch.rand(2, h, h, generator=gen) for h in (8, 8, 4)]
     maps = [m / m.sum((1, 2), keepdim=True) for m in maps]
     masks = (torch.rand(2, 32, 32, generator=gen) > 0.5).float()
+    collected = RelevanceMaps()
+    for m in maps:  # (N, h, w) -> one row of (1, L, N)
+        collected.record(0.0, "input", tuple(m.shape[1:]), m.flatten(1).T[None])
     expected = torch.zeros(2)
     for m in maps:
         cell = 32 // m.shape[-1]
@@ -336,7 +341,7 @@ def test_mass_inside_matches_a_slow_sum():
                 for x in range(m.shape[2]):
                     covered = masks[i, y * cell:(y + 1) * cell, x * cell:(x + 1) * cell].mean()
                     expected[i] += m[i, y, x] * covered / len(maps)
-    torch.testing.assert_close(mass_inside(maps, masks), expected)
+    torch.testing.assert_close(collected.mass_inside(masks), expected)
 
 
 def test_quality_threshold_drops_low_scoring_groups_and_reports_them(tmp_path):

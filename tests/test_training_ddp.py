@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.training import cli, loop
 from multiref.training.config import TrainConfig
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import comfy.sample
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 from multiref.nodes.training import MultiRefTrain
 from multiref.training import checkpoint
 

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 import tiny_checkpoints as tc
 from multiref.kernels import checkpoints
-from multiref.nodes import tiny_models, unified_loader
+from multiref.families import tiny_models
+from multiref.nodes import unified_loader
 
 # Written from the h94 / MIP-Adapter / SynCD download pages: preset -> {family: (file, CLIP)}.
 EXPECTED = {

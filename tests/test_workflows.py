@@ -148,7 +148,7 @@ def _write_demo_thumbnail(pictures, path, height=192):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_the_tiny_demo_adapter_fits_every_cross_attention_of_the_tiny_unet(family):
     from multiref.kernels.checkpoints import bind_to_unet, cross_attention_dims
-    from multiref.nodes import tiny_models
+    from multiref.families import tiny_models
     model = tiny_models.tiny_unet(family)
     unet = model.model.diffusion_model
     adapter = bind_to_unet(tiny_models.tiny_adapter(model), unet)  # raises on any mismatch

@@ -1,5 +1,5 @@
 """Tiny adapter checkpoints written at test time with the exact key names, nesting and file
-formats of the published files, shrunk to the tiny host models (nodes/tiny_models.py):
+formats of the published files, shrunk to the tiny host models (families/tiny_models.py):
 context width 16 (SD1.5-like) / 48 (SDXL-like), CLIP vision hidden 32 / projection 24, and the
 tiny UNet's seven transformer blocks. Only the weights are fake (random).
 

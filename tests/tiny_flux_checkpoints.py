@@ -1,5 +1,5 @@
 """Tiny Flux image-adapter files written at test time with the exact key names, nesting and file
-formats of the published ones, shrunk to the tiny Flux of nodes/tiny_dit_models.py (hidden 32,
+formats of the published ones, shrunk to the tiny Flux of families/tiny_dit_models.py (hidden 32,
 text width 16, 2 double + 2 single blocks) and a 24-wide image embedding. Weights are random.
 
   InstantX / Shakker-Labs ip-adapter.bin: torch.save({"image_proj": {"proj.0.weight", ...,

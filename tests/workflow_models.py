@@ -15,7 +15,7 @@ import os
 
 import tiny_checkpoints
 import training_data
-from multiref.nodes import tiny_models
+from multiref.families import tiny_models
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "resolution": 64}
 

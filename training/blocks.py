@@ -21,9 +21,12 @@ keys/values projected with the LoRA on (that LoRA is what trains on them).
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import msa, routing
+from ..kernels import msa
 from ..kernels.checkpoints import unet_transformer_blocks
-from ..kernels.lora import new_self_attention_lora, project
+from ..kernels.lora import deltas, new_self_attention_lora
+from ..techniques import msa as msa_technique
+from ..techniques import relevance
+from ..techniques import routing as routing_technique
 
 
 def spatial_transformers(diffusion_model):
@@ -63,7 +66,7 @@ class PassState:
         self.ref_masks = None                   # (B, K, h, w) float 0/1 at latent resolution
         self.image = None                       # target pass: ImageCondition or None
         self.ref_tokens = None                  # reference pass: (B*K, T, C) own image tokens
-        self.relevance = None                   # quality scoring: RelevanceProbe or None
+        self.relevance = None                   # quality scoring: (RelevanceMaps, phrases) or None
 
     def begin_reference(self, ref_tokens=None):
         """ref_tokens: each reference row's own image tokens (syncd conditioning), or None."""
@@ -72,8 +75,10 @@ class PassState:
     def begin_target(self, ref_masks, image=None):
         self.mode, self.ref_masks, self.image = "target", ref_masks, image
 
-    def begin_relevance(self, probe):
-        self.mode, self.relevance = "plain", probe
+    def begin_relevance(self, maps, phrases):
+        """Record into `maps` (techniques.relevance.RelevanceMaps) each phrase's relevance at
+        every cross-attention layer; phrases: [(P_i, C_ctx)] embeddings."""
+        self.mode, self.relevance = "plain", (maps, phrases)
 
     def end(self):
         self.mode, self.recorded, self.ref_masks, self.image = "plain", {}, None, None
@@ -92,20 +97,6 @@ class PassView:
         self.lora_layers, self.adapter_layers, self.ip_scale = lora_layers, adapter_layers, ip_scale
         self.mode, self.recorded, self.ref_masks, self.image = mode, recorded, ref_masks, image
         self.relevance, self.ref_tokens = relevance, ref_tokens
-
-
-class RelevanceProbe:
-    """Collects, at every cross-attention layer, each object's relevance map R_i (DESIGN.md
-    3.2) for one target row: phrases = the (P_i, D) phrase embeddings of its objects."""
-
-    def __init__(self, phrases):
-        self.phrases, self.maps = phrases, []   # maps: [(N, h, w)] one per layer
-
-    def record(self, attn, n, heads, hw):
-        q = attn.to_q(n)
-        keys = routing.phrase_keys([attn.to_k(e.to(q.device, q.dtype)) for e in self.phrases])
-        relevance = routing.relevance_maps(q, keys, heads)[0]        # (L, N)
-        self.maps.append(relevance.transpose(0, 1).reshape(-1, *hw))
 
 
 class ImageCondition:
@@ -228,7 +219,9 @@ class TrainingSpatialTransformer:
             ctx = n if block.switch_temporal_ca_to_sa else context
             value = ctx
             if view.relevance is not None:
-                view.relevance.record(block.attn2, n, block.n_heads, hw)
+                maps, phrases = view.relevance
+                maps.record(0.0, location[0], hw, relevance.phrase_relevance(
+                    block.attn2.to_q(n), block.attn2.to_k, phrases, block.n_heads))
             for patch in patches.get("attn2_patch", ()):
                 n, ctx, value = patch(n, ctx, value, extra)
             attn2 = replaces.get("attn2", {})
@@ -252,22 +245,19 @@ class TrainingSpatialTransformer:
 
     def _routed_cross_attention(self, attn, n, ctx, value, location, extra, view):
         """Text attention plus the adapter's image attention, routed per reference by its
-        phrase (kernels/routing.py, MIP-Adapter's weighted merge; maps detached); each row reads
+        phrase (techniques.routing, MIP-Adapter's weighted merge; maps detached); each row reads
         its own group's references."""
         heads, layer, image = extra["n_heads"], view.adapter_layers[location], view.image
         q, k, v = attn.to_q(n), attn.to_k(ctx), attn.to_v(value)
-        text_out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
-        gate = None if layer.text_to_weight is None else layer.text_to_weight.weight
+        text_out = msa_technique.plain_attention(q, k, v, heads)
+        gate = routing_technique.gate_of(layer)
         rows = []
         for b in range(q.shape[0]):
-            tokens = image.tokens[b].to(q.dtype)
-            ip_k, ip_v = layer.to_k_ip(tokens)[None], layer.to_v_ip(tokens)[None]
-            with torch.no_grad():
-                phrases = routing.phrase_keys([attn.to_k(e.to(q.device, q.dtype))
-                                               for e in image.phrases[b]])
-            out, _ = routing.routed_cross_attention(
-                q[b:b + 1], text_out[b:b + 1], heads, ip_k, ip_v, image.weights[b],
-                view.ip_scale, "weighted", phrases=phrases, text_to_weight=gate)
+            ip_k, ip_v = routing_technique.image_keys_values(layer, image.tokens[b].to(q.dtype))
+            phrases = relevance.phrase_keys(attn.to_k, image.phrases[b], q.device, q.dtype)
+            out, _ = routing_technique.route(
+                q[b:b + 1], text_out[b:b + 1], heads, ip_k[None], ip_v[None], image.weights[b],
+                view.ip_scale, "weighted", phrases=phrases, gate=gate)
             rows.append(out)
         return attn.to_out(torch.cat(rows))
 
@@ -276,42 +266,38 @@ class TrainingSpatialTransformer:
         adapter's image attention at SynCD's reference scale over each row's own tokens."""
         heads, layer = extra["n_heads"], view.adapter_layers[location]
         q, k, v = attn.to_q(n), attn.to_k(ctx), attn.to_v(value)
-        text_out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
-        tokens = view.ref_tokens.to(q.dtype)
-        out = msa.reference_image_attention(q, text_out, layer.to_k_ip(tokens),
-                                            layer.to_v_ip(tokens), heads)
-        return attn.to_out(out)
+        text_out = msa_technique.plain_attention(q, k, v, heads)
+        ip_k, ip_v = routing_technique.image_keys_values(layer, view.ref_tokens.to(q.dtype))
+        return attn.to_out(msa.reference_image_attention(q, text_out, ip_k, ip_v, heads))
 
     def _self_attention(self, block, n, location, hw, extra, state):
+        """Masked Shared Attention (techniques.msa): the target pass with the LoRA, reading the
+        recorded reference inputs; the reference pass plain and without it."""
         attn = block.attn1
-        lora = None if state.mode == "reference" else state.lora_layers.get(location)
+        pairs = None if state.mode == "reference" else state.lora_layers.get(location)
+        lora = None if pairs is None else deltas(pairs)
         if state.mode == "reference":
             state.recorded[location] = n.detach()
-        q = project(lora, "to_q", attn.to_q, n)
-        k = project(lora, "to_k", attn.to_k, n)
-        v = project(lora, "to_v", attn.to_v, n)
-        heads = extra["n_heads"]
+        rows, heads = n.shape[0], extra["n_heads"]
+        q, k, v = msa_technique.with_lora(attn.to_q(n), attn.to_k(n), attn.to_v(n), n, lora, rows)
         if state.mode == "target" and location in state.recorded:
             out = self._shared(q, k, v, state.recorded[location], state.ref_masks, lora, attn, hw,
                                heads)
         else:
-            # No reference tokens: the shared attention over an empty foreground is plain attention.
-            out = msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
-        return project(lora, "to_out", attn.to_out, out)
+            out = msa_technique.plain_attention(q, k, v, heads)
+        return msa_technique.lora_output(attn.to_out(out), out, lora, rows)
 
     def _shared(self, q, k, v, refs, ref_masks, lora, attn, hw, heads):
-        """Each target row attends to its own tokens and the foreground tokens of its own
-        group's references, their keys/values projected with the LoRA on (that trains)."""
+        """Each target row reads the foreground of its own group's references; their keys and
+        values get the LoRA (that trains) through techniques.msa.read_references."""
         batch = q.shape[0]
         per_group = refs.shape[0] // batch
-        kr = project(lora, "to_k", attn.to_k, refs)
-        vr = project(lora, "to_v", attn.to_v, refs)
+        kr, vr = attn.to_k(refs), attn.to_v(refs)
         fg = msa.resize_masks(ref_masks.flatten(0, 1), *hw)
         rows = []
         for b in range(batch):
             group = slice(b * per_group, (b + 1) * per_group)
-            index = msa.foreground_index(fg[group])
-            rows.append(msa.shared_attention(
-                q[b:b + 1], k[b:b + 1], v[b:b + 1], msa.gather_foreground(kr[group], index),
-                msa.gather_foreground(vr[group], index), heads))
+            rows.append(msa_technique.read_references(
+                q[b:b + 1], k[b:b + 1], v[b:b + 1], heads, kr[group], vr[group],
+                msa.foreground_index(fg[group]), lora=lora, ref_n=refs[group]))
         return torch.cat(rows)

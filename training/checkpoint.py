@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 
 from ..kernels import weights_files
 from ..kernels.adapter import AdapterLayer, LoadedAdapter
-from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, published_order, save_adapter
+from ..kernels.adapter import published_order
+from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, save_adapter
 
 WEIGHTS_NAME = "multiref_lora.safetensors"
 CORE_LORA_NAME = "multiref_lora_core.safetensors"

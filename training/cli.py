@@ -13,7 +13,7 @@ import sys
 import torch
 
 from ..kernels import weights_files
-from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, CheckpointError
+from ..kernels.checkpoints import CheckpointError, base_family, cross_attention_dims
 from . import config as config_mod, loop, manifest
 
 log = logging.getLogger("multiref")
@@ -42,7 +42,7 @@ def _base_models(spec):
         raise config_mod.TrainConfigError('model must be {"checkpoint": "path/to/model.safetensors"}'
                                           ' or {"tiny": "sd15"} / {"tiny": "sdxl"}')
     if "tiny" in spec:
-        from ..nodes import tiny_models
+        from ..families import tiny_models
         if spec["tiny"] not in ("sd15", "sdxl"):
             raise config_mod.TrainConfigError(f"model.tiny must be sd15 or sdxl, got {spec['tiny']!r}")
         family = spec["tiny"]
@@ -60,19 +60,18 @@ def _base_models(spec):
 
 
 def family_of(patcher):
-    """sd15 or sdxl, from the UNet's cross-attention width."""
-    from .blocks import spatial_transformers
-    diffusion_model = patcher.model.diffusion_model
-    if not hasattr(diffusion_model, "input_blocks"):  # a diffusion transformer (Flux, SD3, ...)
+    """sd15 or sdxl, from the UNet's cross-attention width (kernels.checkpoints.base_family)."""
+    unet = patcher.model.diffusion_model
+    if not hasattr(unet, "input_blocks"):  # a diffusion transformer (Flux, SD3, ...)
         raise config_mod.TrainConfigError(
-            f"the model is a diffusion transformer ({type(diffusion_model).__name__}), not a "
+            f"the model is a diffusion transformer ({type(unet).__name__}), not a "
             "UNet: the trainer is UNet-only (SD1.5, SDXL); give an SD1.5 or SDXL checkpoint")
-    _, first = spatial_transformers(patcher.model.diffusion_model)[0]
-    width = first.transformer_blocks[0].attn2.to_k.in_features
-    if width not in FAMILY_BY_CONTEXT_DIM:
-        raise config_mod.TrainConfigError(f"the model's cross-attention width {width} is neither "
+    family = base_family(unet)
+    if family is None:
+        widths = sorted({context for context, _ in cross_attention_dims(unet).values()})
+        raise config_mod.TrainConfigError(f"the model's cross-attention width {widths} is neither "
                                           "SD1.5 (768) nor SDXL (2048): the trainer supports those")
-    return FAMILY_BY_CONTEXT_DIM[width]
+    return family
 
 
 def _init_distributed():

@@ -106,8 +106,8 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
     encoded, phrases = [], {}
     uncond_tokens = None
     if adapter is not None:
-        from ..nodes.references import unconditional_tokens
-        from ..nodes.routing import phrase_embeddings
+        from ..families.vision import unconditional_tokens
+        from ..families.text import phrase_embeddings
         with torch.no_grad():
             # The adapter family's own "no image" (what sampling's uncond branch reads too).
             uncond_tokens = unconditional_tokens(adapter, clip_vision)[0].cpu()

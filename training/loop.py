@@ -1,6 +1,7 @@
-"""The training loop (DESIGN.md 3.5): LoRA on self-attention, Masked Shared Attention against the
-group's references, one timestep per group, loss on the target only in the model's own
-parameterization, condition dropout, AdamW, gradient accumulation, checkpoints, resume, DDP.
+"""The training loop (docs/ARCHITECTURE.md, Training): LoRA on self-attention, Masked Shared
+Attention against the group's references, one timestep per group, loss on the target only in the
+model's own parameterization, condition dropout, AdamW, gradient accumulation, checkpoints, resume,
+DDP.
 What each micro-batch holds and its random draws: training/batches.py; the one-time encoding of
 the dataset: training/encoding.py.
 """

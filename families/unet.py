@@ -1,18 +1,22 @@
-"""Host-facing patch plumbing shared by routing, MSA and guidance.
+"""The SD1.5 / SDXL UNet family: the seam of families/base.py over ComfyUI's classic hooks.
 
-Three things every pack patch needs, kept here so they exist once:
-  * where the attention layers are (`attention_locations`) and how to put a replace on every one
-    of them without dropping a replace another node already put there (`set_attention_patch`);
+  * where the attention layers are (`attention_locations`: every transformer block, walked) and
+    how to put a replace on every one of them without dropping a replace another node already
+    put there (`set_attention_patch`, over the attn1/attn2 replaces: q, k, v in, the pre-to_out
+    output back);
   * which batch row serves which guidance branch (`row_roles`): full (prompt + image condition),
     image (negative text + image condition), uncond (no image condition), ref (reference rows);
-  * how to add rows to a UNet call and slice them off afterwards (`with_reference_rows`), so the
-    references of Masked Shared Attention ride in the same batched call as the target.
+  * how to add rows to a UNet call and slice them off afterwards (`add_row_provider`, over the
+    UNet function wrapper), so the references of Masked Shared Attention ride in the same
+    batched call as the target;
+  * the latent grid of a layer (`layer_grid`).
 Everything goes through a `model.clone()` and ComfyUI's classic ModelPatcher hooks.
 """
 import torch
 
 import comfy.ldm.modules.attention as host_attention
 
+from ..kernels import routing
 from ..kernels.checkpoints import unet_transformer_blocks
 
 BRANCHES_KEY = "multiref_branches"
@@ -27,22 +31,40 @@ BLOCK_GROUPS = {"all": ("input", "middle", "output"), "down": ("input",), "up": 
 
 class SharedAcrossClones:
     """Base of per-run state that patches, row providers and later nodes must see as ONE object.
-    The installable host deep-copies model options on clone(), current ComfyUI shares them;
-    never copying keeps both hosts the same (closures holding it included) and keeps large state
-    (reference latents) from being copied by every later node's clone."""
+    Both hosts deep-copy model options on clone(); never copying this state keeps one object per
+    patched model across every later clone (the Routing Maps node reads what the sampler's clone
+    wrote; closures holding it included) and keeps large state (reference latents) from being
+    copied by every later node's clone. A run starts where the host says so (on_each_run);
+    without a hook, from the sigmas (techniques.relevance.StepClock)."""
 
     def __deepcopy__(self, memo):
         return self
 
 
+def unet_of(model, technique="MultiRef patches"):
+    """The model's UNet (diffusion_model), or a named error for any other architecture."""
+    unet = getattr(model.model, "diffusion_model", None)
+    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise ValueError(f"model: {technique} work on UNet models (SD1.5, SDXL families); this "
+                         f"model is {type(model.model).__name__}. Connect an SD1.5 or SDXL "
+                         "checkpoint")
+    return unet
+
+
+def on_each_run(model, begin):
+    """Call begin() as each sampling run with the clone `model` starts, where the host says so:
+    current ComfyUI calls its ON_PRE_RUN callbacks before every run. The installable host has
+    no such hook; there the state tells a new run from the sigmas (StepClock)."""
+    if not hasattr(model, "add_callback"):
+        return
+    from comfy.patcher_extension import CallbacksMP
+    model.add_callback(CallbacksMP.ON_PRE_RUN, lambda patcher: begin())
+
+
 def attention_locations(model):
     """Every transformer block of the UNet as ComfyUI's replace key
     (block_name, block_id, index inside its SpatialTransformer), in execution order."""
-    unet = model.model.diffusion_model
-    if not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"model: {type(unet).__name__} is not a UNet; MultiRef patches support "
-                         "the SD1.5 and SDXL families")
-    locations = [loc for loc, _ in unet_transformer_blocks(unet)]
+    locations = [loc for loc, _ in unet_transformer_blocks(unet_of(model))]
     if not locations:
         raise ValueError("model: no transformer blocks found; MultiRef patches need a UNet with "
                          "cross-attention (SD1.5 or SDXL family)")
@@ -103,6 +125,11 @@ def rows_with_role(roles, wanted):
     """Indices of the rows whose role is in `wanted` (a set or a single role)."""
     wanted = {wanted} if isinstance(wanted, str) else wanted
     return [i for i, role in enumerate(roles) if role in wanted]
+
+
+def layer_grid(extra_options, tokens):
+    """The (H, W) grid of the attention layer being called, which has `tokens` positions."""
+    return routing.layer_grid(tuple(extra_options["original_shape"][-2:]), tokens)
 
 
 def current_sigma(extra_options):

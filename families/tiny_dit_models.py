@@ -1,6 +1,6 @@
 """Tiny diffusion transformers (Flux, SD3) built from the host's own classes, random weights.
 
-The companions of nodes/tiny_models.py for the transformer families: the host's real Flux /
+The companions of families/tiny_models.py for the transformer families: the host's real Flux /
 MMDiT model classes, its Flux and SD3 text encoders (tokenizers included) and its AutoencoderKL
 with a 16-channel latent, only with tiny widths. They exist for the demo node and the tests.
 Only a current ComfyUI has them (Flux arrived in August 2024, per-encoder config overrides in

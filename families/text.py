@@ -1,0 +1,26 @@
+"""What the techniques need from a model's text encoder (a ComfyUI CLIP object): a phrase
+encoded on its own, as MIP-Adapter encodes each object's words."""
+
+
+def phrase_embeddings(clip, phrase, what):
+    """The text encoder's output for the phrase alone, tokens after BOS up to EOS: (P, C_ctx)."""
+    tokens = clip.tokenize(phrase)
+    key = next(iter(tokens))
+    end_token = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
+    if len(tokens[key]) > 1:
+        raise ValueError(f"{what}: phrase {phrase!r} is longer than one 75-token chunk; name the "
+                         "object in a few words")
+    ids = [t[0] for t in tokens[key][0]]
+    count = ids.index(end_token, 1) - 1
+    if count < 1:
+        raise ValueError(f"{what}: phrase {phrase!r} gives no tokens; write the object's words "
+                         "(e.g. 'dog') as they appear in the prompt")
+    cond = clip.encode_from_tokens(tokens)
+    return cond[0, 1:1 + count].detach().float().cpu()
+
+
+def empty_phrase_embeddings(clip, counts):
+    """MIP-Adapter's phrases for the uncond rows: the encoding of the empty prompt at the same
+    token positions (1..P_i) as each phrase, so the negative prediction is routed by no words."""
+    cond = clip.encode_from_tokens(clip.tokenize(""))
+    return [cond[0, 1:1 + count].detach().float().cpu() for count in counts]

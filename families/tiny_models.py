@@ -206,8 +206,8 @@ def tiny_adapter(model, seed=4, tokens=4):
     """A base IP-Adapter (linear image projection to `tokens` tokens, image key/value
     projections in every cross-attention) with random weights, shaped for `model`'s UNet and
     for the tiny CLIP vision model's image embeddings."""
-    from ..kernels.adapter import build_adapter
-    from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, cross_attention_dims, published_order
+    from ..kernels.adapter import build_adapter, published_order
+    from ..kernels.checkpoints import FAMILY_BY_CONTEXT_DIM, cross_attention_dims
     dims = cross_attention_dims(model.model.diffusion_model)
     context = next(iter(dims.values()))[0]
     gen = torch.Generator().manual_seed(seed)

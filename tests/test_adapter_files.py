@@ -8,20 +8,12 @@ import torch
 import tiny_checkpoints as tc
 from multiref.kernels import checkpoints
 from multiref.families import tiny_models
-from test_adapters import gelu, layer_norm, load_through_node
+from test_adapters import adapter_folder, gelu, layer_norm, load_through_node  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def parts():
     return {"sd15": tiny_models.tiny_unet("sd15"), "clip_vision": tiny_models.tiny_clip_vision()}
-
-
-@pytest.fixture()
-def adapter_folder(host, tmp_path):
-    folder = tmp_path / "multiref"
-    folder.mkdir()
-    host.folder_paths.add_model_folder_path("multiref", str(folder))
-    return folder
 
 
 def slow_full_face(written, hidden):

@@ -22,20 +22,11 @@ from multiref.nodes.loaders import MultiRefAdapterLoader
 from multiref.nodes.training import MultiRefTrain
 from multiref.training import checkpoint, cli, loop, manifest
 from multiref.training.config import TrainConfig, TrainConfigError
+from test_training import data, tiny_models_sd15  # noqa: F401  (data: the shared dataset fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return training_data.write_object_dataset(str(tmp_path_factory.mktemp("data")), groups=2, refs=1)
-
-
-def tiny_sd15():
-    return loop.Models(tiny_models.tiny_unet("sd15"), tiny_models.tiny_vae(),
-                       tiny_models.tiny_text_encoder("sd15"), "sd15")
 
 
 def settings(data, out, **kw):
@@ -147,7 +138,7 @@ def test_clip_vision_bin_still_loads_weights_only(tmp_path, data, monkeypatch):
 @pytest.fixture(scope="module")
 def finished_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    loop.train(TrainConfig(**settings(data, out, steps=2)), tiny_sd15())
+    loop.train(TrainConfig(**settings(data, out, steps=2)), tiny_models_sd15())
     return out
 
 
@@ -158,7 +149,7 @@ def test_resume_state_pickle_is_refused_unrun(finished_run, data, tmp_path):
     marker = tmp_path / "marker"
     torch.save({"trainable": _WritesMarker(marker)}, state)
     with pytest.raises(CheckpointError) as err:
-        loop.train(TrainConfig(**settings(data, run, steps=2)), tiny_sd15())
+        loop.train(TrainConfig(**settings(data, run, steps=2)), tiny_models_sd15())
     assert not marker.exists()
     assert str(err.value).startswith(f"refused to load training_state.pt (resume state: {state})")
     assert f"delete the folder {state.parent}" in str(err.value)
@@ -171,7 +162,7 @@ def test_cached_encodings_pickle_is_refused_unrun(finished_run, data, tmp_path):
     marker = tmp_path / "marker"
     torch.save({"groups": [_WritesMarker(marker)]}, cache)
     with pytest.raises(CheckpointError) as err:
-        loop.train(TrainConfig(**settings(data, run, steps=2)), tiny_sd15())
+        loop.train(TrainConfig(**settings(data, run, steps=2)), tiny_models_sd15())
     assert not marker.exists()
     assert str(err.value).startswith(
         f"refused to load {os.path.basename(cache)} (cached encodings: {cache})")
@@ -227,7 +218,7 @@ def test_fresh_run_moves_the_earlier_run_aside_and_never_resumes_it(data, tmp_pa
             raise KeyboardInterrupt
     fresh = TrainConfig(**settings(data, run, steps=6, learning_rate=5e-3, resume=False))
     with pytest.raises(KeyboardInterrupt):                      # `--no-resume`, then Ctrl-C
-        loop.train(fresh, tiny_sd15(), check_interrupt=ctrl_c_at_step_1)
+        loop.train(fresh, tiny_models_sd15(), check_interrupt=ctrl_c_at_step_1)
     (moved,) = os.listdir(run / checkpoint.REPLACED_DIR)
     assert checkpoint.saved_steps(str(run / checkpoint.REPLACED_DIR / moved)) == [2, 4]
     assert json.loads((run / checkpoint.REPLACED_DIR / moved / "config.json").read_text())[
@@ -246,7 +237,7 @@ def test_resume_with_changed_settings_lists_every_difference(finished_run, data,
     changed = TrainConfig(**settings(other, run, steps=2, lora_rank=8, learning_rate=1e-3,
                                      resolution=128))
     with pytest.raises(TrainConfigError) as err:
-        loop.train(changed, tiny_sd15())
+        loop.train(changed, tiny_models_sd15())
     lines = str(err.value).splitlines()
     assert lines[0] == (f"output_dir {run} holds a run saved at step 2 with other settings than "
                         "this one (4 difference(s)):")
@@ -268,7 +259,7 @@ def test_resume_of_a_checkpoint_without_settings_reports_shapes_in_one_line(fini
     del state["run_identity"]
     torch.save(state, state_file)
     with pytest.raises(TrainConfigError) as err:
-        loop.train(TrainConfig(**settings(data, run, steps=2, lora_rank=8)), tiny_sd15())
+        loop.train(TrainConfig(**settings(data, run, steps=2, lora_rank=8)), tiny_models_sd15())
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"output_dir {run}: the run saved at step 2 trained weights "
                                      "of other shapes than this model and settings make")
@@ -543,11 +534,11 @@ def test_kill_during_a_save_is_cleaned_up_and_the_summary_has_the_real_step(data
     assert sorted(os.listdir(orphan))[0].startswith(".multiref-")  # the half-written .tmp
     assert checkpoint.saved_steps(str(run)) == [2]
     (run / ".multiref-loss.tmp").write_text("[")  # as a kill during a final write leaves
-    result = loop.train(TrainConfig(**values), tiny_sd15())
+    result = loop.train(TrainConfig(**values), tiny_models_sd15())
     assert glob.glob(str(run / "checkpoints" / ".*")) + glob.glob(str(run / ".multiref-*")) == []
     assert [s for s, _ in result.losses] == [1, 2, 3, 4] and checkpoint.saved_steps(str(run)) == [2, 4]
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_session"]) == (4, 2)
-    loop.train(TrainConfig(**values), tiny_sd15())  # the same command once more: nothing to do
+    loop.train(TrainConfig(**values), tiny_models_sd15())  # the same command once more: nothing to do
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_session"], summary["steps_per_s"]) == (4, 0, None)

@@ -18,6 +18,7 @@ from multiref.nodes import guidance as guidance_nodes
 from multiref.families import tiny_models
 from multiref.families import unet as unet_family
 from multiref.nodes.msa import MultiRefApplyMSA, apply_msa
+from slow_references import add_image_attention
 
 STEPS = 3
 LATENT = (6, 8)  # 48 x 64 px
@@ -314,16 +315,8 @@ class SynCDTwoPass(TwoPass):
             out = inner(q, k, v, extra_options)
             if self.writing is False:
                 return out
-            heads = extra_options["n_heads"]
-            d = q.shape[-1] // heads
-            out = out.double()
-            for r in range(q.shape[0]):
-                keys, values = self.tokens[r].double() @ to_k_ip.T, self.tokens[r].double() @ to_v_ip.T
-                for hd in range(heads):
-                    sl = slice(hd * d, (hd + 1) * d)
-                    logits = q[r, :, sl].double() @ keys[:, sl].T / math.sqrt(d)
-                    out[r, :, sl] += 1.0 * logits.softmax(-1) @ values[:, sl]
-            return out.float()
+            return add_image_attention(out.double(), q, self.tokens.double(), to_k_ip, to_v_ip,
+                                       extra_options["n_heads"]).float()
         return attn2
 
     def install(self, model):

@@ -406,9 +406,9 @@ def test_reference_pass_is_conditioned_as_sampling_conditions_it(data, tmp_path,
     scale 1.0 over the reference's own tokens, LoRA off (SynCD's reference pass, as MultiRef
     Apply MSA samples it): the self-attention inputs it banks equal the host's plain forward
     with those conditions and an image attention written here in float64."""
-    import math
     import tiny_checkpoints
     from comfy.ldm.modules.attention import optimized_attention
+    from slow_references import add_image_attention
     from multiref.kernels.checkpoints import load_adapter
     from multiref.training import encoding
     adapter = load_adapter(tiny_checkpoints.write_checkpoint(str(tmp_path), "ip_adapter_plus", "sd15")[0])
@@ -450,15 +450,8 @@ def test_reference_pass_is_conditioned_as_sampling_conditions_it(data, tmp_path,
 
         def attn2(q, k, v, extra):
             heads = extra["n_heads"]
-            d = q.shape[-1] // heads
             out = optimized_attention(q, k, v, heads).double()
-            for r in range(rows):
-                keys, values = tokens[r] @ to_k_ip.T, tokens[r] @ to_v_ip.T
-                for hd in range(heads):
-                    sl = slice(hd * d, (hd + 1) * d)
-                    logits = q[r, :, sl].double() @ keys[:, sl].T / math.sqrt(d)
-                    out[r, :, sl] += 1.0 * logits.softmax(-1) @ values[:, sl]
-            return out.float()
+            return add_image_attention(out, q, tokens, to_k_ip, to_v_ip, heads).float()
         return attn2
 
     options = {"patches": {"attn1_patch": [keep]},

@@ -8,6 +8,7 @@ import re
 from ..kernels import encoded_files
 from ..kernels.references import ReferenceInputError
 from .loaders import folder_paths
+from .output_folder import inside_output
 
 log = logging.getLogger("multiref")
 
@@ -22,21 +23,14 @@ def _inside(folder, path):
 
 def save_path(filename_prefix):
     """A new file `<output>/<prefix>_NNNNN_.references.safetensors`; the prefix may name
-    subfolders inside the output folder, nothing outside it (any client of the server can queue
-    a prompt)."""
-    output = folder_paths.get_output_directory()
-    prefix = filename_prefix.strip().replace("\\", "/")
-    parts = [p for p in prefix.split("/") if p not in ("", ".")]
-    if not parts or os.path.isabs(prefix) or ".." in parts or re.match(r"^[A-Za-z]:", prefix):
-        raise ReferenceInputError(
-            f"filename_prefix: {filename_prefix!r} must be a relative name inside the output "
-            "folder (e.g. 'multiref/dog'); absolute paths and '..' are refused")
-    folder = os.path.join(output, *parts[:-1])
-    if not _inside(output, folder):
-        raise ReferenceInputError(f"filename_prefix: {filename_prefix!r} leads out of the output "
-                                  f"folder {output} (through a link); give a folder inside it")
+    subfolders inside the output folder, nothing outside it (nodes/output_folder.py)."""
+    path = inside_output(filename_prefix.strip(), "filename_prefix", ReferenceInputError,
+                         "'multiref/dog'")
+    if path == os.path.realpath(folder_paths.get_output_directory()):
+        raise ReferenceInputError(f"filename_prefix: {filename_prefix!r} names no file; give a "
+                                  "name such as 'multiref/dog'")
+    folder, stem = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    stem = parts[-1]
     taken = [int(m.group(1)) for n in os.listdir(folder)
              for m in [re.fullmatch(re.escape(stem) + r"_(\d+)_" + re.escape(encoded_files.SUFFIX), n)] if m]
     return os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05d}_{encoded_files.SUFFIX}")

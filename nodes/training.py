@@ -20,31 +20,9 @@ from ..training import checkpoint, loop, plots
 from ..training.blocks import attention_paths
 from ..training.config import TrainConfig, TrainConfigError
 from ..training.cli import family_of
+from .output_folder import inside_output
 
 log = logging.getLogger("multiref")
-
-
-def _output_folder(name):
-    """output_dir lives in ComfyUI's output folder, as SaveImage's files do: a prompt can come
-    from anyone who reaches the server (POST /prompt), so no absolute path, no `..` and no link
-    may lead it elsewhere (the command-line trainer writes where its user says)."""
-    try:
-        import folder_paths
-    except ImportError:  # the installable host keeps it in comfy.cmd
-        from comfy.cmd import folder_paths
-    root = os.path.realpath(folder_paths.get_output_directory())
-    parts = name.replace("\\", "/").split("/")
-    if not name.strip() or os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts:
-        raise TrainConfigError(
-            f"output_dir {name!r}: give a folder inside ComfyUI's output folder ({root}) as a "
-            "relative path without '..', e.g. multiref_training/run1 (absolute paths and '..' "
-            "are refused: a prompt must not write outside the output folder)")
-    folder = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, folder]) != root:
-        raise TrainConfigError(
-            f"output_dir {name!r} leads to {folder}, outside ComfyUI's output folder ({root}), "
-            "through a symbolic link; choose a folder inside the output folder")
-    return folder
 
 
 class MultiRefTrain:
@@ -125,7 +103,8 @@ class MultiRefTrain:
               learning_rate, lora_rank, resolution, save_every, keep_last, seed,
               gradient_checkpointing, resume, preview_every=0, preview_prompt="",
               quality_threshold=0.0, adapter=None, clip_vision=None):
-        config = TrainConfig(dataset=dataset, output_dir=_output_folder(output_dir), steps=steps,
+        folder = inside_output(output_dir, "output_dir", TrainConfigError, "multiref_training/run1")
+        config = TrainConfig(dataset=dataset, output_dir=folder, steps=steps,
                              batch_size=batch_size, grad_accumulation=grad_accumulation,
                              learning_rate=learning_rate, lora_rank=lora_rank,
                              resolution=resolution, save_every=save_every, keep_last=keep_last,

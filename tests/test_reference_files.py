@@ -84,7 +84,7 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
         host.folder_paths.set_input_directory(saved_input)
 
 
-@pytest.mark.parametrize("prefix", ["../outside", "/tmp/abs", "a/../../b", "", "link/x"])
+@pytest.mark.parametrize("prefix", ["../outside", "/tmp/abs", "a/../../b", "", ".", "link/x"])
 def test_names_leading_out_of_the_output_folder_are_refused(host, output_folder, encoded, prefix,
                                                             tmp_path):
     (output_folder / "link").symlink_to(tmp_path)

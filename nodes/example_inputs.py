@@ -6,10 +6,7 @@ import logging
 import os
 import shutil
 
-try:  # a ComfyUI checkout has a top-level folder_paths; the installable host has comfy.cmd's
-    import folder_paths
-except ImportError:
-    from comfy.cmd import folder_paths
+from .loaders import folder_paths
 
 log = logging.getLogger("multiref")
 

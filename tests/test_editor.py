@@ -373,6 +373,11 @@ BROWSE_TEMPLATES_JS = """(async (module, names) => {
 })(%s, %s)"""
 
 OPEN_TEMPLATE_JS = """(async (module, name) => {
+  // A dialog still closing from before (the Templates browser) is not this template's doing.
+  document.querySelectorAll(".p-dialog-close-button").forEach(b => b.click());
+  for (let i = 0; i < 40 && document.querySelector(".p-dialog"); i++) {
+    await new Promise(r => setTimeout(r, 50));
+  }
   const response = await fetch(`api/workflow_templates/${module}/${name}.json`);
   await app.loadGraphData(await response.json(), true, true, name);
   await new Promise(r => setTimeout(r, 200));

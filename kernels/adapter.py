@@ -17,6 +17,8 @@ from torch import nn
 RESAMPLER_DIM_HEAD = 64
 PLUS_INPUT = "penultimate_hidden_states"  # CLIP vision output a Plus adapter reads
 BASE_INPUT = "image_embeds"  # CLIP vision output a base adapter reads
+# CLIP vision output key of the hidden states a feature fusion reads: {hidden-state number: tensor}
+HIDDEN_STATES = "multiref_hidden_states"
 
 # What each checkpoint family's own code projects for "no image" (the unconditional branch and
 # dropped images in training). Base adapters, all families: an all-zero image_embeds vector.
@@ -294,6 +296,8 @@ class LoadedAdapter:
     fingerprint: identifies the weights; encoded references carry it.
     uncond_from: for files this pack trained, the "no image" convention of the adapter training
         started from (UNCOND_*; kept in the file's metadata); "" = decided by `kind`.
+    fusion: a kernels.feature_fusion.FeatureFusion adding experts of several CLIP layers to the
+        image projection's tokens, or None (the tokens are the projection's alone).
     Weights keep the file's dtype (often fp16) on the CPU; callers cast them to their inputs'
     device and dtype when they use them.
     """
@@ -305,6 +309,7 @@ class LoadedAdapter:
     locations: Optional[tuple] = None
     fingerprint: str = ""
     uncond_from: str = ""
+    fusion: Optional[nn.Module] = None
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -363,26 +368,33 @@ class LoadedAdapter:
             return self.uncond_from
         return UNCOND_GRAY_PIXELS if self.kind == "syncd" else UNCOND_ZERO_PIXELS
 
-    def uncond_tokens(self, encode_pixels, size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    def uncond_tokens(self, encode_pixels, size=224, mean=CLIP_MEAN, std=CLIP_STD,
+                      fusion_weights=None):
         """(1, T, C_ctx) "no image" tokens as the family's own code computes them.
         encode_pixels(normalized pixel values (1, 3, size, size)) -> the CLIP vision outputs
-        (a mapping with the host's keys); size, mean, std: that CLIP vision model's input."""
+        (a mapping with the host's keys); size, mean, std: that CLIP vision model's input;
+        fusion_weights: as `project`'s."""
         convention = self.uncond_convention
         if convention == UNCOND_ZERO_EMBEDS:
             param = next(self.image_proj.parameters())
             return self.project({BASE_INPUT: torch.zeros(1, self.clip_width, device=param.device)})
-        return self.project(encode_pixels(uncond_pixel_values(convention, size, mean, std)))
+        return self.project(encode_pixels(uncond_pixel_values(convention, size, mean, std)),
+                            fusion_weights)
 
     def describe(self):
         contents = "self-attention LoRA only"
         if self.has_image_layers:
             count = "one token per CLIP token" if self.tokens is None else f"{self.tokens} tokens"
             contents = f"{count} of width {self.context_dim}"
+        if self.fusion is not None:
+            contents += f", feature fusion of CLIP hidden states {list(self.fusion.layers)}"
         return f"{self.source or 'adapter'} ({self.kind}, {self.family}, {len(self.layers)} layers, {contents})"
 
     # -- use ------------------------------------------------------------------------------------
-    def project(self, clip_vision_output):
-        """CLIP vision output (a mapping with the host's keys) -> (B, T, C_ctx) image tokens."""
+    def project(self, clip_vision_output, fusion_weights=None):
+        """CLIP vision output (a mapping with the host's keys) -> (B, T, C_ctx) image tokens.
+        With a feature fusion the output also needs its HIDDEN_STATES; fusion_weights: None =
+        the fusion's router, or the user's (w_low, w_mid, w_high)."""
         self.require_image_layers("encoding reference images")
         try:
             features = clip_vision_output[self.clip_input]
@@ -395,13 +407,15 @@ class LoadedAdapter:
                 f"CLIP vision gives {self.clip_input} of width {features.shape[-1]} but "
                 f"{self.describe()} expects width {self.clip_width}; load the CLIP vision model "
                 f"this adapter was trained with: {clip_model_hint(self.clip_input, self.clip_width)}")
-        param = next(self.image_proj.parameters())
-        with torch.no_grad():
-            if param.device.type != "cpu" or param.dtype == torch.float32:
-                return self.image_proj(features.to(param.device, param.dtype))
-            # Half-precision files on the CPU: run in float32 (CPU fp16 is slow and less exact).
-            weights = {k: v.float() for k, v in self.image_proj.state_dict().items()}
-            return torch.func.functional_call(self.image_proj, weights, (features.float(),))
+        tokens = run_frozen(self.image_proj, features)
+        if self.fusion is None:
+            return tokens
+        try:
+            hidden_states = clip_vision_output[HIDDEN_STATES]
+        except (KeyError, AttributeError):
+            raise AdapterMismatchError(f"{self.describe()} fuses several CLIP vision layers, but "
+                                       f"the CLIP vision output has no {HIDDEN_STATES}") from None
+        return run_frozen(self.fusion, tokens, hidden_states, fusion_weights)
 
     def bind(self, unet_locations, attention_dims=None):
         """A copy whose layers are tied to a UNet's attention locations.
@@ -440,6 +454,8 @@ class LoadedAdapter:
         """Flat tensors under the published names (plus `self_attn_lora.{2*i}.*` for LoRA)."""
         out = {f"image_proj.{k}": v for k, v in
                (self.image_proj.state_dict() if self.has_image_layers else {}).items()}
+        if self.fusion is not None:
+            out.update(self.fusion.state_dict_flat())
         for i, layer in enumerate(self.layers):
             number = 2 * i + 1
             if layer.to_k_ip is not None:
@@ -455,6 +471,26 @@ class LoadedAdapter:
     def lora_alpha(self):
         alphas = {pair.alpha for layer in self.layers for pair in (layer.self_attn_lora or {}).values()}
         return alphas.pop() if len(alphas) == 1 else None
+
+
+def run_frozen(module, *inputs):
+    """module(*inputs) without gradient, on the module's device and in its dtype; half-precision
+    weights on the CPU run in float32 (CPU fp16 is slow and less exact). Tensors of `inputs`
+    (also inside a dict) are moved; None passes."""
+    param = next(module.parameters())
+    half_on_cpu = param.device.type == "cpu" and param.dtype != torch.float32
+    dtype = torch.float32 if half_on_cpu else param.dtype
+
+    def moved(x):
+        if isinstance(x, dict):
+            return {k: moved(v) for k, v in x.items()}
+        return x.to(param.device, dtype) if isinstance(x, torch.Tensor) else x
+    inputs = tuple(moved(x) for x in inputs)
+    with torch.no_grad():
+        if not half_on_cpu:
+            return module(*inputs)
+        weights = {k: v.float() for k, v in module.state_dict().items()}
+        return torch.func.functional_call(module, weights, inputs)
 
 
 def clip_model_hint(clip_input, width):

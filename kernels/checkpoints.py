@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import save_file
 
-from . import flux_adapters, weights_files
+from . import feature_fusion, flux_adapters, weights_files
 from .adapter import UNCOND_CONVENTIONS, AdapterMismatchError, build_adapter
 from .weights_files import CheckpointError  # noqa: F401  (the error of every file problem)
 
@@ -338,8 +338,19 @@ def load_adapter(path):
     if uncond and uncond not in UNCOND_CONVENTIONS:
         raise CheckpointError(f"{source}: unknown uncond convention {uncond!r} in its metadata; "
                               "update the pack")
-    return replace(build_adapter(kind, family, canonical, source=source, lora_alpha=alpha),
-                   uncond_from=uncond)
+    adapter = replace(build_adapter(kind, family, canonical, source=source, lora_alpha=alpha),
+                      uncond_from=uncond)
+    return with_fusion(adapter, tensors, source)
+
+
+def with_fusion(adapter, tensors, source):
+    """The adapter with the feature fusion its `fusion.*` keys hold (kernels/feature_fusion.py),
+    or unchanged when there are none."""
+    try:
+        fusion = feature_fusion.fusion_from_tensors(tensors, adapter.image_proj, source)
+    except feature_fusion.FusionError as exc:
+        raise CheckpointError(str(exc)) from None
+    return adapter if fusion is None else replace(adapter, fusion=fusion, fingerprint="")
 
 
 def _load_lora_only(tensors, metadata, source):
@@ -370,6 +381,8 @@ def contents_of(adapter):
         parts.append("text_to_weight")
     if adapter.has_self_attn_lora:
         parts.append("self_attn_lora")
+    if adapter.fusion is not None:
+        parts.append("fusion")
     return ",".join(parts)
 
 

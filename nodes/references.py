@@ -5,9 +5,11 @@ import logging
 
 import torch
 
-from ..families.vision import unconditional_tokens
+from ..families.vision import encode_image, unconditional_tokens
+from ..kernels.adapter import HIDDEN_STATES
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
+from ..kernels.feature_fusion import FusionError, granularity_weights
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
                                   check_finite, latent_masks, square_tiles)
 
@@ -112,10 +114,16 @@ class MultiRefEncodeReferences:
                      "center: CLIP vision sees the centre square of each view (as before). tiles: "
                      "each view is cut into square tiles (2x2 for a nearly square view, up to 4 "
                      "along a long one), every tile encoded (IPAdapter Tiled's cut)."}),
+            "granularity": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.05,
+                            "tooltip": "For an adapter with feature fusion (several CLIP layers): "
+                            "negative = the adapter's own router decides; 0 = fine detail (the "
+                            "low-level expert) .. 0.5 (mid) .. 1 = coarse likeness (the high-level "
+                            "expert), neighbouring levels blended in between. An adapter without "
+                            "fusion needs the negative default."}),
         }}
 
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
-               mask_values="binary", combine_views="concat", crop="center"):
+               mask_values="binary", combine_views="concat", crop="center", granularity=-1.0):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
         if combine_views not in COMBINATIONS:
@@ -124,10 +132,12 @@ class MultiRefEncodeReferences:
             raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
+        weights = fusion_weights(adapter, granularity)
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
         with torch.no_grad():
             encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation,
-                                            mask_values, combine_views, crop) for ref in references)
+                                            mask_values, combine_views, crop, weights)
+                            for ref in references)
         for n, enc in enumerate(encoded, 1):
             check_encoded(enc, n)
         log.info("MultiRefEncodeReferences: %d reference(s), %s", len(encoded),
@@ -135,20 +145,20 @@ class MultiRefEncodeReferences:
         return (encoded,)
 
     def encode_one(self, ref, adapter, clip_vision, vae, mask_dilation, mask_values="binary",
-                   combine="concat", crop="center"):
+                   combine="concat", crop="center", weights=None):
         views, height, width = ref.images.shape[:3]
         grid = (height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
         masks = None
         if ref.masks is not None:  # first, so a bad mask fails before any encoding
             cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
             masks = latent_masks(cropped, views, grid, mask_dilation, mask_values)
-        tokens = image_tokens(adapter, clip_vision, ref.images, combine, crop)
+        tokens = image_tokens(adapter, clip_vision, ref.images, combine, crop, weights)
         per_view = tokens.shape[1] // views  # tokens of one view (of its tiles, or the combined)
         if ref.negative_images is None:
-            uncond = unconditional_tokens(adapter, clip_vision)
+            uncond = unconditional_tokens(adapter, clip_vision, weights)
             uncond = uncond.repeat(1, views * per_view // uncond.shape[1], 1)
         else:
-            negative = image_tokens(adapter, clip_vision, ref.negative_images)[0]
+            negative = image_tokens(adapter, clip_vision, ref.negative_images, weights=weights)[0]
             negative = negative.reshape(ref.negative_images.shape[0], -1, negative.shape[-1])
             # One negative per view (or the one for all); combined views read the first, as
             # IPAdapter does; each tile of a view reads its view's negative.
@@ -171,20 +181,41 @@ class MultiRefEncodeReferences:
 CROPS = ("center", "tiles")
 
 
-def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):
+def fusion_weights(adapter, granularity):
+    """The (w_low, w_mid, w_high) of `granularity` (kernels.feature_fusion.granularity_weights),
+    or None for a negative one: the fusion's router, or no fusion at all."""
+    if granularity is None or granularity < 0:
+        return None
+    if adapter.fusion is None:
+        raise ReferenceInputError(
+            f"granularity: {granularity} asks for a mix of CLIP layers, but {adapter.describe()} has "
+            "no feature fusion; set granularity to -1, or load an adapter trained with "
+            "train_fusion (MultiRef Train)")
+    try:
+        return granularity_weights(granularity)
+    except FusionError as exc:
+        raise ReferenceInputError(str(exc)) from None
+
+
+def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", weights=None):
     """(1, V * n, C) the adapter's tokens of V views, view after view (n per view: its tokens, or
     those of each of its tiles). Combined views give one set of tokens, repeated for every view:
     attention over V copies of a set of keys and values gives what one copy gives, so the
     combination acts as IPAdapter's, and each view keeps tokens of its own (Masked Shared
-    Attention's SynCD conditioning reads them view by view)."""
+    Attention's SynCD conditioning reads them view by view). weights: a feature fusion's
+    override (None = its router)."""
     views = images.shape[0]
-    output = clip_vision.encode_image(square_tiles(images) if crop == "tiles" else images)
+    output = encode_image(adapter, clip_vision, square_tiles(images) if crop == "tiles" else images)
     if combine != "concat":
         try:
-            output = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
+            combined = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
+            if adapter.fusion is not None:  # each fused layer combined as the projection's input
+                combined[HIDDEN_STATES] = {k: combine_views(v, combine)
+                                           for k, v in output[HIDDEN_STATES].items()}
+            output = combined
         except (KeyError, AttributeError):
             pass  # project names what is missing
-    tokens = adapter.project(output).float()
+    tokens = adapter.project(output, weights).float()
     if tokens.shape[0] == 1 and views > 1:
         tokens = tokens.expand(views, -1, -1)
     return tokens.reshape(1, -1, tokens.shape[-1])

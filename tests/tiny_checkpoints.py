@@ -233,3 +233,15 @@ def write_checkpoint(folder, layout, family, file_format=None, seed=0, blocks=TI
     else:
         torch.save(published_nested(tensors), path)
     return path, tensors
+
+
+def fusion_weights(gen, context, layers, dtype=torch.float16):
+    """A feature fusion section as a trained one looks (kernels/feature_fusion.py's layout):
+    experts with random (non-zero) Resampler weights, a random router."""
+    tensors = {"fusion.layers": torch.tensor(layers, dtype=torch.int64),
+               "fusion.router.weight": _rand(gen, 3, 3 * CLIP_HIDDEN, dtype=dtype),
+               "fusion.router.bias": _rand(gen, 3, dtype=dtype)}
+    for level in ("low", "mid", "high"):
+        tensors.update({f"fusion.experts.{level}.{k}": v
+                        for k, v in resampler_weights(gen, context, dtype).items()})
+    return tensors

@@ -47,7 +47,12 @@ def with_hidden_states(adapter, clip_vision, encode):
     if adapter.fusion is None:
         return encode()
     check_fusion_fits(adapter, clip_vision)
-    with captured_hidden_states(clip_vision, adapter.fusion.layers) as captured:
+    return with_levels(clip_vision, adapter.fusion.layers, encode)
+
+
+def with_levels(clip_vision, numbers, encode):
+    """encode() with HIDDEN_STATES {number: hidden state} of the given hidden-state numbers."""
+    with captured_hidden_states(clip_vision, numbers) as captured:
         output = encode()
     output[HIDDEN_STATES] = dict(captured)
     return output

@@ -103,8 +103,9 @@ class FeatureFusion(nn.Module):
                 norm.weight.zero_()
                 norm.bias.zero_()
             experts[level] = expert
-        width = projection.input_width
-        router = nn.Linear(len(LEVELS) * width, len(LEVELS))
+        # Built on the meta device and filled: no draw from the global random stream.
+        router = nn.Linear(len(LEVELS) * projection.input_width, len(LEVELS), device="meta")
+        router.to_empty(device=next(experts["high"].parameters()).device)
         with torch.no_grad():
             router.weight.zero_()
             router.bias.copy_(torch.tensor(INITIAL_WEIGHTS).log())

@@ -14,7 +14,12 @@ class Sampler:
     """Which groups a micro-batch holds and the random draws of each group (see module doc)."""
 
     def __init__(self, config, groups, empty_text, sigmas, uncond_tokens=None):
+        """uncond_tokens: the adapter's "no image" tokens, or with train_fusion {"tokens",
+        "hidden"} (dataset.encode_groups)."""
         self.config, self.groups, self.empty_text, self.sigmas = config, groups, empty_text, sigmas
+        self.uncond_hidden = None
+        if isinstance(uncond_tokens, dict):
+            uncond_tokens, self.uncond_hidden = uncond_tokens["tokens"], uncond_tokens["hidden"]
         self.uncond_tokens = uncond_tokens
 
     def indices(self, micro):
@@ -34,7 +39,7 @@ class Sampler:
         refs = max(len(g.ref_latents) for g in picked)
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
                                "ref_noise", "ref_masks", "ref_tokens", "ref_weights",
-                               "ref_context", "ref_adm")}
+                               "ref_context", "ref_adm", "ref_hidden")}
         phrases = []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
@@ -61,6 +66,11 @@ class Sampler:
                 out["ref_tokens"].append(tokens)
                 out["ref_weights"].append(torch.tensor([1.0] * k + [0.0] * pad))
                 phrases.append(group.phrases + group.phrases[:1] * pad)
+            if group.ref_hidden is None:
+                out["ref_hidden"].append(None)
+            else:  # the fusion's input, dropped and padded as the tokens are
+                uncond = self.uncond_hidden.expand(refs, *self.uncond_hidden.shape)
+                out["ref_hidden"].append(uncond if drop_image else torch.cat([group.ref_hidden, uncond[k:]]))
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
             ref_context, ref_adm = self.reference_text(group, refs, context, adm, drop_text)
             out["ref_context"].append(ref_context)

@@ -22,7 +22,8 @@ folders, `.multiref-*.tmp` files), never a half-written checkpoint; the next sta
 
 Weights file: safetensors, tensor names as the adapter files use them
 (`self_attn_lora.{2i}.{to_q,to_k,to_v,to_out}.{down,up}.weight`, i = layer in the published
-order; with a trained adapter also `image_proj.*`, `ip_adapter.{2i+1}.*`), metadata
+order; with a trained adapter also `image_proj.*`, `ip_adapter.{2i+1}.*`, and with train_fusion
+`fusion.*`, kernels/feature_fusion.py), metadata
 format / format_version / family / kind / contents / lora_alpha (kernels/checkpoints.py).
 """
 import json
@@ -76,16 +77,18 @@ def write_weights(path, lora_layers, family):
     return path
 
 
-def write_adapter(path, base_adapter, lora_layers, adapter_layers):
+def write_adapter(path, base_adapter, lora_layers, adapter_layers, fusion=None):
     """The trained adapter (the base adapter's frozen image projection, the trained IP layers
-    and LoRA) in the pack's adapter format: MultiRefAdapterLoader reads it."""
+    and LoRA, and the trained feature fusion, else the base adapter's own if it has one) in the
+    pack's adapter format: MultiRefAdapterLoader reads it."""
     layers = tuple(AdapterLayer(adapter_layers[loc].to_k_ip, adapter_layers[loc].to_v_ip,
                                 adapter_layers[loc].text_to_weight, lora_layers[loc])
                    for loc in published_order(adapter_layers))
     adapter = LoadedAdapter(kind="multiref", family=base_adapter.family,
                             image_proj=base_adapter.image_proj, layers=layers,
                             source=os.path.basename(path),
-                            uncond_from=base_adapter.uncond_convention)
+                            uncond_from=base_adapter.uncond_convention,
+                            fusion=base_adapter.fusion if fusion is None else fusion)
     return save_adapter(adapter, path)
 
 
@@ -125,7 +128,7 @@ def atomic_write(path, write):
 
 
 def save(output_dir, step, state, lora_layers, family, keep_last, adapter=None,
-         adapter_layers=None):
+         adapter_layers=None, fusion=None):
     """Write checkpoints/step-NNNNNN (complete or not at all), then drop all but the newest
     `keep_last`. Returns the checkpoint folder."""
     root = os.path.join(output_dir, "checkpoints")
@@ -136,7 +139,8 @@ def save(output_dir, step, state, lora_layers, family, keep_last, adapter=None,
         torch.save(state, os.path.join(tmp, STATE_NAME))
         write_weights(os.path.join(tmp, WEIGHTS_NAME), lora_layers, family)
         if adapter is not None:
-            write_adapter(os.path.join(tmp, ADAPTER_NAME), adapter, lora_layers, adapter_layers)
+            write_adapter(os.path.join(tmp, ADAPTER_NAME), adapter, lora_layers, adapter_layers,
+                          fusion)
         if os.path.isdir(final):  # the same step saved again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)

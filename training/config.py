@@ -61,6 +61,8 @@ class TrainConfig:
     preview_prompt: str = ""             # this prompt (empty = the first caption)
     quality_threshold: float = 0.0       # drop groups whose object quality score is lower
                                          # (training/quality.py; 0 = keep all, no scoring)
+    train_fusion: bool = False           # train the adapter's feature fusion of several CLIP
+                                         # layers (training/fusion.py; needs a Plus adapter)
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -90,10 +92,16 @@ RESUMABLE_CHANGES = ("output_dir", "steps", "save_every", "keep_last", "resume",
                      "preview_prompt")
 
 
+# Settings added after runs were saved: at this default they stay out of a run's identity, so
+# a run saved before them resumes.
+ADDED_SETTINGS = {"train_fusion": False}
+
+
 def run_identity(config, family, adapter_fingerprint):
     """What a checkpoint must share with the run that resumes it: the defining settings, the
     base model family and the adapter trained (its weights' fingerprint)."""
-    identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES
+                and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     identity.update(base_family=family, adapter_weights=adapter_fingerprint)
     return identity
 
@@ -140,6 +148,8 @@ def validate(config):
     if not isinstance(c.preview_every, int) or c.preview_every < 0:
         raise TrainConfigError(f"preview_every must be 0 (off) or a positive integer, got "
                                f"{c.preview_every!r}")
+    if not isinstance(c.train_fusion, bool):
+        raise TrainConfigError(f"train_fusion must be true or false, got {c.train_fusion!r}")
     if not 0 <= c.quality_threshold <= 1:
         raise TrainConfigError(f"quality_threshold must be between 0 and 1 (a fraction of "
                                f"relevance mass), got {c.quality_threshold}")

@@ -28,10 +28,12 @@ class EncodedGroup:
     phrases: tuple = ()                # (P_i, D) text embeddings of each reference's phrase
     ref_context: Optional[torch.Tensor] = None  # (K, L, D) text of each reference's prompt
     ref_adm: Optional[torch.Tensor] = None      # (K, A) its adm (SDXL), None for SD1.5
+    ref_hidden: Optional[torch.Tensor] = None   # (K, 3, S, W) CLIP hidden states of the fusion's
+                                                # levels (train_fusion: training/fusion.py)
 
 
 FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases",
-          "ref_context", "ref_adm")
+          "ref_context", "ref_adm", "ref_hidden")
 
 
 def to_tensors(encoded):
@@ -42,7 +44,8 @@ def to_tensors(encoded):
 
 
 def from_tensors(data):
-    groups = [EncodedGroup(**{f: (tuple(g[f]) if f == "phrases" else g[f]) for f in FIELDS})
+    groups = [EncodedGroup(**{f: (tuple(g[f]) if f == "phrases" else g[f]) for f in FIELDS
+                              if f in g})  # caches from before ref_hidden lack it
               for g in data["groups"]]
     return groups, tuple(data["empty_text"]), data["uncond_tokens"]
 
@@ -97,20 +100,25 @@ class TextEncoder:
         return self.cache[caption]
 
 
-def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, adapter=None):
+def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, adapter=None,
+                  fusion_levels=None):
     """Encode every group once. Returns (encoded groups, (empty context, empty adm), uncond
     image tokens or None). With an adapter (which needs clip_vision), each reference also gets
     its image tokens (the adapter's frozen projection of its CLIP vision output, cached: it
-    never trains) and its phrase embedding (for routing)."""
+    never trains) and its phrase embedding (for routing). fusion_levels (train_fusion): the
+    tokens are the projection's alone, each reference also gets its hidden states of those
+    levels, and the uncond entry is {"tokens", "hidden"} (training/fusion.py)."""
     text = TextEncoder(clip, base_model, resolution)
     encoded, phrases = [], {}
     uncond_tokens = None
     if adapter is not None:
-        from ..families.vision import unconditional_tokens
+        from ..families.vision import encode_image, unconditional_tokens
         from ..families.text import phrase_embeddings
+        from . import fusion
         with torch.no_grad():
             # The adapter family's own "no image" (what sampling's uncond branch reads too).
-            uncond_tokens = unconditional_tokens(adapter, clip_vision)[0].cpu()
+            uncond_tokens = unconditional_tokens(adapter, clip_vision)[0].cpu() if not fusion_levels \
+                else fusion.encode_uncond(adapter, clip_vision, fusion_levels)
     with torch.no_grad():
         for group in groups:
             views = [group.target] + [ref.view for ref in group.references]
@@ -125,7 +133,12 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
             item.ref_context = torch.stack([c for c, _ in prompts])
             item.ref_adm = None if adm is None else torch.stack([a for _, a in prompts])
             if adapter is not None:
-                item.ref_tokens = adapter.project(clip_vision.encode_image(pixels[1:])).float().cpu()
+                if fusion_levels:
+                    item.ref_tokens, item.ref_hidden = fusion.encode_references(
+                        adapter, clip_vision, pixels[1:], fusion_levels)
+                else:
+                    item.ref_tokens = adapter.project(encode_image(adapter, clip_vision,
+                                                                   pixels[1:])).float().cpu()
                 for ref in group.references:
                     if ref.phrase not in phrases:
                         phrases[ref.phrase] = phrase_embeddings(clip, ref.phrase, group.name)

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels import weights_files
 from ..kernels.adapter import fingerprint_of
-from . import checkpoint, config as config_mod, dataset
+from . import checkpoint, config as config_mod, dataset, fusion
 
 log = logging.getLogger("multiref")
 
@@ -22,6 +22,7 @@ def encode(config, models, groups, rank=0):
     if models.adapter is not None and models.clip_vision is None:
         raise config_mod.TrainConfigError("training an adapter needs the CLIP vision model it "
                                           "reads (clip_vision)")
+    fusion.check(config, models)
     path = os.path.join(config.output_dir, "cache", f"encoded-{cache_key(config, models, groups)}.pt")
     if os.path.isfile(path):
         log.info("using the cached encodings %s", path)
@@ -34,7 +35,8 @@ def encode(config, models, groups, rank=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoded = dataset.encode_groups(groups, config.resolution, models.vae, models.clip,
-                                        models.patcher.model, models.clip_vision, models.adapter)
+                                        models.patcher.model, models.clip_vision, models.adapter,
+                                        fusion.levels(models) if config.train_fusion else None)
     if rank == 0:  # one process writes the cache
         os.makedirs(os.path.dirname(path), exist_ok=True)
         checkpoint.atomic_write(path, lambda tmp: torch.save(dataset.to_tensors(encoded), tmp))
@@ -52,5 +54,6 @@ def cache_key(config, models, groups):
                      fingerprint_of(models.clip_vision.model.state_dict())]
     # "reference prompts": caches of an older layout lack them and must not be read.
     text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
-                       "reference prompts"])
+                       "reference prompts"] + (  # a fusion run's cache holds hidden states too
+        [["fusion levels", list(fusion.levels(models))]] if config.train_fusion else []))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (euler_sample, output_scale_of,
                                            parameterization_loss)
-from . import (batches, blocks, checkpoint, config as config_mod, dataset, encoding, manifest, plots,
-               quality)
+from . import (batches, blocks, checkpoint, config as config_mod, dataset, encoding, fusion,
+               manifest, plots, quality)
 
 log = logging.getLogger("multiref")
 
@@ -46,6 +46,7 @@ class TrainResult:
     lora_layers: dict
     adapter_layers: dict
     adapter_file: Optional[str] = None
+    fusion: Optional[nn.Module] = None  # the trained feature fusion (train_fusion)
 
 
 class TrainStep(nn.Module):
@@ -53,10 +54,11 @@ class TrainStep(nn.Module):
     trainable parameters, so DistributedDataParallel can wrap it; the frozen model is held
     outside the module tree (DDP must not broadcast or hook it)."""
 
-    def __init__(self, lora_layers, adapter_layers, patcher, state):
+    def __init__(self, lora_layers, adapter_layers, patcher, state, feature_fusion=None):
         super().__init__()
         self.lora = nn.ModuleList(lora_layers.values())
         self.adapter = nn.ModuleList(adapter_layers.values())
+        self.fusion = feature_fusion  # registered (and saved) only when trained
         self._frozen = (patcher, state)
 
     def forward(self, batch):
@@ -68,19 +70,22 @@ class TrainStep(nn.Module):
         x = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), batch["noise"], batch["latent"])
         extra = {} if batch["adm"] is None else {"y": batch["adm"]}
         refs = batch["ref_latents"]
+        ref_tokens = batch["ref_tokens"]
+        if self.fusion is not None and ref_tokens is not None:
+            ref_tokens = fusion.fused_tokens(self.fusion, ref_tokens, batch["ref_hidden"])
         if refs is not None:
             per_group = refs.shape[1]
             ref_sigma = sigma.repeat_interleave(per_group)
             xr = sampling.noise_scaling(ref_sigma.view(-1, 1, 1, 1), batch["ref_noise"].flatten(0, 1),
                                         refs.flatten(0, 1))
             ref_extra = {} if batch["ref_adm"] is None else {"y": batch["ref_adm"].flatten(0, 1)}
-            syncd = state.reference_conditioning == "syncd" and batch["ref_tokens"] is not None
-            state.begin_reference(batch["ref_tokens"].flatten(0, 1) if syncd else None)
+            syncd = state.reference_conditioning == "syncd" and ref_tokens is not None
+            state.begin_reference(ref_tokens.flatten(0, 1) if syncd else None)
             with torch.no_grad():  # SynCD: the reference pass has no gradient and no LoRA
                 base.apply_model(xr, ref_sigma, c_crossattn=batch["ref_context"].flatten(0, 1),
                                  transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
-            image = None if batch["ref_tokens"] is None else blocks.ImageCondition(
-                batch["ref_tokens"], batch["ref_weights"], batch["phrases"])
+            image = None if ref_tokens is None else blocks.ImageCondition(
+                ref_tokens, batch["ref_weights"], batch["phrases"])
             state.begin_target(batch["ref_masks"], image)
         try:
             denoised = base.apply_model(x, sigma, c_crossattn=batch["context"],
@@ -125,11 +130,13 @@ class Run:
                                                    config.lora_alpha)
         self.lora_layers = {loc: pairs.to(device) for loc, pairs in lora_layers.items()}
         self.adapter_layers = {loc: layer.to(device) for loc, layer in adapter_layers.items()}
+        self.fusion = fusion.initial_fusion(models).to(device) if config.train_fusion else None
         self.state = blocks.PassState(self.lora_layers, config.gradient_checkpointing,
                                       self.adapter_layers, config.ip_scale,
                                       config.reference_conditioning)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
-        self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
+        self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state,
+                                     self.fusion)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
                                base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()
@@ -237,7 +244,7 @@ def train(config, models, on_step=None, check_interrupt=None):
                        "step": torch.tensor(step), "run_identity": json.dumps(identity),
                        "losses": torch.tensor(losses, dtype=torch.float64).reshape(-1, 2)}
         return checkpoint.save(config.output_dir, step, saved_state, lora_layers, models.family,
-                               config.keep_last, models.adapter, run.adapter_layers)
+                               config.keep_last, models.adapter, run.adapter_layers, run.fusion)
 
     ddp = step_module
     if world > 1:
@@ -304,7 +311,7 @@ def train(config, models, on_step=None, check_interrupt=None):
         if models.adapter is not None:
             adapter_file = checkpoint.write_adapter(
                 os.path.join(config.output_dir, checkpoint.ADAPTER_NAME), models.adapter,
-                lora_layers, run.adapter_layers)
+                lora_layers, run.adapter_layers, run.fusion)
         checkpoint.write_core_lora(os.path.join(config.output_dir, checkpoint.CORE_LORA_NAME),
                                    lora_layers, blocks.attention_paths(base.diffusion_model))
         checkpoint.write_json(os.path.join(config.output_dir, "loss.json"), losses)
@@ -312,7 +319,7 @@ def train(config, models, on_step=None, check_interrupt=None):
         checkpoint.write_json(os.path.join(config.output_dir, "summary.json"), summary)
         log.info("training done: %s", summary)
     return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers,
-                       run.adapter_layers, adapter_file)
+                       run.adapter_layers, adapter_file, run.fusion)
 
 
 _RESUME_FIX = ("to continue that run, put its settings back; to start a fresh run in this "

@@ -2,14 +2,19 @@
 untrained fusion giving the adapter's own tokens, a trained one giving the formula's tokens
 (checked against a float64 Resampler on hidden states taken through the host's own
 intermediate_output), the hooks' hidden states, and the file section (save, load, damage)."""
+import os
 from dataclasses import replace
 
 import comfy.clip_vision
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import tiny_checkpoints as tc
+import workflow_models
+from headless import shipped, workflow_format as fmt
 from multiref.families import tiny_models, vision
 from multiref.kernels import checkpoints, feature_fusion
 from multiref.kernels.references import ReferenceInputError
@@ -104,13 +109,10 @@ def test_untrained_fusion_gives_the_adapters_own_tokens(host, parts, plus):
 
 
 def fused_adapter_file(folder, written, name="fused.safetensors"):
-    """A pack file of a trained fusion, written from the layout (not by save_adapter)."""
-    tensors = dict(written)
-    tensors.update(tc.fusion_weights(torch.Generator().manual_seed(7), tc.CONTEXT[FAMILY], (0, 1, 2)))
-    path = str(folder / name)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={
-        "format": checkpoints.PACK_FORMAT, "format_version": checkpoints.PACK_FORMAT_VERSION,
-        "family": FAMILY, "kind": "ip_adapter_plus"})
+    """A pack file of a trained fusion, written from the layout (not by save_adapter), around
+    the same Plus adapter as `written`."""
+    path, tensors = tc.write_fusion_checkpoint(str(folder), FAMILY, name)
+    assert all(torch.equal(tensors[k], v) for k, v in written.items())
     return path, tensors
 
 
@@ -225,3 +227,23 @@ def test_fusion_needs_hidden_states_and_matching_parts(host, parts, tmp_path):
 
 def replace_layers(fusion, layers):
     return feature_fusion.FeatureFusion(dict(fusion.experts), layers, fusion.router)
+
+
+def test_the_fusion_workflow_samples_fine_detail_and_coarse_likeness(host, tmp_path):
+    """The shipped workflow on the tiny models, its adapter a fused file in the trainer's layout:
+    the two granularities give two different pictures from the same seed."""
+    api = fmt.load(shipped.api_path("fusion_granularity"))
+    assert sorted(n["inputs"]["granularity"] for n in api.values()
+                  if n["class_type"] == "MultiRefEncodeReferences") == [0.0, 1.0]
+    prompt = workflow_models.swap_in_tiny_models(api, host, tmp_path)
+    outputs = host.execute(prompt)
+    folder = host.folder_paths.get_output_directory()
+    pictures = {}
+    for node_id, ui in outputs.items():
+        if prompt[node_id]["class_type"] == "SaveImage":
+            (image,) = ui["images"]
+            with Image.open(os.path.join(folder, image["subfolder"], image["filename"])) as picture:
+                pictures[prompt[node_id]["inputs"]["filename_prefix"]] = np.asarray(picture, dtype=np.int16)
+    assert sorted(pictures) == ["multiref_fusion_coarse_likeness", "multiref_fusion_fine_detail"]
+    fine, coarse = pictures["multiref_fusion_fine_detail"], pictures["multiref_fusion_coarse_likeness"]
+    assert fine.shape == coarse.shape and np.abs(fine - coarse).max() > 0

@@ -245,3 +245,18 @@ def fusion_weights(gen, context, layers, dtype=torch.float16):
         tensors.update({f"fusion.experts.{level}.{k}": v
                         for k, v in resampler_weights(gen, context, dtype).items()})
     return tensors
+
+
+# Files trained with feature fusion that the shipped workflows name, by their base family.
+FUSION_NAMES = {"multiref_fusion_adapter": "sdxl"}
+
+
+def write_fusion_checkpoint(folder, family, name, seed=0, layers=(0, 1, 2)):
+    """A trained-looking fused Plus adapter in the pack's format (the trainer's layout, written
+    from the key layout here); layers: the tiny CLIP vision's levels. Returns (path, tensors)."""
+    tensors = canonical("ip_adapter_plus", family, seed)
+    tensors.update(fusion_weights(torch.Generator().manual_seed(seed + 7), CONTEXT[family], layers))
+    path = os.path.join(folder, name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={
+        "format": "multiref-adapter", "format_version": "1", "family": family, "kind": "multiref"})
+    return path, tensors

@@ -58,6 +58,9 @@ TEST_NODES = {"CheckpointLoaderSimple": TinyCheckpointLoaderForTests,
 
 def _adapter_file(folder, name):
     stem, ext = os.path.splitext(name)
+    if stem in tiny_checkpoints.FUSION_NAMES:  # a file the trainer writes with train_fusion
+        tiny_checkpoints.write_fusion_checkpoint(folder, tiny_checkpoints.FUSION_NAMES[stem], name)
+        return
     for (layout, family), published in tiny_checkpoints.PUBLISHED_NAMES.items():
         if published == stem:
             tiny_checkpoints.write_checkpoint(folder, layout, family, file_format=ext[1:], name=name)

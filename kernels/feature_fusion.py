@@ -167,6 +167,10 @@ def fusion_from_tensors(tensors, image_proj, source="checkpoint"):
     if image_proj is None:
         raise FusionError(f"{source}: a feature fusion section without an image projection "
                           "(image_proj.*) to add to; the file is damaged: train it again")
+    try:
+        output_norm(image_proj)  # a projection of hidden states
+    except FusionError as exc:
+        raise FusionError(f"{source}: {exc}") from None
     layers = tensors[f"{PREFIX}layers"]
     if layers.shape != (len(LEVELS),) or layers.is_floating_point() or \
             not bool((layers[1:] > layers[:-1]).all()) or int(layers[0]) < 0:

@@ -99,6 +99,9 @@ def test_untrained_fusion_gives_the_adapters_own_tokens(host, parts, plus):
     assert fused.fingerprint != adapter.fingerprint
     views = images(2)
     own = encode(host, adapter, parts, views)
+    # Without a fusion the default is the path from before the fusion existed, exactly.
+    before = adapter.project(parts["clip_vision"].encode_image(views)).float()
+    assert torch.equal(own.image_tokens, before.reshape(1, -1, before.shape[-1]))
     for granularity in (-1.0, 0.0, 0.3, 1.0):
         enc = encode(host, fused, parts, views, granularity)
         assert (enc.image_tokens - own.image_tokens).abs().max() < 1e-6
@@ -209,6 +212,9 @@ def test_damaged_fusion_sections_are_refused(plus, tmp_path):
     bad.update({f"fusion.experts.low.{k}": v for k, v in tc.resampler_weights(
         torch.Generator().manual_seed(1), tc.CONTEXT["sdxl"]).items()})
     refused(bad, "does not match")
+    base = tc.canonical("ip_adapter", FAMILY)  # a base adapter reads image_embeds: no fusion
+    refused({**base, **{k: v for k, v in tensors.items() if k.startswith("fusion.")}},
+            "LinearProjection reading image_embeds")
 
 
 def test_fusion_needs_hidden_states_and_matching_parts(host, parts, tmp_path):

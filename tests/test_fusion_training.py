@@ -129,3 +129,20 @@ def test_fusion_needs_a_plus_adapter(data, tmp_path):
         loop.train(config(data, tmp_path / "run"), models(None))
     with pytest.raises(TrainConfigError, match="train_fusion must be"):
         config_mod.validate(config(data, tmp_path / "run", train_fusion="yes"))
+
+
+def test_a_fused_adapter_keeps_or_continues_its_fusion(data, tmp_path):
+    """Trained without train_fusion, a fused adapter's fusion is kept as it was (its tokens, with
+    the router's weights, are what the IP layers train on); with it, training starts from it."""
+    path, tensors = tiny_checkpoints.write_fusion_checkpoint(str(tmp_path), "sd15", "fused.safetensors")
+    adapter = checkpoints.load_adapter(path)
+    kept = loop.train(config(data, tmp_path / "kept", steps=2, train_fusion=False), models(adapter))
+    assert kept.fusion is None
+    saved = checkpoints.load_adapter(kept.adapter_file).state_dict()
+    fusion_keys = [k for k in tensors if k.startswith("fusion.")]
+    assert all(torch.equal(saved[k], tensors[k]) for k in fusion_keys)
+    run = loop.Run(config(data, tmp_path / "continued"), models(adapter), torch.device("cpu"),
+                   loop.encoding.encode(config(data, tmp_path / "continued"), models(adapter),
+                                        loop.manifest.load(data)))
+    start = run.fusion.state_dict_flat()
+    assert all(torch.equal(start[k].detach(), tensors[k].to(start[k].dtype)) for k in fusion_keys)

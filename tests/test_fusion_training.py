@@ -111,7 +111,7 @@ def test_fusion_trains_saves_and_resumes(data, plus_path, tmp_path):
     for k in mine:  # same draws, same optimizer state: equal to float rounding
         torch.testing.assert_close(mine[k].detach(), other[k].detach(), rtol=0, atol=1e-6)
     # A run with fusion cannot resume as one without (and the reverse): the identity differs.
-    with pytest.raises(TrainConfigError, match="train_fusion"):
+    with pytest.raises(TrainConfigError, match="train_fusion: True in the saved run, False now"):
         loop.train(config(data, run, steps=5, train_fusion=False), models(adapter))
 
 

@@ -108,8 +108,9 @@ def run_identity(config, family, adapter_fingerprint):
 
 def identity_differences(saved, now):
     """['lora_rank: 16 in the saved run, 32 now', ...] for every key whose value differs."""
-    return [f"{key}: {saved.get(key)!r} in the saved run, {now.get(key)!r} now"
-            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    value = lambda identity, key: identity.get(key, ADDED_SETTINGS.get(key))  # absent = default
+    return [f"{key}: {value(saved, key)!r} in the saved run, {value(now, key)!r} now"
+            for key in sorted(set(saved) | set(now)) if value(saved, key) != value(now, key)]
 
 
 def resolve_device(config):

@@ -24,9 +24,11 @@ docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these 
       the latent grid (H, W) of the layer being called.
   current_sigma(extra_options), sigma_range(model, start_percent, end_percent), in_sigma_range
       where sampling stands, and a start/end percent window in the model's sigmas.
-  on_each_run(model, begin)
-      per-run state: call begin() as each sampling run starts, through the host's own lifecycle
-      hook where it has one.
+  on_each_run(model, begin, end=None)
+      per-run state: call begin() as each sampling run starts and end() when it is over (device
+      copies and step state are dropped there), through the host's own lifecycle callbacks
+      where it has them; the hook is the host's, not the family's (families/runs.py: a family
+      module passes it on).
 """
 
 SEAM = ("attention_locations", "BLOCK_GROUPS", "set_attention_patch",

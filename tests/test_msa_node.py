@@ -518,8 +518,12 @@ def test_batch_mode_masks_from_a_phrase(parts):
     model = tiny_models.tiny_unet("sd15")
     sample = lambda m: _sample(m, clips, "sd15", batch=2, steps=2, scheduler="simple")
     patched = _msa(model, None, mode="batch", batch_phrase="dog", clip=clips["sd15"])
+    phrase_maps = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps
+    seen = []  # the masks each call starts with (the run's state is gone after the run)
+    start_call = phrase_maps.start_call
+    phrase_maps.start_call = lambda *args: (start_call(*args), seen.append(phrase_maps.masks))
     from_phrase = sample(patched.clone())  # a later node's clone keeps the patches working
-    masks = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps.masks
+    masks = seen[-1]
     assert masks.shape == (2, *LATENT) and set(masks.unique().tolist()) == {0.0, 1.0}
     given = _msa(model, None, mode="batch", batch_masks=masks, first_step_unmasked=True)
     assert torch.equal(from_phrase, sample(given))

@@ -121,15 +121,17 @@ class TwoPass:
     banked inputs with its own weights (plus
     its LoRA, when given); reading rows attend to [own | every reference token] with a -inf bias
     on the background and log(weight) on a weighted reference's tokens, in float64. The
-    reference pass runs without the LoRA."""
+    reference pass runs without the LoRA. lora_scale multiplies every LoRA delta; a reading row
+    gets plain + strength * (shared - plain), plain its attention over its own tokens."""
 
-    def __init__(self, model, refs, lora=None):
+    def __init__(self, model, refs, lora=None, lora_scale=1.0, strength=1.0):
         self.sampling = model.get_model_object("model_sampling")
         self.latents = model.model.process_latent_in(torch.cat([r.latents for r in refs]))
         self.masks = torch.cat([r.masks for r in refs])
         self.row_weights = torch.cat([torch.full((r.latents.shape[0],), float(r.weight)) for r in refs])
         self.blocks = dict(unet_transformer_blocks(model.model.diffusion_model))
         self.lora = lora  # {location: {projection: LoRAPair}} or None
+        self.lora_scale, self.strength = lora_scale, strength
         self.banks = {}  # reading role -> {location: banked attn1 input of the reference rows}
         self.inputs, self.outputs, self.writing = {}, {}, False
 
@@ -139,7 +141,7 @@ class TwoPass:
             return torch.zeros((), dtype=torch.float64)
         pair = self.lora[location][name]
         down, up = pair.down.weight.double(), pair.up.weight.double()
-        return x.double() @ down.T @ up.T * pair.alpha / down.shape[0]
+        return x.double() @ down.T @ up.T * pair.alpha / down.shape[0] * self.lora_scale
 
     def wrapper(self, apply_model, args):
         x, sigmas, c = args["input"], args["timestep"], args["c"]
@@ -205,7 +207,9 @@ class TwoPass:
                 for hd in range(heads):
                     sl = slice(hd * d, (hd + 1) * d)
                     logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
-                    out[i, :, sl] = (logits.softmax(-1) @ values[:, sl]).float()
+                    shared = logits.softmax(-1) @ values[:, sl]
+                    plain = out[i, :, sl].double()
+                    out[i, :, sl] = (plain + self.strength * (shared - plain)).float()
             self.outputs[location] = out
             return out
         return attn1

@@ -34,3 +34,15 @@ docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these 
 SEAM = ("attention_locations", "BLOCK_GROUPS", "set_attention_patch",
         "add_row_provider", "row_roles", "rows_with_role", "layer_grid", "current_sigma",
         "sigma_range", "in_sigma_range", "on_each_run")
+
+TRAINER_SEAM = ("transformer_layers", "residual_layers")
+"""What a family the trainer supports provides besides SEAM (the UNet family today; the trainer
+refuses a transformer model). The trainer's training-safe path (training/blocks.py) calls these
+modules in place of the host's, with every residual out of place and checkpointing:
+
+  transformer_layers(diffusion_model)
+      [(object path, module, location prefix)]: every module holding attention blocks, in
+      execution order; its block i is at attention location prefix + (i,).
+  residual_layers(diffusion_model)
+      [(object path, module)]: the other layers that run, each called as layer(x, emb).
+"""

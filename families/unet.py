@@ -233,3 +233,30 @@ def add_row_provider(model, provider):
     else:
         wrapper = ReferenceRowWrapper((provider,), previous=current)
     model.set_model_unet_function_wrapper(wrapper)
+
+
+# For the trainer (families/base.py, TRAINER_SEAM): the modules its training-safe path calls in
+# place of the host's, found where the UNet keeps them.
+UNET_SECTIONS = (("input", "input_blocks"), ("middle", "middle_block"), ("output", "output_blocks"))
+
+
+def transformer_layers(diffusion_model):
+    """[(object path, module, (block_name, block_id))] of every module holding transformer
+    blocks (SpatialTransformer), in execution order; its block i is at attention location
+    (block_name, block_id, i)."""
+    found = []
+    for block_name, attribute in UNET_SECTIONS:
+        blocks = getattr(diffusion_model, attribute)
+        for block_id, block in enumerate([blocks] if block_name == "middle" else blocks):
+            prefix = attribute if block_name == "middle" else f"{attribute}.{block_id}"
+            for index, layer in enumerate(block):
+                if hasattr(layer, "transformer_blocks"):
+                    found.append((f"{prefix}.{index}", layer, (block_name, block_id)))
+    return found
+
+
+def residual_layers(diffusion_model):
+    """[(object path, module)] of the other layers that run, each called as layer(x, emb)
+    (ResBlocks)."""
+    return [(path, module) for path, module in diffusion_model.named_modules()
+            if hasattr(module, "in_layers") and hasattr(module, "emb_layers")]

@@ -514,7 +514,8 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
     image_layers = None
     if strength == 0.0:
         # The LoRA alone: no reference is read, so no reference rows ride in the batch.
-        provider = _ReferenceRows((), bounds, None, state, False, False)
+        provider = _ReferenceRows((), bounds, sampling=None, state=state,
+                                  first_step_unmasked=False, syncd=False)
     elif mode == "references":
         syncd = None
         if conditioning == "syncd":

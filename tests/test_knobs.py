@@ -159,3 +159,10 @@ def test_an_old_saved_msa_node_still_runs_and_what_it_now_means(syncd):
     assert torch.equal(now, sample(_msa(model, refs, adapter=adapter, strength=0.0)))
     assert _diff(now, sample(model)) > 1e-4
     assert torch.equal(run(strength=0.0), sample(model))
+
+
+@pytest.mark.parametrize("value", [-0.5, 2.5, float("nan")])
+def test_lora_strength_outside_its_range_is_refused_by_name(syncd, value):
+    model, adapter, _, refs, _ = syncd
+    with pytest.raises(ValueError, match="lora_strength: .* is outside 0..2"):
+        _msa(model, refs, adapter=adapter, lora_strength=value)

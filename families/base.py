@@ -24,11 +24,25 @@ docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these 
       the latent grid (H, W) of the layer being called.
   current_sigma(extra_options), sigma_range(model, start_percent, end_percent), in_sigma_range
       where sampling stands, and a start/end percent window in the model's sigmas.
-  on_each_run(model, begin)
-      per-run state: call begin() as each sampling run starts, through the host's own lifecycle
-      hook where it has one.
+  on_each_run(model, begin, end=None)
+      per-run state: call begin() as each sampling run starts and end() when it is over (device
+      copies and step state are dropped there), through the host's own lifecycle callbacks
+      where it has them; the hook is the host's, not the family's (families/runs.py: a family
+      module passes it on).
 """
 
 SEAM = ("attention_locations", "BLOCK_GROUPS", "set_attention_patch",
         "add_row_provider", "row_roles", "rows_with_role", "layer_grid", "current_sigma",
         "sigma_range", "in_sigma_range", "on_each_run")
+
+TRAINER_SEAM = ("transformer_layers", "residual_layers")
+"""What a family the trainer supports provides besides SEAM (the UNet family today; the trainer
+refuses a transformer model). The trainer's training-safe path (training/blocks.py) calls these
+modules in place of the host's, with every residual out of place and checkpointing:
+
+  transformer_layers(diffusion_model)
+      [(object path, module, location prefix)]: every module holding attention blocks, in
+      execution order; its block i is at attention location prefix + (i,).
+  residual_layers(diffusion_model)
+      [(object path, module)]: the other layers that run, each called as layer(x, emb).
+"""

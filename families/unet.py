@@ -16,6 +16,7 @@ import torch
 
 import comfy.ldm.modules.attention as host_attention
 
+from . import runs
 from ..kernels import routing
 from ..kernels.checkpoints import unet_transformer_blocks
 
@@ -34,8 +35,8 @@ class SharedAcrossClones:
     Both hosts deep-copy model options on clone(); never copying this state keeps one object per
     patched model across every later clone (the Routing Maps node reads what the sampler's clone
     wrote; closures holding it included) and keeps large state (reference latents) from being
-    copied by every later node's clone. A run starts where the host says so (on_each_run);
-    without a hook, from the sigmas (techniques.relevance.StepClock)."""
+    copied by every later node's clone. A run starts and ends where the host says so
+    (on_each_run); without a hook, a start is told from the sigmas (StepClock)."""
 
     def __deepcopy__(self, memo):
         return self
@@ -51,14 +52,11 @@ def unet_of(model, technique="MultiRef patches"):
     return unet
 
 
-def on_each_run(model, begin):
-    """Call begin() as each sampling run with the clone `model` starts, where the host says so:
-    current ComfyUI calls its ON_PRE_RUN callbacks before every run. The installable host has
-    no such hook; there the state tells a new run from the sigmas (StepClock)."""
-    if not hasattr(model, "add_callback"):
-        return
-    from comfy.patcher_extension import CallbacksMP
-    model.add_callback(CallbacksMP.ON_PRE_RUN, lambda patcher: begin())
+def on_each_run(model, begin, end=None):
+    """Call begin() as each sampling run with the clone `model` starts and end() when it is over
+    (families.runs: the host's callbacks, or the pack's guider on the installable host; there,
+    under the host's own sampler, the state tells a new run from the sigmas, StepClock)."""
+    runs.on_each_run(model, begin, end)
 
 
 def attention_locations(model):
@@ -235,3 +233,30 @@ def add_row_provider(model, provider):
     else:
         wrapper = ReferenceRowWrapper((provider,), previous=current)
     model.set_model_unet_function_wrapper(wrapper)
+
+
+# For the trainer (families/base.py, TRAINER_SEAM): the modules its training-safe path calls in
+# place of the host's, found where the UNet keeps them.
+UNET_SECTIONS = (("input", "input_blocks"), ("middle", "middle_block"), ("output", "output_blocks"))
+
+
+def transformer_layers(diffusion_model):
+    """[(object path, module, (block_name, block_id))] of every module holding transformer
+    blocks (SpatialTransformer), in execution order; its block i is at attention location
+    (block_name, block_id, i)."""
+    found = []
+    for block_name, attribute in UNET_SECTIONS:
+        blocks = getattr(diffusion_model, attribute)
+        for block_id, block in enumerate([blocks] if block_name == "middle" else blocks):
+            prefix = attribute if block_name == "middle" else f"{attribute}.{block_id}"
+            for index, layer in enumerate(block):
+                if hasattr(layer, "transformer_blocks"):
+                    found.append((f"{prefix}.{index}", layer, (block_name, block_id)))
+    return found
+
+
+def residual_layers(diffusion_model):
+    """[(object path, module)] of the other layers that run, each called as layer(x, emb)
+    (ResBlocks)."""
+    return [(path, module) for path, module in diffusion_model.named_modules()
+            if hasattr(module, "in_layers") and hasattr(module, "emb_layers")]

@@ -18,6 +18,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..kernels import guidance
+from ..families.runs import run_hooks
 from ..families.unet import BRANCHES_KEY
 
 log = logging.getLogger("multiref")
@@ -66,7 +67,14 @@ class MultiRefGuider(comfy.samplers.CFGGuider):
         # The image scale ramps over this sampling's schedule; the host hands the schedule in here.
         self.schedule = sigmas
         self.warned_no_image = False
-        return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        # A run of this guider is a run of the patches' per-run state; hosts with lifecycle
+        # callbacks call the hooks themselves (and give none here).
+        hooks = run_hooks(self.model_options)
+        hooks.begin()
+        try:
+            return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            hooks.end()
 
     def image_scale_now(self, sigma):
         if self.mode == TWO_BRANCH:

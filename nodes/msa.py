@@ -35,6 +35,7 @@ CONDITIONINGS = ("auto",) + msa.REFERENCE_CONDITIONINGS
 # Adapters trained with SynCD's reference pass: "auto" conditions their reference rows so.
 SYNCD_TRAINED_KINDS = ("syncd", "multiref")
 LAYERS = ("all", "down", "up")
+LORA_STRENGTH_MAX = 2.0
 
 
 class _Call:
@@ -48,21 +49,29 @@ class _Call:
 
 
 class _StepState(family.SharedAcrossClones):
-    """Shared by the row provider and the attention patches of one patched model.
-    The host reuses the model options from run to run: a run starts when sigma goes up
-    (techniques.relevance.StepClock)."""
+    """The per-run state of one patched model, shared by its row provider and attention
+    patches: the step, the current call, and every device copy the patches make (foreground
+    indices, LoRA weights, projected tokens). It lives for one sampling run: the host's run
+    hooks (family.on_each_run) empty it as a run starts and as it ends, so nothing of a run stays
+    on a device; without hooks a run starts when sigma goes up (techniques.relevance.StepClock)."""
 
     def __init__(self):
-        self.clock = relevance.StepClock()
-        self.call = None
-        self.foreground_cache = {}  # (grid, key, unmasked, h, w, device) -> (index, bias)
+        self.new_run()
 
     def is_first_step(self, sigma):
         return self.clock.start(sigma)[0] == 0
 
     def new_run(self):
-        """The host said a new run starts: its first step is the next one."""
+        """Forget the last run: its step, its call and its device copies."""
         self.clock, self.call = relevance.StepClock(), None
+        self.foreground_cache = {}  # (grid, key, unmasked, h, w, device) -> (index, bias)
+        self.device_copies = {}  # (owner, what, device, dtype) -> tensors made from shared ones
+
+    def device_copy(self, key, make):
+        """The copy stored under `key` for this run, made by make() the first time."""
+        if key not in self.device_copies:
+            self.device_copies[key] = make()
+        return self.device_copies[key]
 
     def foreground(self, h, w, device):
         """(flat indices of the foreground tokens of the call's reference rows at an h x w
@@ -170,6 +179,10 @@ class _PhraseMaps(family.SharedAcrossClones):
 
     def __init__(self, embeddings):
         self.embeddings = embeddings
+        self.new_run()
+
+    def new_run(self):
+        """Forget the last run's maps (the host said a run starts or ended)."""
         self.collected = relevance.RelevanceMaps()
         self.masks = None
 
@@ -249,12 +262,15 @@ class _LoRAOutput(family.SharedAcrossClones):
 
 
 class _LoRAWeights:
-    """One projection's LoRAPair with its weights on the activations' device and dtype, copied
-    once (the adapter's own modules are never moved or cast: other nodes share them)."""
+    """One projection's LoRAPair at `strength` (its delta times strength) with its weights on the
+    activations' device and dtype, copied once per run (the adapter's own modules are never
+    moved or cast: other nodes share them)."""
 
-    def __init__(self, pair, device, dtype):
+    def __init__(self, pair, device, dtype, strength=1.0):
         self.pair = pair
         self.weights = {name: w.detach().to(device, dtype) for name, w in pair.state_dict().items()}
+        if strength != 1.0:  # the delta is linear in `up`: scaling it scales the delta exactly
+            self.weights["up.weight"] = self.weights["up.weight"] * strength
 
     def __call__(self, x):
         return torch.func.functional_call(self.pair, self.weights, (x,))
@@ -266,18 +282,19 @@ class _SharedSelfAttention(family.SharedAcrossClones):
     self-attention LoRA, the target rows' q, k, v (and to_out) get its deltas and the reference
     rows do not, while the keys/values the target reads from the references do (SynCD: the
     reference pass runs without the LoRA, the target pass projects its cached inputs with it).
-    Shared across clones: the LoRA weights are not copied by every later node."""
+    Shared across clones: the LoRA weights are not copied by every later node.
+    strength: the blend of plain and shared attention on the reading rows; lora_strength: the
+    factor of every LoRA delta (a separate knob: the LoRA acts on the target rows whether or not
+    they read references)."""
 
-    def __init__(self, inner, state, strength, mode, lora=None, shares=True):
+    def __init__(self, inner, state, strength, mode, lora=None, shares=True, lora_strength=1.0):
         self.inner, self.state, self.strength, self.mode = inner, state, strength, mode
-        self.lora, self.shares = lora, shares
-        self.lora_on = {}  # (device, dtype) -> {projection: _LoRAWeights}
+        self.lora, self.shares, self.lora_strength = lora, shares, lora_strength
 
     def _lora(self, device, dtype):
-        if (device, dtype) not in self.lora_on:
-            self.lora_on[(device, dtype)] = {name: _LoRAWeights(pair, device, dtype)
-                                             for name, pair in self.lora.items()}
-        return self.lora_on[(device, dtype)]
+        return self.state.device_copy((self, "lora", device, dtype), lambda: {
+            name: _LoRAWeights(pair, device, dtype, self.lora_strength)
+            for name, pair in self.lora.items()})
 
     def __call__(self, q, k, v, extra_options):
         call = self.state.call
@@ -354,7 +371,6 @@ class _ReferenceImageAttention(family.SharedAcrossClones):
 
     def __init__(self, inner, state, layer):
         self.inner, self.state, self.layer = inner, state, layer
-        self.projected = {}  # (active references, device, dtype) -> (keys, values)
 
     def __call__(self, q, k, v, extra_options):
         out = self.inner(q, k, v, extra_options)
@@ -363,11 +379,9 @@ class _ReferenceImageAttention(family.SharedAcrossClones):
                  if tag in (TAG, IMAGE_TAG)]
         if call is None or call.tokens is None or not spans:
             return out
-        key = (call.key, q.device, q.dtype)
-        if key not in self.projected:
-            self.projected = {key: routing_technique.image_keys_values(
-                self.layer, call.tokens.to(q.device, q.dtype))}
-        ip_k, ip_v = self.projected[key]
+        ip_k, ip_v = self.state.device_copy(
+            (self, call.key, q.device, q.dtype),
+            lambda: routing_technique.image_keys_values(self.layer, call.tokens.to(q.device, q.dtype)))
         out = out.clone()
         for start, end in spans:
             out[start:end] = msa.reference_image_attention(q[start:end], out[start:end], ip_k,
@@ -474,8 +488,11 @@ def _self_attention_lora(adapter, unet, mode):
 
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
               layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None,
-              reference_conditioning="auto"):
-    """A patched clone of `model` (the original is left untouched)."""
+              reference_conditioning="auto", lora_strength=1.0):
+    """A patched clone of `model` (the original is left untouched). strength: how much the
+    image reads the references (0 = not at all: no reference rows); lora_strength: the factor of
+    the adapter's self-attention LoRA deltas (0 = the LoRA is off). Both 0, or strength 0 without
+    a LoRA: the model unpatched."""
     conditioning = reference_conditioning_of(reference_conditioning, adapter, clip)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is unknown; use one of {MODES}")
@@ -483,16 +500,23 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         raise ValueError(f"layers: {layers!r} is unknown; use one of {LAYERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: {strength} is outside 0..1")
+    if not 0.0 <= lora_strength <= LORA_STRENGTH_MAX:
+        raise ValueError(f"lora_strength: {lora_strength} is outside 0..{LORA_STRENGTH_MAX}")
     unet = family.unet_of(model, "Masked Shared Attention")
     bounds = family.sigma_range(model, start_percent, end_percent)
     patched = model.clone()
-    if strength == 0.0:
-        log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
+    with_lora = lora_strength > 0 and adapter is not None and adapter.has_self_attn_lora
+    if strength == 0.0 and not with_lora:
+        log.info("MultiRefApplyMSA: strength 0 and no LoRA, the model is returned unpatched")
         return patched
     state = _StepState()
-    family.on_each_run(patched, state.new_run)
+    family.on_each_run(patched, state.new_run, state.new_run)
     image_layers = None
-    if mode == "references":
+    if strength == 0.0:
+        # The LoRA alone: no reference is read, so no reference rows ride in the batch.
+        provider = _ReferenceRows((), bounds, sampling=None, state=state,
+                                  first_step_unmasked=False, syncd=False)
+    elif mode == "references":
         syncd = None
         if conditioning == "syncd":
             if clip is None:
@@ -521,7 +545,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                 raise ValueError("clip: batch_phrase needs the text encoder to find the phrase's "
                                  "attention; connect the CLIP that encoded the prompt")
             phrase_maps = _PhraseMaps(phrase_embeddings(clip, batch_phrase.strip(), "batch_phrase"))
-            family.on_each_run(patched, phrase_maps.collected.new_run)
+            family.on_each_run(patched, phrase_maps.new_run, phrase_maps.new_run)
             blocks = dict(unet_transformer_blocks(unet))
             family.set_attention_patch(
                 patched, "attn2",
@@ -529,11 +553,11 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                                                                blocks[location].attn2.to_k))
         provider = _BatchCall(masks, bounds, state, first_step_unmasked, phrase_maps)
     family.add_row_provider(patched, provider)
-    lora = _self_attention_lora(adapter, unet, mode)
+    lora = _self_attention_lora(adapter, unet, mode) if lora_strength > 0 else None
     sharing = family.BLOCK_GROUPS[layers]
     make_patch = lambda location, inner: _SharedSelfAttention(
         inner, state, strength, mode, None if lora is None else lora[location],
-        location[0] in sharing)
+        location[0] in sharing, lora_strength)
     # With a LoRA every layer is patched (the LoRA covers all); `layers` picks where to share.
     family.set_attention_patch(patched, "attn1", make_patch,
                                  blocks="all" if lora is not None else layers)
@@ -565,8 +589,11 @@ class MultiRefApplyMSA:
         return {"required": {
             "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model to patch."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                         "Blend between plain self-attention (0, exactly the unpatched model) and "
-                         "full shared attention (1, SynCD)."}),
+                         "How much the image reads the references: a blend of plain "
+                         "self-attention (0: no reference is read, no reference rows) and full "
+                         "shared attention (1, SynCD). The adapter's LoRA has its own knob, "
+                         "lora_strength; both 0 (or 0 without a LoRA) is exactly the unpatched "
+                         "model."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "Part of sampling where sharing starts (0 = first "
                                          "step)."}),
@@ -608,14 +635,20 @@ class MultiRefApplyMSA:
                                        "target_text: the prompt's text, no image attention. "
                                        "auto: syncd with a SynCD or MultiRef-trained adapter, "
                                        "else target_text."}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": LORA_STRENGTH_MAX,
+                              "step": 0.05, "tooltip":
+                              "Factor of the adapter's self-attention LoRA (its deltas on the "
+                              "generated image's q, k, v, output and on the reference keys/values "
+                              "it reads): 1 = as trained, 0 = off. Acts at every strength, 0 "
+                              "included (strength only blends the reading of references)."}),
         }}
 
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
               mode, references=None, batch_masks=None, batch_phrase="", clip=None,
-              adapter=None, reference_conditioning="auto"):
+              adapter=None, reference_conditioning="auto", lora_strength=1.0):
         return (apply_msa(model, references, strength, start_percent, end_percent,
                           first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip,
-                          adapter, reference_conditioning),)
+                          adapter, reference_conditioning, lora_strength),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

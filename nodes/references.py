@@ -39,9 +39,11 @@ class MultiRefReference:
                        "The object's words as written in the prompt, e.g. 'dog' (routing sends "
                        "this reference where these words are)."}),
             "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
-                       "Strength of this reference (1 = as trained; 0 = off): scales its image "
-                       "attention in the adapter nodes and how much its foreground counts in "
-                       "Masked Shared Attention."}),
+                       "How strongly this reference acts (1 = as trained; 0 = off, left out "
+                       "everywhere): multiplies the attention weights of its tokens. Adapter "
+                       "nodes: its image attention (after its own softmax) times weight. Masked "
+                       "Shared Attention: each foreground token counts weight times in the "
+                       "softmax it shares with the image's own tokens."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "Sampling progress at which the reference starts acting."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,

@@ -33,7 +33,7 @@ PALETTE = ((0.95, 0.25, 0.2), (0.2, 0.75, 0.3), (0.25, 0.45, 0.95), (0.95, 0.8, 
 class RoutingRecorder(family.SharedAcrossClones, relevance.RelevanceMaps):
     """The routing maps of the prompt (`full`) rows of the last sampling run
     (techniques.relevance.RelevanceMaps). Shared by every later clone, so the sampler's model
-    writes where MultiRefRoutingMaps reads."""
+    writes where MultiRefRoutingMaps reads; they outlive the run, on the CPU."""
 
 
 def _pad_tokens(token_list):
@@ -63,6 +63,18 @@ class _RoutedReferences:
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
+        self.device_copies = {}  # location -> that layer's tensors on the run's device
+
+    def new_run(self):
+        """A run starts: the last run's maps and device copies are dropped."""
+        self.recorder.new_run()
+        self.device_copies = {}
+
+    def end_run(self):
+        """A run ended: its device copies are dropped, its maps kept on the CPU for the Routing
+        Maps node."""
+        self.device_copies = {}
+        self.recorder.to_cpu()
 
     def reference_weights(self, sigma):
         return tuple(w if family.in_sigma_range(sigma, b) else 0.0
@@ -77,10 +89,10 @@ class _RoutedReferences:
 
     def make_patch(self, location, inner, to_k):
         layer = self.adapter.layer(location)
-        cache = {}
         scale, scale_keys_values = self.layer_scale(location)
 
         def tensors(device, dtype):
+            cache = self.device_copies.setdefault(location, {})
             key = (device, dtype)
             if key not in cache:
                 tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
@@ -95,6 +107,7 @@ class _RoutedReferences:
             # Cached per layer, valid while to_k holds the same weight tensor: a LoRA patch puts
             # a new tensor there (a weak reference, so the cache never keeps a weight alive).
             key = ("phrases", device, dtype)
+            cache = self.device_copies.setdefault(location, {})
             entry = cache.get(key)
             if entry is None or entry[0]() is not to_k.weight:
                 phrases, empty = (relevance.phrase_keys(to_k, group, device, dtype)
@@ -270,7 +283,7 @@ class MultiRefApplyAdapter:
         family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
         patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = state.recorder
-        family.on_each_run(patched, state.recorder.new_run)
+        family.on_each_run(patched, state.new_run, state.end_run)
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)

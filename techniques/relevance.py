@@ -76,6 +76,11 @@ class RelevanceMaps:
         """Forget the last run (the host said a new one starts)."""
         self.clock, self.sums = StepClock(), {}
 
+    def to_cpu(self):
+        """Keep the maps of a finished run off the device it ran on."""
+        for entry in self.sums.values():
+            entry[0] = entry[0].cpu()
+
     def start(self, sigma, schedule=None):
         """Place a model evaluation at `sigma` in the run; returns its step."""
         step, new_run = self.clock.start(sigma, schedule)

@@ -121,15 +121,17 @@ class TwoPass:
     banked inputs with its own weights (plus
     its LoRA, when given); reading rows attend to [own | every reference token] with a -inf bias
     on the background and log(weight) on a weighted reference's tokens, in float64. The
-    reference pass runs without the LoRA."""
+    reference pass runs without the LoRA. lora_scale multiplies every LoRA delta; a reading row
+    gets plain + strength * (shared - plain), plain its attention over its own tokens."""
 
-    def __init__(self, model, refs, lora=None):
+    def __init__(self, model, refs, lora=None, lora_scale=1.0, strength=1.0):
         self.sampling = model.get_model_object("model_sampling")
         self.latents = model.model.process_latent_in(torch.cat([r.latents for r in refs]))
         self.masks = torch.cat([r.masks for r in refs])
         self.row_weights = torch.cat([torch.full((r.latents.shape[0],), float(r.weight)) for r in refs])
         self.blocks = dict(unet_transformer_blocks(model.model.diffusion_model))
         self.lora = lora  # {location: {projection: LoRAPair}} or None
+        self.lora_scale, self.strength = lora_scale, strength
         self.banks = {}  # reading role -> {location: banked attn1 input of the reference rows}
         self.inputs, self.outputs, self.writing = {}, {}, False
 
@@ -139,7 +141,7 @@ class TwoPass:
             return torch.zeros((), dtype=torch.float64)
         pair = self.lora[location][name]
         down, up = pair.down.weight.double(), pair.up.weight.double()
-        return x.double() @ down.T @ up.T * pair.alpha / down.shape[0]
+        return x.double() @ down.T @ up.T * pair.alpha / down.shape[0] * self.lora_scale
 
     def wrapper(self, apply_model, args):
         x, sigmas, c = args["input"], args["timestep"], args["c"]
@@ -205,7 +207,9 @@ class TwoPass:
                 for hd in range(heads):
                     sl = slice(hd * d, (hd + 1) * d)
                     logits = q[i, :, sl].double() @ keys[:, sl].T / math.sqrt(d) + bias.double()
-                    out[i, :, sl] = (logits.softmax(-1) @ values[:, sl]).float()
+                    shared = logits.softmax(-1) @ values[:, sl]
+                    plain = out[i, :, sl].double()
+                    out[i, :, sl] = (plain + self.strength * (shared - plain)).float()
             self.outputs[location] = out
             return out
         return attn1
@@ -518,8 +522,12 @@ def test_batch_mode_masks_from_a_phrase(parts):
     model = tiny_models.tiny_unet("sd15")
     sample = lambda m: _sample(m, clips, "sd15", batch=2, steps=2, scheduler="simple")
     patched = _msa(model, None, mode="batch", batch_phrase="dog", clip=clips["sd15"])
+    phrase_maps = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps
+    seen = []  # the masks each call starts with (the run's state is gone after the run)
+    start_call = phrase_maps.start_call
+    phrase_maps.start_call = lambda *args: (start_call(*args), seen.append(phrase_maps.masks))
     from_phrase = sample(patched.clone())  # a later node's clone keeps the patches working
-    masks = patched.model_options["model_function_wrapper"].providers[-1].phrase_maps.masks
+    masks = seen[-1]
     assert masks.shape == (2, *LATENT) and set(masks.unique().tolist()) == {0.0, 1.0}
     given = _msa(model, None, mode="batch", batch_masks=masks, first_step_unmasked=True)
     assert torch.equal(from_phrase, sample(given))

@@ -134,6 +134,6 @@ def test_the_unet_family_provides_the_whole_seam():
     """families/base.py lists what a family provides; the UNet family has every name, and the
     techniques reach a model only through families/ (they import no family and no host)."""
     from multiref.families import base
-    missing = [name for name in base.SEAM if not hasattr(unet_family, name)]
+    missing = [name for name in base.SEAM + base.TRAINER_SEAM if not hasattr(unet_family, name)]
     assert missing == []
     assert "all" in unet_family.BLOCK_GROUPS

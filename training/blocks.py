@@ -4,7 +4,9 @@ Why it exists:
   * the installable host (comfyui==0.0.1) adds the attention residuals in place (`x += n`) inside
     its BasicTransformerBlock, which autograd refuses ("modified by an inplace operation");
   * the host's UNet forward calls each layer of a block directly (`forward_timestep_embed`), so
-    wrapping `input_blocks[i].forward` checkpoints nothing.
+    wrapping a whole block's forward checkpoints nothing.
+The family says which layers run (families.unet.transformer_layers, residual_layers: the
+trainer's part of the seam, families/base.py); this module never walks the model itself.
 So every SpatialTransformer's `forward` is replaced (on a clone, through the host's own
 `add_object_patch`, undone when the clone is unpatched) by `TrainingSpatialTransformer`, which
 computes the same layer out of place with the host module's own weights, honours the host's
@@ -21,33 +23,12 @@ keys/values projected with the LoRA on (that LoRA is what trains on them).
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..families import unet as family
 from ..kernels import msa
-from ..kernels.checkpoints import unet_transformer_blocks
 from ..kernels.lora import deltas, new_self_attention_lora
 from ..techniques import msa as msa_technique
 from ..techniques import relevance
 from ..techniques import routing as routing_technique
-
-
-def spatial_transformers(diffusion_model):
-    """[(module path, SpatialTransformer-like module)] in execution order (duck-typed: a module
-    with `transformer_blocks`, `proj_in`, `proj_out`)."""
-    return [(name, module) for name, module in diffusion_model.named_modules()
-            if hasattr(module, "transformer_blocks") and hasattr(module, "proj_in")]
-
-
-def res_blocks(diffusion_model):
-    """[(module path, ResBlock-like module)]: modules called as layer(x, emb)."""
-    return [(name, module) for name, module in diffusion_model.named_modules()
-            if hasattr(module, "in_layers") and hasattr(module, "emb_layers")]
-
-
-def location_of(path):
-    """'input_blocks.4.1' -> ('input', 4); 'middle_block.1' -> ('middle', 0) (the host's keys)."""
-    parts = path.split(".")
-    if parts[0] == "middle_block":
-        return ("middle", 0)
-    return ({"input_blocks": "input", "output_blocks": "output"}[parts[0]], int(parts[1]))
 
 
 class PassState:
@@ -109,18 +90,19 @@ class ImageCondition:
 
 
 def build_lora_layers(diffusion_model, rank, alpha=None):
-    """A fresh self-attention LoRA for every transformer block, keyed by the block's location
-    (block_name, block_id, transformer_index), the key the adapter files are bound by."""
-    return {location: new_self_attention_lora(block.attn1.to_q.in_features,
-                                              block.attn1.to_q.out_features, rank, alpha)
-            for location, block in unet_transformer_blocks(diffusion_model)}
+    """A fresh self-attention LoRA for every transformer block, in execution order, keyed by the
+    block's attention location, the key the adapter files are bound by."""
+    return {prefix + (index,): new_self_attention_lora(block.attn1.to_q.in_features,
+                                                       block.attn1.to_q.out_features, rank, alpha)
+            for _, layer, prefix in family.transformer_layers(diffusion_model)
+            for index, block in enumerate(layer.transformer_blocks)}
 
 
 def attention_paths(diffusion_model):
     """{location: 'diffusion_model.<...>.attn1'}: where each self-attention lives in the model."""
-    return {(*location_of(path), index): f"diffusion_model.{path}.transformer_blocks.{index}.attn1"
-            for path, spatial in spatial_transformers(diffusion_model)
-            for index, _ in enumerate(spatial.transformer_blocks)}
+    return {prefix + (index,): f"diffusion_model.{path}.transformer_blocks.{index}.attn1"
+            for path, layer, prefix in family.transformer_layers(diffusion_model)
+            for index, _ in enumerate(layer.transformer_blocks)}
 
 
 def install(patcher, state):
@@ -133,10 +115,10 @@ def install(patcher, state):
         data = param.clone() if param.is_inference() else param.detach()
         patcher.add_object_patch(name, torch.nn.Parameter(data, requires_grad=False))
     unet = patcher.model.diffusion_model
-    for path, module in spatial_transformers(unet):
+    for path, module, prefix in family.transformer_layers(unet):
         patcher.add_object_patch(f"diffusion_model.{path}.forward",
-                                 TrainingSpatialTransformer(module, path, state))
-    for path, module in res_blocks(unet):
+                                 TrainingSpatialTransformer(module, prefix, state))
+    for path, module in family.residual_layers(unet):
         patcher.add_object_patch(f"diffusion_model.{path}.forward",
                                  CheckpointedResBlock(module, state))
     return patcher
@@ -157,10 +139,11 @@ class CheckpointedResBlock:
 
 
 class TrainingSpatialTransformer:
-    """An out-of-place SpatialTransformer forward using the host module's own weights."""
+    """An out-of-place SpatialTransformer forward using the host module's own weights; its block
+    i is at attention location prefix + (i,)."""
 
-    def __init__(self, module, path, state):
-        self.module, self.path, self.state = module, path, state
+    def __init__(self, module, prefix, state):
+        self.module, self.prefix, self.state = module, prefix, state
 
     def __call__(self, x, context=None, transformer_options={}):
         st = self.module
@@ -199,7 +182,7 @@ class TrainingSpatialTransformer:
         extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
         extra.update(n_heads=block.n_heads, dim_head=block.d_head,
                      attn_precision=getattr(block, "attn_precision", None))
-        location = (*location_of(self.path), options["block_index"])
+        location = self.prefix + (options["block_index"],)
         if block.ff_in:
             skip = x
             x = block.ff_in(block.norm_in(x))

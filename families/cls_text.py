@@ -7,6 +7,8 @@ token width in place of a token id in the token list (the textual-inversion path
 host (comfyui==0.0.1) gives such a tensor an id in a temporary embedding table; current ComfyUI
 splices it into the embedded sequence at its position. Either way a one-row tensor takes the
 place of one token, and everything else in the list is embedded as before."""
+import copy
+
 import torch
 
 
@@ -23,12 +25,6 @@ def text_encoders(clip):
 def text_widths(clip):
     return {key: encoder.transformer.get_input_embeddings().weight.shape[1]
             for key, encoder in text_encoders(clip).items()}
-
-
-def word_embeddings(encoder, ids):
-    """(len(ids), C) float32 rows of the encoder's token embedding table."""
-    table = encoder.transformer.get_input_embeddings().weight
-    return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
 def phrase_ids(clip, key, phrase):
@@ -52,40 +48,64 @@ def entity_positions(chunks, ids):
     return found
 
 
+def located(clip, key, chunks, phrase, whose):
+    """entity_positions of a phrase, or PhraseNotInPrompt naming `whose` phrase it is."""
+    ids = phrase_ids(clip, key, phrase) if phrase else []
+    positions = entity_positions(chunks, ids) if ids else []
+    if not positions:
+        raise PhraseNotInPrompt(
+            f"{whose} phrase {phrase!r} is not in the prompt; write the object's words in the "
+            "prompt exactly as in its reference (the CLS embedding is fused into that word)")
+    return positions
+
+
+def check_entities(clip, caption, phrases, whose):
+    """Raise PhraseNotInPrompt unless every phrase occurs in the caption (before training)."""
+    tokens = clip.tokenize(caption)
+    for phrase in phrases:
+        for key, chunks in tokens.items():
+            located(clip, key, chunks, phrase, whose)
+
+
 def augmented_tokens(clip, prompt, references, fusion):
     """The prompt's tokens with each reference's entity token replaced by its fused embedding
     (weight kept); references of weight 0 are left out. Returns (tokens, {key: [(chunk,
-    position)]}) . A phrase that is not in the prompt raises PhraseNotInPrompt."""
+    position)]}). A phrase that is not in the prompt raises PhraseNotInPrompt."""
     tokens = clip.tokenize(prompt)
-    encoders = text_encoders(clip)
-    if sorted(encoders) != sorted(fusion.encoders):
+    entities = [(n, ref.phrase, class_embedding_of(ref, n, fusion))
+                for n, ref in enumerate(references, 1) if ref.weight != 0]  # zero means off
+    tables = {key: encoder.transformer.get_input_embeddings().weight
+              for key, encoder in text_encoders(clip).items()}
+    with torch.no_grad():
+        fused = fused_entities(clip, tokens, entities, fusion, tables)
+    for key, rows in fused.items():
+        for (c, p), row in rows:
+            tokens[key][c][p] = (row.cpu(),) + tuple(tokens[key][c][p][1:])
+    return tokens, {key: [place for place, _ in rows] for key, rows in fused.items()}
+
+
+def fused_entities(clip, tokens, entities, fusion, tables):
+    """{encoder key: [((chunk, position), fused row (C,))]} for entities [(n, phrase, class
+    embedding (D,))] in the token chunks; tables: {key: the encoder's token embedding weight}.
+    Differentiable in the fusion's weights (the trainer's path runs it with gradient)."""
+    widths = {key: table.shape[1] for key, table in tables.items()}
+    if sorted(widths) != sorted(fusion.encoders):
         raise ValueError(f"cls_fusion: made for text encoders {sorted(fusion.encoders)} "
-                         f"({fusion.family}) but the CLIP has {sorted(encoders)}; load the fusion "
+                         f"({fusion.family}) but the CLIP has {sorted(widths)}; load the fusion "
                          "trained for this model family")
-    widths = text_widths(clip)
     if widths != fusion.text_widths:
         raise ValueError(f"cls_fusion: token widths {fusion.text_widths} do not fit this CLIP's "
                          f"{widths}; load the fusion trained with this text encoder")
-    replaced = {key: [] for key in tokens}
-    for n, ref in enumerate(references, 1):
-        if ref.weight == 0:
-            continue  # zero means off: the plain words
-        cls = class_embedding_of(ref, n, fusion)
+    out = {key: [] for key in tokens}
+    for n, phrase, cls in entities:
         for key, chunks in tokens.items():
-            ids = phrase_ids(clip, key, ref.phrase) if ref.phrase else []
-            positions = entity_positions(chunks, ids) if ids else []
-            if not positions:
-                raise PhraseNotInPrompt(
-                    f"references: reference {n}'s phrase {ref.phrase!r} is not in the prompt; "
-                    "write the object's words in the prompt exactly as in its MultiRef Reference "
-                    "(the CLS embedding is fused into that word)")
-            with torch.no_grad():
-                words = word_embeddings(encoders[key], [chunks[c][p][0] for c, p in positions])
-                fused = fusion.fuse(key, words, cls)
-            for (c, p), row in zip(positions, fused):
-                chunks[c][p] = (row,) + tuple(chunks[c][p][1:])
-                replaced[key].append((c, p))
-    return tokens, replaced
+            positions = located(clip, key, chunks, phrase, f"references: reference {n}'s")
+            table, device = tables[key], next(fusion.parameters()).device
+            ids = torch.tensor([chunks[c][p][0] for c, p in positions], device=table.device)
+            words = table.detach()[ids].float().to(device)
+            rows = fusion.fuse(key, words, cls.to(device))
+            out[key] += list(zip(positions, rows))
+    return out
 
 
 def class_embedding_of(ref, n, fusion):
@@ -106,3 +126,83 @@ def class_embedding_of(ref, n, fusion):
 def encode(clip, tokens):
     """(cond (1, L, C), pooled or None): the host's encoding of a token list."""
     return clip.encode_from_tokens(tokens, return_pooled=True)
+
+
+class TrainableText:
+    """The CLIP's text encoders for training the fusion: a private frozen copy (weights cloned
+    out of inference mode, which ComfyUI's loaders leave them in and autograd cannot read back)
+    whose token embedding tables take the fused rows out of place and whose layers add their
+    residuals out of place (the hosts' CLIP layers add them in place, which autograd refuses),
+    so the loss reaches the fusion through the text encoder. The host's own encode runs on it (the token-list path of
+    the nodes writes into a table in place, which autograd refuses on the installable host)."""
+
+    def __init__(self, clip, device):
+        self.clip = clip
+        with torch.inference_mode(False):
+            self.model = copy.deepcopy(clip.cond_stage_model)
+            for module in self.model.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    module._parameters[name] = torch.nn.Parameter(param.detach().clone(),
+                                                                  requires_grad=False)
+        for module in self.model.modules():
+            if all(hasattr(module, n) for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp")):
+                module.forward = _OutOfPlaceLayer(module)
+        self.model.to(device)
+        self.tables = {}
+        for key in text_encoders(clip):
+            transformer = getattr(self.model, f"clip_{key}").transformer
+            table = _Substituting(transformer.get_input_embeddings())
+            transformer.set_input_embeddings(table)
+            self.tables[key] = table
+
+    def encode(self, caption, entities, fusion):
+        """(cond (1, L, C), pooled or None) of the caption with entities [(n, phrase, class
+        embedding)] fused, with gradient to the fusion."""
+        tokens = self.clip.tokenize(caption)
+        fused = fused_entities(self.clip, tokens, entities, fusion,
+                               {key: table.base.weight for key, table in self.tables.items()})
+        for key, table in self.tables.items():
+            table.rows = fused[key]
+        self.model.reset_clip_options()
+        if self.clip.layer_idx is not None:  # as the host's encode_from_tokens
+            self.model.set_clip_options({"layer": self.clip.layer_idx})
+        try:
+            return self.model.encode_token_weights(tokens)[:2]
+        finally:
+            for table in self.tables.values():
+                table.rows = []
+
+
+class _Substituting(torch.nn.Module):
+    """A token embedding table whose lookup puts `rows` [((chunk, position), row)] in place of
+    the looked-up embeddings there (chunk = the row of the host's token batch)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.rows = base, []
+
+    @property
+    def weight(self):  # the hosts read the table's device and width from it
+        return self.base.weight
+
+    def forward(self, ids, *args, **kwargs):
+        out = self.base(ids, *args, **kwargs)
+        if not self.rows:
+            return out
+        chunks = torch.tensor([c for (c, _), _ in self.rows], device=out.device)
+        positions = torch.tensor([p for (_, p), _ in self.rows], device=out.device)
+        values = torch.stack([row for _, row in self.rows]).to(out.device, out.dtype)
+        return out.index_put((chunks, positions), values)
+
+
+class _OutOfPlaceLayer:
+    """A host CLIP layer's forward (pre-norm attention, then pre-norm MLP, each added to the
+    stream) with new tensors for the residual sums."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x, mask=None, optimized_attention=None):
+        layer = self.layer
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))

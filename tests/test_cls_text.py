@@ -203,3 +203,23 @@ def test_references_file_without_class_embeddings_still_loads(tmp_path):
     fusion = cls_text.ClsTextFusion(host_cls_text.text_widths(clip), CLASS_WIDTH)
     with pytest.raises(ValueError, match="has no CLIP class embedding; encode it again"):
         host_cls_text.augmented_tokens(clip, PROMPT, (loaded,), fusion)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_trainers_differentiable_path_equals_the_nodes_and_reaches_the_fusion(clips, family):
+    """The trainer's copy (substituting table, out-of-place layers) computes what the node's
+    token-list path computes, and the loss's gradient reaches every part of the fusion."""
+    clip = clips[family]
+    fusion, ref = trained_like(clip), reference()
+    trainable = host_cls_text.TrainableText(clip, torch.device("cpu"))
+    cond, pooled = trainable.encode(PROMPT, [(1, "dog", ref.class_embedding.mean(0))], fusion)
+    tokens, _ = host_cls_text.augmented_tokens(clip, PROMPT, (ref,), fusion)
+    with torch.no_grad():
+        node_cond, node_pooled = host_cls_text.encode(clip, tokens)
+    torch.testing.assert_close(cond, node_cond, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pooled, node_pooled, atol=1e-6, rtol=1e-6)
+    (cond.square().sum() + pooled.square().sum()).backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())  # its own copy
+    assert all(p.grad is None for p in trainable.model.parameters())  # frozen

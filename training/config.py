@@ -61,6 +61,8 @@ class TrainConfig:
     preview_prompt: str = ""             # this prompt (empty = the first caption)
     quality_threshold: float = 0.0       # drop groups whose object quality score is lower
                                          # (training/quality.py; 0 = keep all, no scoring)
+    cls_text: bool = False               # also train MM-Diff's CLS text fusion (kernels/
+                                         # cls_text.py; needs an adapter and its clip_vision)
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -95,6 +97,8 @@ def run_identity(config, family, adapter_fingerprint):
     base model family and the adapter trained (its weights' fingerprint)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
     identity.update(base_family=family, adapter_weights=adapter_fingerprint)
+    if not config.cls_text:  # off: the identity of runs saved before the setting existed
+        identity.pop("cls_text")
     return identity
 
 
@@ -153,6 +157,8 @@ def validate(config):
             c.text_dropout + c.image_dropout + c.both_dropout > 1:
         raise TrainConfigError("text_dropout, image_dropout and both_dropout must be >= 0 and sum "
                                "to at most 1")
+    if not isinstance(c.cls_text, bool):
+        raise TrainConfigError(f"cls_text must be true or false, got {c.cls_text!r}")
     device = resolve_device(c)
     check_writable(c.output_dir)
     return device

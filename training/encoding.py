@@ -34,7 +34,8 @@ def encode(config, models, groups, rank=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoded = dataset.encode_groups(groups, config.resolution, models.vae, models.clip,
-                                        models.patcher.model, models.clip_vision, models.adapter)
+                                        models.patcher.model, models.clip_vision, models.adapter,
+                                        config.cls_text)
     if rank == 0:  # one process writes the cache
         os.makedirs(os.path.dirname(path), exist_ok=True)
         checkpoint.atomic_write(path, lambda tmp: torch.save(dataset.to_tensors(encoded), tmp))
@@ -52,5 +53,5 @@ def cache_key(config, models, groups):
                      fingerprint_of(models.clip_vision.model.state_dict())]
     # "reference prompts": caches of an older layout lack them and must not be read.
     text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
-                       "reference prompts"])
+                       "reference prompts"] + (["cls_text"] if config.cls_text else []))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

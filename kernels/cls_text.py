@@ -156,4 +156,4 @@ def load(path):
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{source}: CLS text fusion format version {version}; this version "
                               f"of the pack reads version {FORMAT_VERSION}: update the pack")
-    return from_tensors(tensors, source)
+    return from_tensors(tensors, source).requires_grad_(False)  # loaded for use, not training

@@ -119,3 +119,38 @@ def test_phrase_missing_from_a_caption_is_named_before_training(adapter_file, tm
         json.dump(manifest, f)
     with pytest.raises(ValueError, match="is not in the prompt"):
         loop.train(config(folder, tmp_path / "run", cls_text=True), models(adapter_file))
+
+
+def test_train_node_fusion_loads_in_the_loader_and_changes_the_conditioning(host, adapter_file,
+                                                                           tmp_path, output_folder):
+    """In inference mode, as the host runs nodes (the text encoder's weights are inference
+    tensors): MultiRefTrain with cls_text writes the fusion, MultiRef CLS Fusion Loader reads it
+    from models/multiref, MultiRef CLS Text Encode uses it."""
+    from multiref.nodes.training import MultiRefTrain
+    data = training_data.write_object_dataset(str(tmp_path / "data"), groups=2, refs=1)
+    models_dir = tmp_path / "models_multiref"
+    models_dir.mkdir()
+    host.folder_paths.add_model_folder_path("multiref", str(models_dir))
+    inputs = {"dataset": data, "output_dir": "cls", "steps": 2, "batch_size": 1,
+              "grad_accumulation": 1, "learning_rate": 0.05, "lora_rank": 4, "resolution": 64,
+              "save_every": 2, "keep_last": 1, "seed": 1, "gradient_checkpointing": True,
+              "resume": True}
+    with torch.inference_mode():
+        model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
+                            tiny_models.tiny_vae())
+        clip_vision, adapter = tiny_models.tiny_clip_vision(), load_adapter(adapter_file)
+        MultiRefTrain().train(model, clip, vae, **inputs, adapter=adapter,
+                              clip_vision=clip_vision, cls_text=True)
+        os.replace(output_folder / "cls" / checkpoint.CLS_TEXT_NAME, models_dir / "fusion.safetensors")
+        loader = host.nodes["MultiRefClsFusionLoader"]
+        assert "fusion.safetensors" in loader.INPUT_TYPES()["required"]["fusion_name"][0]
+        (fusion,) = loader().load("fusion.safetensors")
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+        (refs,) = host.nodes["MultiRefReference"]().make(image, "apple", 1.0, 0.0, 1.0)
+        (encoded,) = host.nodes["MultiRefEncodeReferences"]().encode(refs, adapter, clip_vision,
+                                                                     model, 0)
+        (augmented,) = host.nodes["MultiRefClsTextEncode"]().encode(
+            clip, "a photo of an apple", encoded, fusion, 0.0)
+        (plain,) = host.nodes["CLIPTextEncode"]().encode(clip, "a photo of an apple")
+    assert fusion.encoders["l"].mlp[3].weight.abs().sum() > 0
+    assert (augmented[0][0] - plain[0][0]).abs().max() > 0

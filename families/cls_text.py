@@ -18,7 +18,11 @@ class PhraseNotInPrompt(ValueError):
 
 def text_encoders(clip):
     """{encoder key ("l", "g"): the host's SDClipModel} of a CLIP object."""
-    keys = list(clip.tokenize(""))
+    keys = sorted(clip.tokenize(""))
+    if keys not in (["l"], ["g", "l"]):
+        raise ValueError(f"clip: text encoders {keys}; CLS-augmented text runs on SD1.5 (CLIP-L) "
+                         "and SDXL (CLIP-L and CLIP-G) text encoders: connect the CLIP of an "
+                         "SD1.5 or SDXL checkpoint")
     return {key: getattr(clip.cond_stage_model, f"clip_{key}") for key in keys}
 
 

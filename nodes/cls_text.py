@@ -16,6 +16,12 @@ def fusion_files():
     return [name for name in loaders.adapter_files() if name.lower().endswith(".safetensors")]
 
 
+def _not_installed(name):
+    return (f"file {name!r} not found. Searched: {', '.join(loaders.searched_folders())}. Train a "
+            "fusion with MultiRef Train (cls_text on) and copy multiref_cls_text.safetensors from "
+            "its output folder there")
+
+
 class MultiRefClsFusionLoader:
     DESCRIPTION = ("Loads a CLS text fusion (MM-Diff's MLP that fuses a reference's CLIP class "
                    "embedding into its entity word), as MultiRef Train writes it "
@@ -35,8 +41,17 @@ class MultiRefClsFusionLoader:
                             "then refresh."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, fusion_name):
+        """A missing file named with the folders searched (the host's list check says only
+        "'name' not in []")."""
+        return True if loaders._find_adapter(fusion_name) else _not_installed(fusion_name)
+
     def load(self, fusion_name):
-        fusion = cls_text.load(loaders.resolve_adapter(fusion_name))
+        path = loaders._find_adapter(fusion_name)
+        if path is None:
+            raise cls_text.CheckpointError(f"fusion_name: {_not_installed(fusion_name)}")
+        fusion = cls_text.load(path)
         log.info("MultiRefClsFusionLoader: %s", fusion.describe())
         return (fusion,)
 

@@ -223,3 +223,11 @@ def test_trainers_differentiable_path_equals_the_nodes_and_reaches_the_fusion(cl
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in clip.cond_stage_model.parameters())  # its own copy
     assert all(p.grad is None for p in trainable.model.parameters())  # frozen
+
+
+def test_missing_fusion_file_is_named_with_the_folders_searched(host):
+    loader = host.nodes["MultiRefClsFusionLoader"]
+    message = loader.VALIDATE_INPUTS("nowhere.safetensors")
+    assert "'nowhere.safetensors' not found. Searched:" in message and "cls_text on" in message
+    with pytest.raises(checkpoints.CheckpointError, match="fusion_name: file 'nowhere"):
+        loader().load("nowhere.safetensors")

@@ -100,6 +100,12 @@ def fused_entities(clip, tokens, entities, fusion, tables):
     if widths != fusion.text_widths:
         raise ValueError(f"cls_fusion: token widths {fusion.text_widths} do not fit this CLIP's "
                          f"{widths}; load the fusion trained with this text encoder")
+    phrases = [phrase for _, phrase, _ in entities]
+    shared = sorted({p for p in phrases if phrases.count(p) > 1})
+    if shared:
+        raise ValueError(f"references: several references have the phrase(s) {shared}; one "
+                         "entity word takes one class embedding: give each reference its own "
+                         "words in the prompt (or set the others' weight to 0)")
     out = {key: [] for key in tokens}
     for n, phrase, cls in entities:
         for key, chunks in tokens.items():

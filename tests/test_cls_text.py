@@ -231,3 +231,37 @@ def test_missing_fusion_file_is_named_with_the_folders_searched(host):
     assert "'nowhere.safetensors' not found. Searched:" in message and "cls_text on" in message
     with pytest.raises(checkpoints.CheckpointError, match="fusion_name: file 'nowhere"):
         loader().load("nowhere.safetensors")
+
+
+def test_two_references_with_one_phrase_are_refused(clips):
+    clip = clips["sd15"]
+    fusion = trained_like(clip)
+    with pytest.raises(ValueError, match=r"several references have the phrase\(s\) \['dog'\]"):
+        host_cls_text.augmented_tokens(clip, PROMPT, (reference(), reference(seed=1)), fusion)
+    # The same with one of them off is fine.
+    host_cls_text.augmented_tokens(clip, PROMPT, (reference(), reference(weight=0.0)), fusion)
+
+
+def test_two_references_each_fuse_their_own_class_embedding(clips):
+    clip = clips["sdxl"]
+    fusion = trained_like(clip)
+    cat, dog = reference("cat", seed=1), reference("dog", seed=2)
+    prompt = "a cat and a dog"
+    tokens, replaced = host_cls_text.augmented_tokens(clip, prompt, (cat, dog), fusion)
+    fed, _ = encoder_inputs(clip, tokens)
+    fed_plain, _ = encoder_inputs(clip, clip.tokenize(prompt))
+    ids = [t[0] for t in clip.tokenize(prompt)["l"][0]]
+    for key, encoder in host_cls_text.text_encoders(clip).items():
+        embeddings = encoder.transformer.text_model.embeddings
+        places = []
+        for ref in (cat, dog):
+            word_id = clip.tokenize(ref.phrase)["l"][0][1][0]
+            p = ids.index(word_id)
+            places.append(p)
+            word = embeddings.token_embedding.weight[word_id].float()
+            expected = slow_fusion(fusion, key, word, ref.class_embedding.mean(0)).float()
+            torch.testing.assert_close(fed[key][0, p] - embeddings.position_embedding.weight[p].float(),
+                                       expected, atol=1e-5, rtol=1e-5)
+        assert sorted(replaced[key]) == [(0, p) for p in sorted(places)]
+        others = [i for i in range(fed[key].shape[1]) if i not in places]
+        assert torch.equal(fed[key][:, others], fed_plain[key][:, others])

@@ -6,7 +6,9 @@ How the fused embeddings reach the text encoder: both hosts' SDClipModel accept 
 token width in place of a token id in the token list (the textual-inversion path). The installable
 host (comfyui==0.0.1) gives such a tensor an id in a temporary embedding table; current ComfyUI
 splices it into the embedded sequence at its position. Either way a one-row tensor takes the
-place of one token, and everything else in the list is embedded as before."""
+place of one token, and everything else in the list is embedded as before. The trainer needs a
+gradient through the encoder, which that path cannot give on the installable host (it writes the
+tensor into a table in place): TrainableText below."""
 import copy
 
 import torch

@@ -14,6 +14,7 @@ FILE_INPUTS = {
     ("*", "lora_name"): ("loras",),
     ("*", "unet_name"): ("unet",),
     ("*", "adapter_name"): ("multiref", "ipadapter"),
+    ("*", "fusion_name"): ("multiref", "ipadapter"),
     ("CLIPVisionLoader", "clip_name"): ("clip_vision",),
     ("CLIPLoader", "clip_name"): ("clip",),
 }

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import save_file
 
-from . import feature_fusion, flux_adapters, weights_files
+from . import cls_text, feature_fusion, flux_adapters, weights_files
 from .adapter import UNCOND_CONVENTIONS, AdapterMismatchError, build_adapter
 from .weights_files import CheckpointError  # noqa: F401  (the error of every file problem)
 
@@ -314,6 +314,10 @@ def load_adapter(path):
     """Read, detect, convert and build a LoadedAdapter from any supported file."""
     source = os.path.basename(path)
     tensors, metadata = read_checkpoint(path)
+    if cls_text.is_cls_text(tensors):  # its own loader: it feeds the text encoder, not the UNet
+        raise CheckpointError(f"{source}: a CLS text fusion file (cls_text.* tensors, "
+                              "kernels/cls_text.py): load it with MultiRef CLS Fusion Loader "
+                              "and connect it to MultiRef CLS Text Encode")
     if flux_adapters.detect_flux_adapter(tensors):  # the Flux layouts: kernels/flux_adapters.py
         return flux_adapters.load_flux_adapter(tensors, source)
     if metadata.get("format") == LORA_FORMAT:

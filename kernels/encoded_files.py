@@ -2,8 +2,8 @@
 workflows and machines. Tensors are written as they are (dtype and values kept: a reload is
 bit-identical); everything else is JSON in the file's metadata. Plain torch, no ComfyUI import.
 
-Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks when
-the reference has them. Metadata: format, format_version, adapter_fingerprint, references (a JSON
+Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks /
+ref.{i}.class_embedding when the reference has them (files without class embeddings still load). Metadata: format, format_version, adapter_fingerprint, references (a JSON
 list, one entry per reference: phrase, weight, start_percent, end_percent, latents, masks).
 """
 import json
@@ -19,10 +19,10 @@ from .weights_files import CheckpointError
 FORMAT = "multiref-encoded-references"
 FORMAT_VERSION = "1"
 SUFFIX = ".references.safetensors"
-OPTIONAL_TENSORS = ("latents", "masks")
+OPTIONAL_TENSORS = ("latents", "masks", "class_embedding")
 # Number of dimensions of each tensor (image_tokens (1, V*T, C), latents (V, 4, h, w), masks
 # (V, h, w)).
-DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3}
+DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "class_embedding": 2}
 
 
 def save(encoded, path):
@@ -92,7 +92,7 @@ def load(path):
 def _entry(i, entry, tensors, fingerprint):
     parts = {name: tensors[f"ref.{i}.{name}"] for name in ("image_tokens", "uncond_tokens")}
     for name in OPTIONAL_TENSORS:
-        parts[name] = tensors[f"ref.{i}.{name}"] if entry[name] else None
+        parts[name] = tensors[f"ref.{i}.{name}"] if entry.get(name) else None  # older: none
     for name, tensor in parts.items():
         if tensor is not None and tensor.ndim != DIMS[name]:
             raise ValueError(f"ref.{i}.{name} has {tensor.ndim} dimensions, not {DIMS[name]}")
@@ -109,7 +109,7 @@ def _check_names(tensors, entries):
     if not entries:
         raise ValueError("no references")
     expected = {f"ref.{i}.{n}" for i, e in enumerate(entries) for n in DIMS
-                if n not in OPTIONAL_TENSORS or e[n]}
+                if n not in OPTIONAL_TENSORS or e.get(n)}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ValueError(f"unexpected tensors {extra[:3]}")

@@ -201,6 +201,8 @@ class EncodedReference:
     phrase, weight, start_percent, end_percent: copied from the Reference.
     adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches
         refuse tokens made by another adapter.
+    class_embedding: (V, D) CLIP vision's class (pooled, projected) embedding of each whole
+        view, read by CLS-augmented text (kernels/cls_text.py); None in files saved before it.
     """
     image_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
@@ -211,3 +213,4 @@ class EncodedReference:
     start_percent: float
     end_percent: float
     adapter_fingerprint: str
+    class_embedding: Optional[torch.Tensor] = None

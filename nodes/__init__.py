@@ -3,11 +3,12 @@ import logging
 
 from . import demo, guidance, loaders, msa, references, routing, training
 from . import reference_files, unified_loader
+from . import cls_text
 
 log = logging.getLogger("multiref")
 
 FAMILIES = (demo, guidance, loaders, msa, references, routing, training, reference_files,
-            unified_loader)
+            unified_loader, cls_text)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -176,7 +176,8 @@ class MultiRefEncodeReferences:
             image_tokens=tokens, uncond_tokens=uncond,
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
-            adapter_fingerprint=adapter.fingerprint)
+            adapter_fingerprint=adapter.fingerprint,
+            class_embedding=class_embeddings(clip_vision, ref.images))
 
 
 
@@ -221,6 +222,12 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", 
     if tokens.shape[0] == 1 and views > 1:
         tokens = tokens.expand(views, -1, -1)
     return tokens.reshape(1, -1, tokens.shape[-1])
+
+
+def class_embeddings(clip_vision, images):
+    """(V, D) CLIP vision's class embedding of each whole view (CLS-augmented text). Its own
+    encoding: the tokens' may be of tiles or of combined views."""
+    return clip_vision.encode_image(images)["image_embeds"].float().cpu()
 
 
 def check_size(ref, n, with_vae):

@@ -103,12 +103,18 @@ class MultiRefTrain:
                              "adapter's image projection so that it first gives the adapter's own "
                              "tokens; saved in multiref_adapter.safetensors, its mix set by "
                              "MultiRef Encode References' granularity."}),
+            "cls_text": ("BOOLEAN", {"default": False, "tooltip":
+                         "Also train MM-Diff's CLS text fusion (a reference's CLIP class "
+                         "embedding fused into its word in the caption; needs an adapter and "
+                         "clip_vision). Saved as multiref_cls_text.safetensors in the output "
+                         "folder, for MultiRef CLS Fusion Loader (copy it to models/multiref)."}),
         }}
 
     def train(self, model, clip, vae, dataset, output_dir, steps, batch_size, grad_accumulation,
               learning_rate, lora_rank, resolution, save_every, keep_last, seed,
               gradient_checkpointing, resume, preview_every=0, preview_prompt="",
-              quality_threshold=0.0, adapter=None, clip_vision=None, train_fusion=False):
+              quality_threshold=0.0, adapter=None, clip_vision=None, train_fusion=False,
+              cls_text=False):
         folder = inside_output(output_dir, "output_dir", TrainConfigError, "multiref_training/run1")
         config = TrainConfig(dataset=dataset, output_dir=folder, steps=steps,
                              batch_size=batch_size, grad_accumulation=grad_accumulation,
@@ -117,7 +123,7 @@ class MultiRefTrain:
                              seed=seed, gradient_checkpointing=gradient_checkpointing,
                              resume=resume, quality_threshold=quality_threshold,
                              preview_every=preview_every, preview_prompt=preview_prompt,
-                             train_fusion=bool(train_fusion))
+                             train_fusion=bool(train_fusion), cls_text=bool(cls_text))
         bar = comfy.utils.ProgressBar(steps)
         # The trainer patches and moves the model itself: nothing the host holds loaded (the
         # same weights with another clone's patches merged in) may stay patched under it.

@@ -364,7 +364,7 @@ def test_start_up_note_lists_the_example_workflows_missing_files(host, caplog):
     from headless import shipped
     from multiref.nodes import loaders
     kinds = {"ckpt_name": ("checkpoints",), "clip_name": ("clip_vision",),
-             "adapter_name": ("multiref", "ipadapter")}
+             "adapter_name": ("multiref", "ipadapter"), "fusion_name": ("multiref", "ipadapter")}
     expected, installed = set(), set()
     for path in shipped.api_files():
         with open(path) as f:

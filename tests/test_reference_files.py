@@ -16,7 +16,7 @@ from multiref.kernels.references import ReferenceInputError
 from multiref.kernels.weights_files import CheckpointError
 from multiref.families import tiny_models
 
-FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks")
+FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "class_embedding")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,11 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     assert metadata["adapter_fingerprint"] == adapter.fingerprint
     assert json.loads(metadata["references"])[1] == {
         "phrase": "red hat", "weight": 1.3, "start_percent": 0.0, "end_percent": 0.55,
-        "latents": True, "masks": False}
+        "latents": True, "masks": False, "class_embedding": True}
     assert sorted(load_file(str(path))) == sorted(
         ["ref.0.image_tokens", "ref.0.uncond_tokens", "ref.0.latents", "ref.0.masks",
-         "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents"])
+         "ref.0.class_embedding", "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents",
+         "ref.1.class_embedding"])
     # A second save counts on; a copy in the input folder (another machine) loads the same.
     (again,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
     assert again == "people/dog_00002_.references.safetensors [output]"

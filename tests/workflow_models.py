@@ -6,6 +6,8 @@ graph unchanged:
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
     the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
     MultiRefAdapterLoader;
+  * a CLS text fusion file is written, under the name the workflow uses, for the tiny text
+    encoders of the workflow's checkpoint family, every weight random (a trained-like fusion);
   * a training node gets a tiny generated dataset and a temporary run folder.
 Pictures are left alone: Load Image reads the shipped example pictures that the pack copied
 into the host's input folder when it loaded, as on a user's machine.
@@ -13,9 +15,12 @@ Sizes and step counts shrink so a CPU runs every workflow in seconds."""
 import copy
 import os
 
+import torch
+
 import tiny_checkpoints
 import training_data
 from multiref.families import tiny_models
+from multiref.kernels import cls_text
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "resolution": 64}
 
@@ -68,6 +73,17 @@ def _adapter_file(folder, name):
     raise KeyError(f"no tiny layout for adapter file {name}")
 
 
+def _cls_fusion_file(folder, name, family):
+    widths = {"sd15": {"l": tiny_models.TEXT_L_WIDTH},
+              "sdxl": {"l": tiny_models.TEXT_L_WIDTH, "g": tiny_models.TEXT_G_WIDTH}}[family]
+    fusion = cls_text.ClsTextFusion(widths, tiny_models.CLIP_VISION_PROJECTION)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    cls_text.save(fusion, os.path.join(folder, name))
+
+
 def swap_in_tiny_models(prompt, host, tmp_path):
     prompt = copy.deepcopy(prompt)
     adapters = tmp_path / "multiref"
@@ -81,6 +97,11 @@ def swap_in_tiny_models(prompt, host, tmp_path):
             node["class_type"] = f"{kind}ForTests"
         elif kind == "MultiRefAdapterLoader":
             _adapter_file(str(adapters), args["adapter_name"])
+        elif kind == "MultiRefClsFusionLoader":
+            checkpoint = next(n["inputs"]["ckpt_name"] for n in prompt.values()
+                              if n["class_type"] in ("CheckpointLoaderSimple",
+                                                     "CheckpointLoaderSimpleForTests"))
+            _cls_fusion_file(str(adapters), args["fusion_name"], _family(checkpoint))
         elif kind == "MultiRefTrain":
             args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
                                                                  groups=2, refs=1)

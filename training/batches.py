@@ -40,7 +40,7 @@ class Sampler:
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
                                "ref_noise", "ref_masks", "ref_tokens", "ref_weights",
                                "ref_context", "ref_adm", "ref_hidden")}
-        phrases = []
+        phrases, cls_text = [], []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
             out["sigma"].append(self.sigmas[torch.randint(len(self.sigmas), (1,), generator=gen)][0])
@@ -71,6 +71,8 @@ class Sampler:
             else:  # the fusion's input, dropped and padded as the tokens are
                 uncond = self.uncond_hidden.expand(refs, *self.uncond_hidden.shape)
                 out["ref_hidden"].append(uncond if drop_image else torch.cat([group.ref_hidden, uncond[k:]]))
+            # CLS-augmented text only where the row sees both its text and its images.
+            cls_text.append(None if drop_text or drop_image else group.cls_text)
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
             ref_context, ref_adm = self.reference_text(group, refs, context, adm, drop_text)
             out["ref_context"].append(ref_context)
@@ -85,6 +87,7 @@ class Sampler:
                              "batch_size 1")
         batch = {k: None if v[0] is None else torch.stack(v).to(device) for k, v in out.items()}
         batch["phrases"] = phrases
+        batch["cls_text"] = cls_text if any(g.cls_text is not None for g in picked) else None
         for key in ("latent", "noise", "ref_latents", "ref_noise", "context", "adm", "ref_tokens",
                     "ref_context", "ref_adm"):
             if batch[key] is not None:

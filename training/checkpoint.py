@@ -8,6 +8,7 @@
                                         optimizer, scheduler, step, RNG states
       multiref_lora.safetensors         the final weights
       multiref_adapter.safetensors      with an adapter: the trained adapter (adapter format)
+      multiref_cls_text.safetensors     with cls_text: the CLS text fusion (kernels/cls_text.py)
       multiref_lora_core.safetensors    the same LoRA (kohya names) for core LoRA loaders (models/loras)
       loss.json, loss.png               (step, loss) of every step, and its curve
       summary.json                      steps/s, images/s, peak GPU memory
@@ -37,7 +38,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from ..kernels import weights_files
+from ..kernels import cls_text, weights_files
 from ..kernels.adapter import AdapterLayer, LoadedAdapter
 from ..kernels.adapter import published_order
 from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, save_adapter
@@ -45,13 +46,15 @@ from ..kernels.checkpoints import LORA_FORMAT, PACK_FORMAT_VERSION, save_adapter
 WEIGHTS_NAME = "multiref_lora.safetensors"
 CORE_LORA_NAME = "multiref_lora_core.safetensors"
 ADAPTER_NAME = "multiref_adapter.safetensors"
+CLS_TEXT_NAME = "multiref_cls_text.safetensors"
 STATE_NAME = "training_state.pt"
 REPLACED_DIR = "replaced"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".multiref-"
 # What a run writes in its folder (cache/ is shared by runs on the same data and stays).
 RUN_ENTRIES = ("config.json", "checkpoints", WEIGHTS_NAME, CORE_LORA_NAME, ADAPTER_NAME,
-               "loss.json", "loss.png", "summary.json", "previews", "data_selection.json")
+               "loss.json", "loss.png", "summary.json", "previews", "data_selection.json",
+               CLS_TEXT_NAME)
 
 log = logging.getLogger("multiref")
 
@@ -92,6 +95,11 @@ def write_adapter(path, base_adapter, lora_layers, adapter_layers, fusion=None):
     return save_adapter(adapter, path)
 
 
+def write_cls_text(path, fusion):
+    """The CLS text fusion in its own file format: MultiRefClsFusionLoader reads it."""
+    return cls_text.save(fusion, path)
+
+
 def core_lora_tensors(lora_layers, attention_paths):
     """The LoRA in the kohya naming that ComfyUI's core LoRA loader (and most UIs) read:
     `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
@@ -128,7 +136,7 @@ def atomic_write(path, write):
 
 
 def save(output_dir, step, state, lora_layers, family, keep_last, adapter=None,
-         adapter_layers=None, fusion=None):
+         adapter_layers=None, fusion=None, cls_fusion=None):
     """Write checkpoints/step-NNNNNN (complete or not at all), then drop all but the newest
     `keep_last`. Returns the checkpoint folder."""
     root = os.path.join(output_dir, "checkpoints")
@@ -141,6 +149,8 @@ def save(output_dir, step, state, lora_layers, family, keep_last, adapter=None,
         if adapter is not None:
             write_adapter(os.path.join(tmp, ADAPTER_NAME), adapter, lora_layers, adapter_layers,
                           fusion)
+        if cls_fusion is not None:
+            write_cls_text(os.path.join(tmp, CLS_TEXT_NAME), cls_fusion)
         if os.path.isdir(final):  # the same step saved again (a resumed run stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -63,6 +63,8 @@ class TrainConfig:
                                          # (training/quality.py; 0 = keep all, no scoring)
     train_fusion: bool = False           # train the adapter's feature fusion of several CLIP
                                          # layers (training/fusion.py; needs a Plus adapter)
+    cls_text: bool = False               # also train MM-Diff's CLS text fusion (kernels/
+                                         # cls_text.py; needs an adapter and its clip_vision)
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -94,7 +96,7 @@ RESUMABLE_CHANGES = ("output_dir", "steps", "save_every", "keep_last", "resume",
 
 # Settings added after runs were saved: at this default they stay out of a run's identity, so
 # a run saved before them resumes.
-ADDED_SETTINGS = {"train_fusion": False}
+ADDED_SETTINGS = {"train_fusion": False, "cls_text": False}
 
 
 def run_identity(config, family, adapter_fingerprint):
@@ -164,6 +166,8 @@ def validate(config):
             c.text_dropout + c.image_dropout + c.both_dropout > 1:
         raise TrainConfigError("text_dropout, image_dropout and both_dropout must be >= 0 and sum "
                                "to at most 1")
+    if not isinstance(c.cls_text, bool):
+        raise TrainConfigError(f"cls_text must be true or false, got {c.cls_text!r}")
     device = resolve_device(c)
     check_writable(c.output_dir)
     return device

@@ -30,10 +30,13 @@ class EncodedGroup:
     ref_adm: Optional[torch.Tensor] = None      # (K, A) its adm (SDXL), None for SD1.5
     ref_hidden: Optional[torch.Tensor] = None   # (K, 3, S, W) CLIP hidden states of the fusion's
                                                 # levels (train_fusion: training/fusion.py)
+    # CLS-augmented text (cls_text on): {"caption": str, "phrases": [str] (one per reference),
+    # "class_embeddings": (K, D) CLIP vision's class embedding of each reference view}
+    cls_text: Optional[dict] = None
 
 
 FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases",
-          "ref_context", "ref_adm", "ref_hidden")
+          "ref_context", "ref_adm", "ref_hidden", "cls_text")
 
 
 def to_tensors(encoded):
@@ -44,8 +47,8 @@ def to_tensors(encoded):
 
 
 def from_tensors(data):
-    groups = [EncodedGroup(**{f: (tuple(g[f]) if f == "phrases" else g[f]) for f in FIELDS
-                              if f in g})  # caches from before ref_hidden lack it
+    # .get: caches written before ref_hidden or cls_text lack them
+    groups = [EncodedGroup(**{f: (tuple(g[f]) if f == "phrases" else g.get(f)) for f in FIELDS})
               for g in data["groups"]]
     return groups, tuple(data["empty_text"]), data["uncond_tokens"]
 
@@ -91,17 +94,22 @@ class TextEncoder:
     def __call__(self, caption):
         if caption not in self.cache:
             cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
-            r = self.resolution
-            adm = self.base_model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0,
-                                             crop_h=0, target_width=r, target_height=r,
-                                             device=torch.device("cpu"))
+            adm = adm_of(self.base_model, pooled, self.resolution)
             self.cache[caption] = (cond[0].float().cpu(),
                                    None if adm is None else adm[0].float().cpu())
         return self.cache[caption]
 
 
+def adm_of(base_model, pooled, resolution):
+    """The model's adm conditioning (SDXL: pooled text + size embeddings at the training
+    resolution, no crop), or None (SD1.5)."""
+    r = resolution
+    return base_model.encode_adm(pooled_output=pooled, width=r, height=r, crop_w=0, crop_h=0,
+                                 target_width=r, target_height=r, device=torch.device("cpu"))
+
+
 def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, adapter=None,
-                  fusion_levels=None):
+                  fusion_levels=None, cls_text=False):
     """Encode every group once. Returns (encoded groups, (empty context, empty adm), uncond
     image tokens or None). With an adapter (which needs clip_vision), each reference also gets
     its image tokens (the adapter's frozen projection of its CLIP vision output, cached: it
@@ -133,12 +141,22 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
             item.ref_context = torch.stack([c for c, _ in prompts])
             item.ref_adm = None if adm is None else torch.stack([a for _, a in prompts])
             if adapter is not None:
+                vision = None
                 if fusion_levels:
                     item.ref_tokens, item.ref_hidden = fusion.encode_references(
                         adapter, clip_vision, pixels[1:], fusion_levels)
                 else:
-                    item.ref_tokens = adapter.project(encode_image(adapter, clip_vision,
-                                                                   pixels[1:])).float().cpu()
+                    vision = encode_image(adapter, clip_vision, pixels[1:])
+                    item.ref_tokens = adapter.project(vision).float().cpu()
+                if cls_text:
+                    from ..families.cls_text import check_entities
+                    check_entities(clip, group.caption, [r.phrase for r in group.references],
+                                   f"cls_text: group {group.name}: a reference's")
+                    if vision is None:  # the fusion path encoded without keeping the embeddings
+                        vision = clip_vision.encode_image(pixels[1:])
+                    item.cls_text = {"caption": group.caption,
+                                     "phrases": [ref.phrase for ref in group.references],
+                                     "class_embeddings": vision["image_embeds"].float().cpu()}
                 for ref in group.references:
                     if ref.phrase not in phrases:
                         phrases[ref.phrase] = phrase_embeddings(clip, ref.phrase, group.name)

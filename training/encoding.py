@@ -36,7 +36,8 @@ def encode(config, models, groups, rank=0):
         torch.manual_seed(config.seed)
         encoded = dataset.encode_groups(groups, config.resolution, models.vae, models.clip,
                                         models.patcher.model, models.clip_vision, models.adapter,
-                                        fusion.levels(models) if config.train_fusion else None)
+                                        fusion.levels(models) if config.train_fusion else None,
+                                        config.cls_text)
     if rank == 0:  # one process writes the cache
         os.makedirs(os.path.dirname(path), exist_ok=True)
         checkpoint.atomic_write(path, lambda tmp: torch.save(dataset.to_tensors(encoded), tmp))
@@ -55,5 +56,6 @@ def cache_key(config, models, groups):
     # "reference prompts": caches of an older layout lack them and must not be read.
     text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
                        "reference prompts"] + (  # a fusion run's cache holds hidden states too
-        [["fusion levels", list(fusion.levels(models))]] if config.train_fusion else []))
+        [["fusion levels", list(fusion.levels(models))]] if config.train_fusion else []) + (
+        ["cls_text"] if config.cls_text else []))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (euler_sample, output_scale_of,
                                            parameterization_loss)
-from . import (batches, blocks, checkpoint, config as config_mod, dataset, encoding, fusion,
-               manifest, plots, quality)
+from . import (batches, blocks, checkpoint, cls_text, config as config_mod, dataset, encoding,
+               fusion, manifest, plots, quality)
 
 log = logging.getLogger("multiref")
 
@@ -47,6 +47,7 @@ class TrainResult:
     adapter_layers: dict
     adapter_file: Optional[str] = None
     fusion: Optional[nn.Module] = None  # the trained feature fusion (train_fusion)
+    cls_text_file: Optional[str] = None  # the trained CLS text fusion (cls_text on)
 
 
 class TrainStep(nn.Module):
@@ -54,15 +55,21 @@ class TrainStep(nn.Module):
     trainable parameters, so DistributedDataParallel can wrap it; the frozen model is held
     outside the module tree (DDP must not broadcast or hook it)."""
 
-    def __init__(self, lora_layers, adapter_layers, patcher, state, feature_fusion=None):
+    def __init__(self, lora_layers, adapter_layers, patcher, state, feature_fusion=None,
+                 cls_fusion=None, cls_rows=None):
         super().__init__()
         self.lora = nn.ModuleList(lora_layers.values())
         self.adapter = nn.ModuleList(adapter_layers.values())
         self.fusion = feature_fusion  # registered (and saved) only when trained
         self._frozen = (patcher, state)
+        if cls_fusion is not None:  # only then: a run without it keeps its parameter names
+            self.cls_fusion = cls_fusion
+        self._cls_rows = cls_rows  # cls_text.ClsTextRows (holds a frozen text encoder copy)
 
     def forward(self, batch):
         patcher, state = self._frozen
+        if self._cls_rows is not None and batch["cls_text"] is not None:
+            batch = self._cls_rows.augment(batch, self.cls_fusion)
         base = patcher.model
         sampling = base.model_sampling
         options = dict(patcher.model_options.get("transformer_options", {}))
@@ -135,8 +142,18 @@ class Run:
                                       self.adapter_layers, config.ip_scale,
                                       config.reference_conditioning)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
+        self.cls_fusion, cls_rows = None, None
+        if config.cls_text:
+            if models.adapter is None or models.clip_vision is None:
+                raise config_mod.TrainConfigError(
+                    "cls_text: the CLS text fusion trains with an adapter and the CLIP vision "
+                    "model it reads (their class embeddings); give adapter and clip_vision, or "
+                    "turn cls_text off")
+            self.cls_fusion = cls_text.new_fusion(models.clip, cls_text.image_width_of(
+                self.encoded), config.seed).to(device)
+            cls_rows = cls_text.ClsTextRows(models.clip, base, config.resolution, device)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state,
-                                     self.fusion)
+                                     self.fusion, self.cls_fusion, cls_rows)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
                                base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()
@@ -244,7 +261,8 @@ def train(config, models, on_step=None, check_interrupt=None):
                        "step": torch.tensor(step), "run_identity": json.dumps(identity),
                        "losses": torch.tensor(losses, dtype=torch.float64).reshape(-1, 2)}
         return checkpoint.save(config.output_dir, step, saved_state, lora_layers, models.family,
-                               config.keep_last, models.adapter, run.adapter_layers, run.fusion)
+                               config.keep_last, models.adapter, run.adapter_layers, run.fusion,
+                               run.cls_fusion)
 
     ddp = step_module
     if world > 1:
@@ -305,13 +323,16 @@ def train(config, models, on_step=None, check_interrupt=None):
                "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
                if device.type == "cuda" else None}
     weights = os.path.join(config.output_dir, checkpoint.WEIGHTS_NAME)
-    adapter_file = None
+    adapter_file = cls_text_file = None
     if rank == 0:
         checkpoint.write_weights(weights, lora_layers, models.family)
         if models.adapter is not None:
             adapter_file = checkpoint.write_adapter(
                 os.path.join(config.output_dir, checkpoint.ADAPTER_NAME), models.adapter,
                 lora_layers, run.adapter_layers, run.fusion)
+        if run.cls_fusion is not None:
+            cls_text_file = checkpoint.write_cls_text(
+                os.path.join(config.output_dir, checkpoint.CLS_TEXT_NAME), run.cls_fusion)
         checkpoint.write_core_lora(os.path.join(config.output_dir, checkpoint.CORE_LORA_NAME),
                                    lora_layers, blocks.attention_paths(base.diffusion_model))
         checkpoint.write_json(os.path.join(config.output_dir, "loss.json"), losses)
@@ -319,7 +340,7 @@ def train(config, models, on_step=None, check_interrupt=None):
         checkpoint.write_json(os.path.join(config.output_dir, "summary.json"), summary)
         log.info("training done: %s", summary)
     return TrainResult(config.output_dir, weights, step, losses, summary, lora_layers,
-                       run.adapter_layers, adapter_file, run.fusion)
+                       run.adapter_layers, adapter_file, run.fusion, cls_text_file)
 
 
 _RESUME_FIX = ("to continue that run, put its settings back; to start a fresh run in this "

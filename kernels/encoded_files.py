@@ -2,9 +2,11 @@
 workflows and machines. Tensors are written as they are (dtype and values kept: a reload is
 bit-identical); everything else is JSON in the file's metadata. Plain torch, no ComfyUI import.
 
-Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks when
-the reference has them. Metadata: format, format_version, adapter_fingerprint, references (a JSON
-list, one entry per reference: phrase, weight, start_percent, end_percent, latents, masks).
+Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks /
+ref.{i}.attention_mask when the reference has them. Metadata: format, format_version,
+adapter_fingerprint, references (a JSON list, one entry per reference: phrase, weight,
+start_percent, end_percent, and whether it has latents, masks, attention_mask; files written
+before attention masks existed have no such entry, and no attention mask).
 """
 import json
 import os
@@ -19,10 +21,12 @@ from .weights_files import CheckpointError
 FORMAT = "multiref-encoded-references"
 FORMAT_VERSION = "1"
 SUFFIX = ".references.safetensors"
-OPTIONAL_TENSORS = ("latents", "masks")
+OPTIONAL_TENSORS = ("latents", "masks", "attention_mask")
 # Number of dimensions of each tensor (image_tokens (1, V*T, C), latents (V, 4, h, w), masks
-# (V, h, w)).
-DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3}
+# (V, h, w), attention_mask (F, H, W)).
+DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "attention_mask": 3}
+# Added within format version 1: an entry without the flag has no such tensor.
+ADDED_TENSORS = ("attention_mask",)
 
 
 def save(encoded, path):
@@ -92,7 +96,7 @@ def load(path):
 def _entry(i, entry, tensors, fingerprint):
     parts = {name: tensors[f"ref.{i}.{name}"] for name in ("image_tokens", "uncond_tokens")}
     for name in OPTIONAL_TENSORS:
-        parts[name] = tensors[f"ref.{i}.{name}"] if entry[name] else None
+        parts[name] = tensors[f"ref.{i}.{name}"] if _has(entry, name) else None
     for name, tensor in parts.items():
         if tensor is not None and tensor.ndim != DIMS[name]:
             raise ValueError(f"ref.{i}.{name} has {tensor.ndim} dimensions, not {DIMS[name]}")
@@ -109,7 +113,12 @@ def _check_names(tensors, entries):
     if not entries:
         raise ValueError("no references")
     expected = {f"ref.{i}.{n}" for i, e in enumerate(entries) for n in DIMS
-                if n not in OPTIONAL_TENSORS or e[n]}
+                if n not in OPTIONAL_TENSORS or _has(e, n)}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ValueError(f"unexpected tensors {extra[:3]}")
+
+
+def _has(entry, name):
+    """Whether a reference's entry announces the optional tensor `name`."""
+    return entry.get(name, False) if name in ADDED_TENSORS else entry[name]

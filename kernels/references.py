@@ -52,6 +52,10 @@ class Reference:
     negative_images: (1 or V, H', W', 3) float in 0..1, what the reference must NOT look like:
         their adapter tokens replace the "no image" tokens of the unconditional branch; None =
         the adapter family's own "no image".
+    attention_mask: (F, H', W') float in 0..1 over the OUTPUT image, where the reference acts
+        (IPAdapter's attn_mask): it multiplies the reference's image attention at each position;
+        F = 1 for every image of the batch, or one per batch image (a video's frames). None =
+        everywhere. Not the foreground mask above, which selects the object in the reference.
     """
     images: torch.Tensor
     masks: Optional[torch.Tensor] = None
@@ -60,6 +64,7 @@ class Reference:
     start_percent: float = 0.0
     end_percent: float = 1.0
     negative_images: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         check_reference(self)
@@ -86,6 +91,8 @@ def check_reference(ref):
             raise ReferenceInputError(
                 f"reference negative_image: {ref.negative_images.shape[0]} images for "
                 f"{images.shape[0]} views; give one negative image, or one per view")
+    if ref.attention_mask is not None:
+        check_attention_mask(ref.attention_mask, "reference attention_mask")
     if not math.isfinite(ref.weight):
         raise ReferenceInputError(f"reference weight: {ref.weight} is not a number; give 0..5")
     if masks is not None:
@@ -99,6 +106,16 @@ def check_reference(ref):
     if not 0.0 <= ref.start_percent <= ref.end_percent <= 1.0:
         raise ReferenceInputError(f"reference start/end percent: need 0 <= start <= end <= 1, got "
                              f"{ref.start_percent}..{ref.end_percent}")
+
+
+def check_attention_mask(mask, what):
+    """An attention mask is a MASK batch (F, H, W) of finite values (MultiRef Reference clamps
+    them to 0..1)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 3 or 0 in mask.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ReferenceInputError(f"{what}: expected a MASK (images, height, width), got {shape}; "
+                                  "connect a mask over the output image")
+    check_finite(mask, what, "re-load or redraw the mask (0 = reference off, 1 = full)")
 
 
 # Tiled encoding (ComfyUI_IPAdapter_plus's IPAdapter Tiled cuts a picture this way): at most
@@ -198,7 +215,7 @@ class EncodedReference:
     masks: (V, h, w) float on the latent grid, binary {0, 1} or soft values in [0, 1]
         (latent_masks) (h, w = latents' grid, or the image
         size / 8 when there are no latents), or None = the whole image.
-    phrase, weight, start_percent, end_percent: copied from the Reference.
+    phrase, weight, start_percent, end_percent, attention_mask: copied from the Reference.
     adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches
         refuse tokens made by another adapter.
     """
@@ -211,3 +228,4 @@ class EncodedReference:
     start_percent: float
     end_percent: float
     adapter_fingerprint: str
+    attention_mask: Optional[torch.Tensor] = None

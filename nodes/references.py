@@ -9,7 +9,7 @@ from ..families.vision import unconditional_tokens
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
-                                  check_finite, latent_masks, square_tiles)
+                                  check_attention_mask, check_finite, latent_masks, square_tiles)
 
 log = logging.getLogger("multiref")
 
@@ -54,15 +54,23 @@ class MultiRefReference:
                                "like (one image, or one per view); its adapter tokens replace the "
                                "'no image' tokens of the negative branch (IPAdapter's "
                                "image_negative)."}),
+            "attention_mask": ("MASK", {"tooltip": "Optional: WHERE in the generated image this "
+                               "reference acts (white = full strength, black = not at all), over "
+                               "the output picture; one mask, or one per batch image (video "
+                               "frames). IPAdapter's attn_mask; not the object mask above."}),
         }}
 
     def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None,
-             negative_image=None):
+             negative_image=None, attention_mask=None):
         if mask is not None and mask.ndim == 2:
             mask = mask.unsqueeze(0)
+        if attention_mask is not None:
+            attention_mask = attention_mask[None] if attention_mask.ndim == 2 else attention_mask
+            check_attention_mask(attention_mask, "attention_mask")
+            attention_mask = attention_mask.float().clamp(0, 1)
         ref = Reference(images=image, masks=mask, phrase=phrase.strip(), weight=float(weight),
                         start_percent=float(start_percent), end_percent=float(end_percent),
-                        negative_images=negative_image)
+                        negative_images=negative_image, attention_mask=attention_mask)
         return (tuple(previous or ()) + (ref,),)
 
 
@@ -164,7 +172,7 @@ class MultiRefEncodeReferences:
             image_tokens=tokens, uncond_tokens=uncond,
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
-            adapter_fingerprint=adapter.fingerprint)
+            adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask)
 
 
 

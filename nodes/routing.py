@@ -59,7 +59,13 @@ class _RoutedReferences:
         self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
         self.embeddings = embeddings
         self.masks = masks
-        self.weights = [r.weight for r in references]
+        # A reference whose attention mask is all zeros is off, exactly as weight 0 is; an
+        # all-ones mask is no mask at all.
+        self.attention_masks = [None if m is None or bool((m == 1).all()) else m.float()
+                                for m in (r.attention_mask for r in references)]
+        self.weights = [0.0 if m is not None and not bool(m.any()) else r.weight
+                        for r, m in zip(references, self.attention_masks)]
+        self.attention_cache = {}  # (grid, active, frames, device) -> (rows, L, N) M
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -67,6 +73,29 @@ class _RoutedReferences:
     def reference_weights(self, sigma):
         return tuple(w if family.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
+
+    def position_masks(self, active, grid, extra_options, batch, rows, device):
+        """M (rows, L, active references) of the routed rows' attention masks, each row reading
+        the mask of the batch image it shows; None when no active reference has one."""
+        masks = [self.attention_masks[i] for i in active]
+        if all(m is None for m in masks):
+            return None
+        items = family.row_items(extra_options, batch)
+        frames = tuple(items[r] for r in rows)
+        key = (grid, active, frames, str(device))
+        if key not in self.attention_cache:
+            columns = []
+            for i, mask in zip(active, masks):
+                if mask is None:
+                    columns.append(torch.ones(len(rows), grid[0] * grid[1]))
+                    continue
+                if mask.shape[0] > 1 and max(frames) >= mask.shape[0]:
+                    raise ValueError(f"attention_mask of reference {i + 1}: {mask.shape[0]} masks "
+                                     f"for a batch with image {max(frames) + 1}; give one mask, "
+                                     "or one per batch image")
+                columns.append(routing.attention_mask_weights(mask, grid, frames))
+            self.attention_cache[key] = torch.stack(columns, dim=-1).to(device)
+        return self.attention_cache[key]
 
     def layer_scale(self, location):
         """(scale of the attention output, K/V transform) at one layer: the node's scale times
@@ -148,10 +177,13 @@ class _RoutedReferences:
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
             grid = family.layer_grid(extra_options, q.shape[1])
+            attention = self.position_masks(active, grid, extra_options, q.shape[0], rows,
+                                            q.device)
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,
-                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts)
+                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts,
+                attention_masks=attention)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:

@@ -16,7 +16,7 @@ from multiref.kernels.references import ReferenceInputError
 from multiref.kernels.weights_files import CheckpointError
 from multiref.families import tiny_models
 
-FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks")
+FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "attention_mask")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def encoded(host, tmp_path_factory):
     mask = torch.zeros(2, 64, 64)
     mask[:, 8:40, 16:48] = 1
     make = host.nodes["MultiRefReference"]().make
-    refs = make(torch.rand(2, 64, 64, 3, generator=gen), "dog", 0.8, 0.1, 0.9, mask=mask)[0]
+    refs = make(torch.rand(2, 64, 64, 3, generator=gen), "dog", 0.8, 0.1, 0.9, mask=mask,
+                attention_mask=torch.rand(3, 24, 40, generator=gen))[0]
     refs = make(torch.rand(1, 64, 64, 3, generator=gen), "red hat", 1.3, 0.0, 0.55, previous=refs)[0]
     out = host.nodes["MultiRefEncodeReferences"]().encode(
         refs, adapter, tiny_models.tiny_clip_vision(), tiny_models.tiny_unet("sd15"), 1,
@@ -50,6 +51,7 @@ def assert_same(a, b):
 def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     adapter, refs = encoded
     assert refs[0].masks is not None and refs[1].masks is None and refs[0].latents is not None
+    assert refs[0].attention_mask.shape == (3, 24, 40) and refs[1].attention_mask is None
     (name,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
     assert name == "people/dog_00001_.references.safetensors [output]"
     path = output_folder / "people" / "dog_00001_.references.safetensors"
@@ -65,9 +67,10 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     assert metadata["adapter_fingerprint"] == adapter.fingerprint
     assert json.loads(metadata["references"])[1] == {
         "phrase": "red hat", "weight": 1.3, "start_percent": 0.0, "end_percent": 0.55,
-        "latents": True, "masks": False}
+        "latents": True, "masks": False, "attention_mask": False}
     assert sorted(load_file(str(path))) == sorted(
         ["ref.0.image_tokens", "ref.0.uncond_tokens", "ref.0.latents", "ref.0.masks",
+         "ref.0.attention_mask",
          "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents"])
     # A second save counts on; a copy in the input folder (another machine) loads the same.
     (again,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
@@ -91,6 +94,23 @@ def test_names_leading_out_of_the_output_folder_are_refused(host, output_folder,
     with pytest.raises(ReferenceInputError, match="filename_prefix"):
         host.nodes["MultiRefSaveEncodedReferences"]().save(encoded[1], prefix)
     assert not list(tmp_path.glob("**/*.references.safetensors"))
+
+
+def test_files_written_before_attention_masks_load_without_one(encoded, tmp_path):
+    """Format version 1 files of earlier versions of the pack announce no attention mask."""
+    _, refs = encoded
+    path = str(tmp_path / "old.references.safetensors")
+    encoded_files.save(refs, path)
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(".attention_mask")}
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata())
+    entries = json.loads(metadata["references"])
+    for entry in entries:
+        del entry["attention_mask"]
+    save_file(tensors, path, metadata=dict(metadata, references=json.dumps(entries)))
+    loaded = encoded_files.load(path)
+    assert [r.attention_mask for r in loaded] == [None, None]
+    assert torch.equal(loaded[0].masks, refs[0].masks)
 
 
 def test_foreign_and_damaged_files_are_refused(host, output_folder, encoded, tmp_path):

@@ -49,10 +49,13 @@ class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
     def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds,
-                 layer_factors=None, embeds_scaling="V only"):
+                 layer_factors=None, embeds_scaling="V only", reversed_layers=frozenset()):
         """embeddings: None, or (phrase embeddings, empty-prompt embeddings) per reference.
-        layer_factors: {location: factor of `scale` there} (None: 1 everywhere)."""
+        layer_factors: {location: factor of `scale` there} (None: 1 everywhere).
+        reversed_layers: locations where only the uncond rows are routed, with the image tokens
+        (layer_weights.reversed_layers)."""
         self.adapter = adapter
+        self.reversed_layers = reversed_layers
         self.layer_factors, self.embeds_scaling = layer_factors or {}, embeds_scaling
         self.mode, self.scale, self.bounds = mode, scale, bounds
         self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
@@ -108,6 +111,9 @@ class _RoutedReferences:
         layer = self.adapter.layer(location)
         cache = {}
         scale, scale_keys_values = self.layer_scale(location)
+        reverse = location in self.reversed_layers
+        routed_roles = ("uncond",) if reverse else ROUTED_ROLES
+        reads_image = lambda role: reverse or role in family.IMAGE_ROLES
 
         def tensors(device, dtype):
             key = (device, dtype)
@@ -146,7 +152,7 @@ class _RoutedReferences:
                 return text_out
             weights = self.reference_weights(sigma)
             roles = family.row_roles(extra_options, q.shape[0])
-            rows = family.rows_with_role(roles, ROUTED_ROLES)
+            rows = family.rows_with_role(roles, routed_roles)
             # References gated off at this step are left out of the computation (not multiplied
             # by zero), so they contribute exactly nothing on any CPU or GPU.
             active = tuple(i for i, w in enumerate(weights) if w != 0)
@@ -155,8 +161,9 @@ class _RoutedReferences:
             cached = tensors(q.device, q.dtype)
             row_roles = tuple(roles[i] for i in rows)
             if row_roles not in cached["rows"]:
-                # Image-conditioned rows read the image tokens, uncond rows the uncond tokens.
-                image = torch.tensor([r in family.IMAGE_ROLES for r in row_roles], device=q.device)
+                # Image-conditioned rows read the image tokens, uncond rows the uncond tokens
+                # (on a reversed layer only uncond rows are routed, and they read the image).
+                image = torch.tensor([reads_image(r) for r in row_roles], device=q.device)
                 pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
                 cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
             if weights not in cached["weights"]:
@@ -247,6 +254,8 @@ class MultiRefApplyAdapter:
                             "How the strength varies over the layers (IPAdapter's weight types): "
                             "linear = the same everywhere; style transfer / composition = only "
                             "the layers that carry style / layout (SDXL: InstantStyle's blocks); "
+                            "the precise types also turn the reference around (image on the "
+                            "negative side) on the other kind of layer, so less of it bleeds; "
                             "for a style image and a composition image, chain two Apply Adapter "
                             "nodes, one per image."}),
             "block_weights": ("STRING", {"default": "", "tooltip":
@@ -295,9 +304,11 @@ class MultiRefApplyAdapter:
             raise ValueError(f"embeds_scaling: {embeds_scaling!r} is not one of {embeds.SCALINGS}")
         factors = layer_weights.layer_factors(adapter.locations, weight_type, adapter.family,
                                               block_weights)
+        reversed_layers = layer_weights.reversed_layers(adapter.locations, weight_type,
+                                                        adapter.family)
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
                                   family.sigma_range(model, start_percent, end_percent),
-                                  factors, embeds_scaling)
+                                  factors, embeds_scaling, reversed_layers)
         patched = model.clone()
         family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))

@@ -5,8 +5,9 @@ bit-identical); everything else is JSON in the file's metadata. Plain torch, no 
 Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks /
 ref.{i}.attention_mask when the reference has them. Metadata: format, format_version,
 adapter_fingerprint, references (a JSON list, one entry per reference: phrase, weight,
-start_percent, end_percent, and whether it has latents, masks, attention_mask; files written
-before attention masks existed have no such entry, and no attention mask).
+start_percent, end_percent, tokens_per_view, and whether it has latents, masks, attention_mask;
+files written before attention masks existed have no such entries: no attention mask, and every
+image reads all the tokens).
 """
 import json
 import os
@@ -45,6 +46,7 @@ def save(encoded, path):
                 tensors[f"ref.{i}.{name}"] = getattr(enc, name)
         entries.append({"phrase": enc.phrase, "weight": enc.weight,
                         "start_percent": enc.start_percent, "end_percent": enc.end_percent,
+                        "tokens_per_view": enc.tokens_per_view,
                         **{name: getattr(enc, name) is not None for name in OPTIONAL_TENSORS}})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapter_fingerprint": fingerprints.pop(), "references": json.dumps(entries)}
@@ -105,7 +107,8 @@ def _entry(i, entry, tensors, fingerprint):
     return EncodedReference(**parts, phrase=str(entry["phrase"]), weight=float(entry["weight"]),
                             start_percent=float(entry["start_percent"]),
                             end_percent=float(entry["end_percent"]),
-                            adapter_fingerprint=fingerprint)
+                            adapter_fingerprint=fingerprint,
+                            tokens_per_view=_tokens_per_view(entry, parts["image_tokens"]))
 
 
 def _check_names(tensors, entries):
@@ -122,3 +125,14 @@ def _check_names(tensors, entries):
 def _has(entry, name):
     """Whether a reference's entry announces the optional tensor `name`."""
     return entry.get(name, False) if name in ADDED_TENSORS else entry[name]
+
+
+def _tokens_per_view(entry, image_tokens):
+    """A reference's tokens_per_view (None when absent: files of earlier versions), checked to
+    split its tokens into whole views."""
+    span = entry.get("tokens_per_view")
+    if span is None:
+        return None
+    if not isinstance(span, int) or span < 1 or image_tokens.shape[1] % span:
+        raise ValueError(f"tokens_per_view {span!r} does not split {image_tokens.shape[1]} tokens")
+    return span

@@ -56,6 +56,9 @@ class Reference:
         (IPAdapter's attn_mask): it multiplies the reference's image attention at each position;
         F = 1 for every image of the batch, or one per batch image (a video's frames). None =
         everywhere. Not the foreground mask above, which selects the object in the reference.
+    one_view_per_image: False = the views show one object and every generated image reads all
+        of them; True = view k conditions batch image k only (IPAdapter Batch, a video's
+        frames), one view serving every image.
     """
     images: torch.Tensor
     masks: Optional[torch.Tensor] = None
@@ -65,6 +68,7 @@ class Reference:
     end_percent: float = 1.0
     negative_images: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
+    one_view_per_image: bool = False
 
     def __post_init__(self):
         check_reference(self)
@@ -216,6 +220,8 @@ class EncodedReference:
         (latent_masks) (h, w = latents' grid, or the image
         size / 8 when there are no latents), or None = the whole image.
     phrase, weight, start_percent, end_percent, attention_mask: copied from the Reference.
+    tokens_per_view: None = every image reads all the tokens; T = the reference gives one view
+        per batch image (Reference.one_view_per_image): image k reads tokens k*T .. (k+1)*T.
     adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches
         refuse tokens made by another adapter.
     """
@@ -229,3 +235,4 @@ class EncodedReference:
     end_percent: float
     adapter_fingerprint: str
     attention_mask: Optional[torch.Tensor] = None
+    tokens_per_view: Optional[int] = None

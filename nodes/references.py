@@ -17,6 +17,7 @@ LATENT_DOWNSCALE = 8  # SD1.5 / SDXL VAEs
 # Smallest reference side with a VAE or a mask: 2 latent cells (the VAE's 8x downscale of fewer
 # pixels fails inside the host; one cell is no picture of an object anyway).
 MIN_SIDE = 2 * LATENT_DOWNSCALE
+VIEWS = ("same object", "one per batch image")
 
 
 class MultiRefReference:
@@ -58,10 +59,17 @@ class MultiRefReference:
                                "reference acts (white = full strength, black = not at all), over "
                                "the output picture; one mask, or one per batch image (video "
                                "frames). IPAdapter's attn_mask; not the object mask above."}),
+            "views": (list(VIEWS), {"default": VIEWS[0], "tooltip":
+                      "same object: the images are views of one object, every generated image "
+                      "reads all of them. one per batch image: image k conditions batch image k "
+                      "only (a video's frames; IPAdapter Batch), one image serving every one; "
+                      "routing only (Masked Shared Attention reads every view)."}),
         }}
 
     def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None,
-             negative_image=None, attention_mask=None):
+             negative_image=None, attention_mask=None, views="same object"):
+        if views not in VIEWS:
+            raise ReferenceInputError(f"views: {views!r} is not one of {VIEWS}")
         if mask is not None and mask.ndim == 2:
             mask = mask.unsqueeze(0)
         if attention_mask is not None:
@@ -70,7 +78,8 @@ class MultiRefReference:
             attention_mask = attention_mask.float().clamp(0, 1)
         ref = Reference(images=image, masks=mask, phrase=phrase.strip(), weight=float(weight),
                         start_percent=float(start_percent), end_percent=float(end_percent),
-                        negative_images=negative_image, attention_mask=attention_mask)
+                        negative_images=negative_image, attention_mask=attention_mask,
+                        one_view_per_image=views == VIEWS[1])
         return (tuple(previous or ()) + (ref,),)
 
 
@@ -172,7 +181,8 @@ class MultiRefEncodeReferences:
             image_tokens=tokens, uncond_tokens=uncond,
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
-            adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask)
+            adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask,
+            tokens_per_view=per_view if ref.one_view_per_image else None)
 
 
 

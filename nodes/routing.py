@@ -69,6 +69,7 @@ class _RoutedReferences:
         self.weights = [0.0 if m is not None and not bool(m.any()) else r.weight
                         for r, m in zip(references, self.attention_masks)]
         self.attention_cache = {}  # (grid, active, frames, device) -> (rows, L, N) M
+        self.tokens_per_view = [r.tokens_per_view for r in references]
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -77,20 +78,23 @@ class _RoutedReferences:
         return tuple(w if family.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
 
-    def position_masks(self, active, grid, extra_options, batch, rows, device):
+    def per_image(self, active):
+        """Whether any of the active references depends on the batch image a row shows."""
+        return any(self.attention_masks[i] is not None or self.tokens_per_view[i] is not None
+                   for i in active)
+
+    def position_masks(self, active, grid, frames, device):
         """M (rows, L, active references) of the routed rows' attention masks, each row reading
-        the mask of the batch image it shows; None when no active reference has one."""
+        the mask of the batch image it shows (frames); None when no active reference has one."""
         masks = [self.attention_masks[i] for i in active]
         if all(m is None for m in masks):
             return None
-        items = family.row_items(extra_options, batch)
-        frames = tuple(items[r] for r in rows)
         key = (grid, active, frames, str(device))
         if key not in self.attention_cache:
             columns = []
             for i, mask in zip(active, masks):
                 if mask is None:
-                    columns.append(torch.ones(len(rows), grid[0] * grid[1]))
+                    columns.append(torch.ones(len(frames), grid[0] * grid[1]))
                     continue
                 if mask.shape[0] > 1 and max(frames) >= mask.shape[0]:
                     raise ValueError(f"attention_mask of reference {i + 1}: {mask.shape[0]} masks "
@@ -99,6 +103,28 @@ class _RoutedReferences:
                 columns.append(routing.attention_mask_weights(mask, grid, frames))
             self.attention_cache[key] = torch.stack(columns, dim=-1).to(device)
         return self.attention_cache[key]
+
+    def view_of_each_image(self, ip_k, ip_v, counts, active, frames):
+        """Keys and values (rows, active, n, C) where a reference given one view per batch image
+        holds, in each row, only the tokens of the view of that row's image (one view serves
+        every image); the others all their tokens. Returns them and the token counts."""
+        spans = [self.tokens_per_view[i] for i in active]
+        if all(span is None for span in spans):
+            return ip_k, ip_v, counts
+        starts = []
+        for i, span, count in zip(active, spans, counts):
+            views = 1 if span is None else count // span
+            if views > 1 and max(frames) >= views:
+                raise ValueError(f"references: reference {i + 1} has {views} views, one per batch "
+                                 f"image, for a batch with image {max(frames) + 1}; give one view "
+                                 "per image (or one for all)")
+            starts.append([0 if views == 1 else f * span for f in frames])
+        counts = [count if span is None else span for span, count in zip(spans, counts)]
+        positions = torch.arange(max(counts))
+        index = (torch.tensor(starts).T[:, :, None] + positions).clamp(max=ip_k.shape[2] - 1)
+        index = index.to(ip_k.device)[..., None].expand(-1, -1, -1, ip_k.shape[-1])
+        take = lambda t: torch.gather(t, 2, index)
+        return take(ip_k), take(ip_v), counts
 
     def layer_scale(self, location):
         """(scale of the attention output, K/V transform) at one layer: the node's scale times
@@ -184,8 +210,12 @@ class _RoutedReferences:
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
             grid = family.layer_grid(extra_options, q.shape[1])
-            attention = self.position_masks(active, grid, extra_options, q.shape[0], rows,
-                                            q.device)
+            attention = None
+            if self.per_image(active):
+                items = family.row_items(extra_options, q.shape[0])
+                frames = tuple(items[r] for r in rows)
+                attention = self.position_masks(active, grid, frames, q.device)
+                ip_k, ip_v, counts = self.view_of_each_image(ip_k, ip_v, counts, active, frames)
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,

@@ -12,7 +12,7 @@ from multiref.families import unet as unet_family
 from multiref.kernels.references import EncodedReference
 
 from test_msa_node import LATENT, _encoded, _msa
-from test_routing_nodes import apply, encoded, tiny_adapter
+from test_routing_nodes import TOKENS, apply, encoded, tiny_adapter
 
 IMAGES = 3
 WINDOWS = ([2], [0, 1])  # unequal, out of order: rows must follow the indices, not positions
@@ -124,6 +124,34 @@ def test_routing_with_per_image_attention_masks_in_windows(sd15, mode):
     # Each image does read its own mask: the same masks in another order change the result.
     swapped = (EncodedReference(**{**refs[0].__dict__, "attention_mask": masks[[1, 2, 0]]}), refs[1])
     assert relative(run(apply(model, adapter, swapped, clip, mode), clip, noise), whole) > 1e-4
+
+
+def test_one_view_per_batch_image(sd15):
+    """A reference of three views given one per batch image, with a second reference for all:
+    batch image k samples what it samples alone with a reference of view k only, within
+    TOLERANCE, with the whole batch in one call and in windows."""
+    model, clip, noise = sd15
+    adapter = tiny_adapter(model)
+    views = encoded(adapter, "dog", 0, views=IMAGES)
+    ref = EncodedReference(**{**views.__dict__, "tokens_per_view": TOKENS})
+    other = encoded(adapter, "cat", 1)
+    whole = run(apply(model, adapter, (ref, other), clip, "weighted"), clip, noise)
+    span = lambda k: slice(k * TOKENS, (k + 1) * TOKENS)
+    for k in range(IMAGES):
+        view = EncodedReference(**{**views.__dict__, "image_tokens": views.image_tokens[:, span(k)],
+                                   "uncond_tokens": views.uncond_tokens[:, span(k)]})
+        alone = run(apply(model, adapter, (view, other), clip, "weighted"), clip, noise[k:k + 1])
+        assert relative(whole[k:k + 1], alone) < TOLERANCE, k
+    out = run(apply(windowed(model, WindowedCalls(WINDOWS)), adapter, (ref, other), clip,
+                    "weighted"), clip, noise)
+    assert relative(out, whole) < TOLERANCE
+    every = run(apply(model, adapter, (views, other), clip, "weighted"), clip, noise)
+    assert relative(every, whole) > 1e-4  # reading every view is another thing
+    short = EncodedReference(**{**encoded(adapter, "dog", 0, views=2).__dict__,
+                                "tokens_per_view": TOKENS})
+    with pytest.raises(ValueError, match="reference 1 has 2 views, one per batch image, for a "
+                                         "batch with image 3"):
+        run(apply(model, adapter, (short, other), clip, "weighted"), clip, noise)
 
 
 def test_msa_reading_references_in_windows(sd15):

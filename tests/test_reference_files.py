@@ -29,7 +29,8 @@ def encoded(host, tmp_path_factory):
     make = host.nodes["MultiRefReference"]().make
     refs = make(torch.rand(2, 64, 64, 3, generator=gen), "dog", 0.8, 0.1, 0.9, mask=mask,
                 attention_mask=torch.rand(3, 24, 40, generator=gen))[0]
-    refs = make(torch.rand(1, 64, 64, 3, generator=gen), "red hat", 1.3, 0.0, 0.55, previous=refs)[0]
+    refs = make(torch.rand(1, 64, 64, 3, generator=gen), "red hat", 1.3, 0.0, 0.55, previous=refs,
+                views="one per batch image")[0]
     out = host.nodes["MultiRefEncodeReferences"]().encode(
         refs, adapter, tiny_models.tiny_clip_vision(), tiny_models.tiny_unet("sd15"), 1,
         vae=tiny_models.tiny_vae())[0]
@@ -44,7 +45,8 @@ def assert_same(a, b):
             assert (u is None) == (v is None), field
             if u is not None:
                 assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), field
-        for field in ("phrase", "weight", "start_percent", "end_percent", "adapter_fingerprint"):
+        for field in ("phrase", "weight", "start_percent", "end_percent", "adapter_fingerprint",
+                      "tokens_per_view"):
             assert getattr(x, field) == getattr(y, field), field
 
 
@@ -67,7 +69,7 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     assert metadata["adapter_fingerprint"] == adapter.fingerprint
     assert json.loads(metadata["references"])[1] == {
         "phrase": "red hat", "weight": 1.3, "start_percent": 0.0, "end_percent": 0.55,
-        "latents": True, "masks": False, "attention_mask": False}
+        "tokens_per_view": 16, "latents": True, "masks": False, "attention_mask": False}
     assert sorted(load_file(str(path))) == sorted(
         ["ref.0.image_tokens", "ref.0.uncond_tokens", "ref.0.latents", "ref.0.masks",
          "ref.0.attention_mask",
@@ -106,10 +108,11 @@ def test_files_written_before_attention_masks_load_without_one(encoded, tmp_path
         metadata = dict(f.metadata())
     entries = json.loads(metadata["references"])
     for entry in entries:
-        del entry["attention_mask"]
+        del entry["attention_mask"], entry["tokens_per_view"]
     save_file(tensors, path, metadata=dict(metadata, references=json.dumps(entries)))
     loaded = encoded_files.load(path)
     assert [r.attention_mask for r in loaded] == [None, None]
+    assert [r.tokens_per_view for r in loaded] == [None, None]
     assert torch.equal(loaded[0].masks, refs[0].masks)
 
 

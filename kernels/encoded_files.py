@@ -3,11 +3,12 @@ workflows and machines. Tensors are written as they are (dtype and values kept: 
 bit-identical); everything else is JSON in the file's metadata. Plain torch, no ComfyUI import.
 
 Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks /
-ref.{i}.attention_mask when the reference has them. Metadata: format, format_version,
-adapter_fingerprint, references (a JSON list, one entry per reference: phrase, weight,
-start_percent, end_percent, tokens_per_view, and whether it has latents, masks, attention_mask;
-files written before attention masks existed have no such entries: no attention mask, and every
-image reads all the tokens).
+ref.{i}.attention_mask / ref.{i}.tile_regions when the reference has them. Metadata: format,
+format_version, adapter_fingerprint, references (a JSON list, one entry per reference: phrase,
+weight, start_percent, end_percent, tokens_per_view, tokens_per_tile, and whether it has
+latents, masks, attention_mask, tile_regions; files written before attention masks existed have
+none of the later entries: no attention mask, every image reads all the tokens, no tile
+regions).
 """
 import json
 import os
@@ -22,12 +23,14 @@ from .weights_files import CheckpointError
 FORMAT = "multiref-encoded-references"
 FORMAT_VERSION = "1"
 SUFFIX = ".references.safetensors"
-OPTIONAL_TENSORS = ("latents", "masks", "attention_mask")
+OPTIONAL_TENSORS = ("latents", "masks", "attention_mask", "tile_regions")
 # Number of dimensions of each tensor (image_tokens (1, V*T, C), latents (V, 4, h, w), masks
-# (V, h, w), attention_mask (F, H, W)).
-DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "attention_mask": 3}
+# (V, h, w), attention_mask (F, H, W), tile_regions (K, h, w)).
+DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "attention_mask": 3,
+        "tile_regions": 3}
 # Added within format version 1: an entry without the flag has no such tensor.
-ADDED_TENSORS = ("attention_mask",)
+ADDED_TENSORS = ("attention_mask", "tile_regions")
+SPANS = ("tokens_per_view", "tokens_per_tile")  # token counts that split image_tokens
 
 
 def save(encoded, path):
@@ -46,7 +49,7 @@ def save(encoded, path):
                 tensors[f"ref.{i}.{name}"] = getattr(enc, name)
         entries.append({"phrase": enc.phrase, "weight": enc.weight,
                         "start_percent": enc.start_percent, "end_percent": enc.end_percent,
-                        "tokens_per_view": enc.tokens_per_view,
+                        **{name: getattr(enc, name) for name in SPANS},
                         **{name: getattr(enc, name) is not None for name in OPTIONAL_TENSORS}})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapter_fingerprint": fingerprints.pop(), "references": json.dumps(entries)}
@@ -108,7 +111,7 @@ def _entry(i, entry, tensors, fingerprint):
                             start_percent=float(entry["start_percent"]),
                             end_percent=float(entry["end_percent"]),
                             adapter_fingerprint=fingerprint,
-                            tokens_per_view=_tokens_per_view(entry, parts["image_tokens"]))
+                            **{name: _span(entry, name, parts["image_tokens"]) for name in SPANS})
 
 
 def _check_names(tensors, entries):
@@ -127,12 +130,12 @@ def _has(entry, name):
     return entry.get(name, False) if name in ADDED_TENSORS else entry[name]
 
 
-def _tokens_per_view(entry, image_tokens):
-    """A reference's tokens_per_view (None when absent: files of earlier versions), checked to
-    split its tokens into whole views."""
-    span = entry.get("tokens_per_view")
+def _span(entry, name, image_tokens):
+    """A reference's tokens_per_view or tokens_per_tile (None when absent: files of earlier
+    versions), checked to split its tokens into whole views or tiles."""
+    span = entry.get(name)
     if span is None:
         return None
     if not isinstance(span, int) or span < 1 or image_tokens.shape[1] % span:
-        raise ValueError(f"tokens_per_view {span!r} does not split {image_tokens.shape[1]} tokens")
+        raise ValueError(f"{name} {span!r} does not split {image_tokens.shape[1]} tokens")
     return span

@@ -9,7 +9,8 @@ from ..families.vision import unconditional_tokens
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
-                                  check_attention_mask, check_finite, latent_masks, square_tiles)
+                                  check_attention_mask, check_finite, latent_masks, square_tiles,
+                                  tile_regions)
 
 log = logging.getLogger("multiref")
 
@@ -128,7 +129,10 @@ class MultiRefEncodeReferences:
             "crop": (list(CROPS), {"default": "center", "tooltip":
                      "center: CLIP vision sees the centre square of each view (as before). tiles: "
                      "each view is cut into square tiles (2x2 for a nearly square view, up to 4 "
-                     "along a long one), every tile encoded (IPAdapter Tiled's cut)."}),
+                     "along a long one), every tile encoded (IPAdapter Tiled's cut). tiles on "
+                     "their regions: the same, each tile acting only on its part of the "
+                     "generated image (the tiled picture stretched onto it), as IPAdapter Tiled "
+                     "applies it; needs combine_views concat."}),
         }}
 
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
@@ -139,6 +143,9 @@ class MultiRefEncodeReferences:
             raise ReferenceInputError(f"combine_views: {combine_views!r} is not one of {COMBINATIONS}")
         if crop not in CROPS:
             raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
+        if crop == CROPS[2] and combine_views != "concat":
+            raise ReferenceInputError(f"crop: '{crop}' keeps each tile's tokens for its region; "
+                                      "set combine_views to 'concat' (or crop to 'tiles')")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
         bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
@@ -182,11 +189,12 @@ class MultiRefEncodeReferences:
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
             adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask,
-            tokens_per_view=per_view if ref.one_view_per_image else None)
+            tokens_per_view=per_view if ref.one_view_per_image else None,
+            **(tiles_on_regions(ref.images, tokens.shape[1] // views) if crop == CROPS[2] else {}))
 
 
 
-CROPS = ("center", "tiles")
+CROPS = ("center", "tiles", "tiles on their regions")
 
 
 def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):
@@ -196,7 +204,7 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):
     combination acts as IPAdapter's, and each view keeps tokens of its own (Masked Shared
     Attention's SynCD conditioning reads them view by view)."""
     views = images.shape[0]
-    output = clip_vision.encode_image(square_tiles(images) if crop == "tiles" else images)
+    output = clip_vision.encode_image(images if crop == "center" else square_tiles(images))
     if combine != "concat":
         try:
             output = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
@@ -206,6 +214,12 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):
     if tokens.shape[0] == 1 and views > 1:
         tokens = tokens.expand(views, -1, -1)
     return tokens.reshape(1, -1, tokens.shape[-1])
+
+
+def tiles_on_regions(images, tokens_per_view):
+    """The EncodedReference fields of a reference whose tiles act on their own regions."""
+    regions = tile_regions(*images.shape[1:3])
+    return {"tile_regions": regions, "tokens_per_tile": tokens_per_view // regions.shape[0]}
 
 
 def check_size(ref, n, with_vae):

@@ -70,6 +70,9 @@ class _RoutedReferences:
                         for r, m in zip(references, self.attention_masks)]
         self.attention_cache = {}  # (grid, active, frames, device) -> (rows, L, N) M
         self.tokens_per_view = [r.tokens_per_view for r in references]
+        self.tiles = [None if r.tile_regions is None else (r.tile_regions.float(), r.tokens_per_tile)
+                      for r in references]
+        self.tile_cache = {}  # (grid, active, counts) -> (groups, token positions, regions, counts)
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -125,6 +128,35 @@ class _RoutedReferences:
         index = index.to(ip_k.device)[..., None].expand(-1, -1, -1, ip_k.shape[-1])
         take = lambda t: torch.gather(t, 2, index)
         return take(ip_k), take(ip_v), counts
+
+    def tile_groups(self, active, counts, grid):
+        """For references whose tiles act on their own regions: one token group per tile (tile j
+        of every view the reference holds), and where it acts on this layer's grid. Returns
+        None when no active reference has such tiles, else (the active reference of each
+        group, (groups, n) token positions, (L, groups) regions, token counts)."""
+        if all(self.tiles[i] is None for i in active):
+            return None
+        key = (grid, active, tuple(counts))
+        if key not in self.tile_cache:
+            groups, positions, columns = [], [], []
+            for slot, (i, count) in enumerate(zip(active, counts)):
+                if self.tiles[i] is None:
+                    groups.append(slot)
+                    positions.append(list(range(count)))
+                    columns.append(torch.ones(grid[0] * grid[1]))
+                    continue
+                regions, span = self.tiles[i]
+                tiles = regions.shape[0]
+                on_grid = routing.region_weights(regions, grid)
+                for j in range(tiles):
+                    groups.append(slot)
+                    positions.append([u * span + p for u in range(count // span)
+                                      if u % tiles == j for p in range(span)])
+                    columns.append(on_grid[:, j])
+            sizes = [len(p) for p in positions]
+            padded = torch.tensor([p + [0] * (max(sizes) - len(p)) for p in positions])
+            self.tile_cache[key] = (tuple(groups), padded, torch.stack(columns, dim=-1), sizes)
+        return self.tile_cache[key]
 
     def layer_scale(self, location):
         """(scale of the attention output, K/V transform) at one layer: the node's scale times
@@ -216,11 +248,18 @@ class _RoutedReferences:
                 frames = tuple(items[r] for r in rows)
                 attention = self.position_masks(active, grid, frames, q.device)
                 ip_k, ip_v, counts = self.view_of_each_image(ip_k, ip_v, counts, active, frames)
+            groups = group_masks = None
+            tiled = self.tile_groups(active, counts, grid)
+            if tiled is not None:
+                groups, positions, group_masks, counts = tiled
+                slots = torch.tensor(groups, device=q.device)[:, None]
+                positions = positions.to(q.device)
+                ip_k, ip_v = ip_k[:, slots, positions], ip_v[:, slots, positions]
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,
                 masks=masks, grid=grid, gate=cached["gate"], token_counts=counts,
-                attention_masks=attention)
+                attention_masks=attention, groups=groups, group_masks=group_masks)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:

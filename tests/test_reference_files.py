@@ -16,7 +16,7 @@ from multiref.kernels.references import ReferenceInputError
 from multiref.kernels.weights_files import CheckpointError
 from multiref.families import tiny_models
 
-FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "attention_mask")
+FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "attention_mask", "tile_regions")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def encoded(host, tmp_path_factory):
                 views="one per batch image")[0]
     out = host.nodes["MultiRefEncodeReferences"]().encode(
         refs, adapter, tiny_models.tiny_clip_vision(), tiny_models.tiny_unet("sd15"), 1,
-        vae=tiny_models.tiny_vae())[0]
+        vae=tiny_models.tiny_vae(), crop="tiles on their regions")[0]
     return adapter, out
 
 
@@ -46,7 +46,7 @@ def assert_same(a, b):
             if u is not None:
                 assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), field
         for field in ("phrase", "weight", "start_percent", "end_percent", "adapter_fingerprint",
-                      "tokens_per_view"):
+                      "tokens_per_view", "tokens_per_tile"):
             assert getattr(x, field) == getattr(y, field), field
 
 
@@ -69,10 +69,11 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     assert metadata["adapter_fingerprint"] == adapter.fingerprint
     assert json.loads(metadata["references"])[1] == {
         "phrase": "red hat", "weight": 1.3, "start_percent": 0.0, "end_percent": 0.55,
-        "tokens_per_view": 16, "latents": True, "masks": False, "attention_mask": False}
+        "tokens_per_view": 64, "tokens_per_tile": 16, "latents": True, "masks": False,
+        "attention_mask": False, "tile_regions": True}
     assert sorted(load_file(str(path))) == sorted(
         ["ref.0.image_tokens", "ref.0.uncond_tokens", "ref.0.latents", "ref.0.masks",
-         "ref.0.attention_mask",
+         "ref.0.attention_mask", "ref.0.tile_regions", "ref.1.tile_regions",
          "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents"])
     # A second save counts on; a copy in the input folder (another machine) loads the same.
     (again,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
@@ -103,16 +104,19 @@ def test_files_written_before_attention_masks_load_without_one(encoded, tmp_path
     _, refs = encoded
     path = str(tmp_path / "old.references.safetensors")
     encoded_files.save(refs, path)
-    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(".attention_mask")}
+    tensors = {k: v for k, v in load_file(path).items()
+               if not k.endswith((".attention_mask", ".tile_regions"))}
     with safe_open(path, framework="pt") as f:
         metadata = dict(f.metadata())
     entries = json.loads(metadata["references"])
     for entry in entries:
-        del entry["attention_mask"], entry["tokens_per_view"]
+        for name in ("attention_mask", "tokens_per_view", "tile_regions", "tokens_per_tile"):
+            del entry[name]
     save_file(tensors, path, metadata=dict(metadata, references=json.dumps(entries)))
     loaded = encoded_files.load(path)
     assert [r.attention_mask for r in loaded] == [None, None]
     assert [r.tokens_per_view for r in loaded] == [None, None]
+    assert [r.tile_regions for r in loaded] == [None, None]
     assert torch.equal(loaded[0].masks, refs[0].masks)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..families import unet as family
 from ..families.text import empty_phrase_embeddings, phrase_embeddings
-from ..kernels import embeds, layer_weights, routing
+from ..kernels import embeds, layer_weights, routing, token_groups
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
 from ..techniques import relevance
@@ -72,7 +72,7 @@ class _RoutedReferences:
         self.tokens_per_view = [r.tokens_per_view for r in references]
         self.tiles = [None if r.tile_regions is None else (r.tile_regions.float(), r.tokens_per_tile)
                       for r in references]
-        self.tile_cache = {}  # (grid, active, counts) -> (groups, token positions, regions, counts)
+        self.tile_cache = {}  # (grid, active, counts) -> token_groups.tile_groups
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -107,55 +107,15 @@ class _RoutedReferences:
             self.attention_cache[key] = torch.stack(columns, dim=-1).to(device)
         return self.attention_cache[key]
 
-    def view_of_each_image(self, ip_k, ip_v, counts, active, frames):
-        """Keys and values (rows, active, n, C) where a reference given one view per batch image
-        holds, in each row, only the tokens of the view of that row's image (one view serves
-        every image); the others all their tokens. Returns them and the token counts."""
-        spans = [self.tokens_per_view[i] for i in active]
-        if all(span is None for span in spans):
-            return ip_k, ip_v, counts
-        starts = []
-        for i, span, count in zip(active, spans, counts):
-            views = 1 if span is None else count // span
-            if views > 1 and max(frames) >= views:
-                raise ValueError(f"references: reference {i + 1} has {views} views, one per batch "
-                                 f"image, for a batch with image {max(frames) + 1}; give one view "
-                                 "per image (or one for all)")
-            starts.append([0 if views == 1 else f * span for f in frames])
-        counts = [count if span is None else span for span, count in zip(spans, counts)]
-        positions = torch.arange(max(counts))
-        index = (torch.tensor(starts).T[:, :, None] + positions).clamp(max=ip_k.shape[2] - 1)
-        index = index.to(ip_k.device)[..., None].expand(-1, -1, -1, ip_k.shape[-1])
-        take = lambda t: torch.gather(t, 2, index)
-        return take(ip_k), take(ip_v), counts
-
     def tile_groups(self, active, counts, grid):
-        """For references whose tiles act on their own regions: one token group per tile (tile j
-        of every view the reference holds), and where it acts on this layer's grid. Returns
-        None when no active reference has such tiles, else (the active reference of each
-        group, (groups, n) token positions, (L, groups) regions, token counts)."""
+        """kernels.token_groups.tile_groups of the active references (cached per grid), or None
+        when none of them has tiles on their own regions."""
         if all(self.tiles[i] is None for i in active):
             return None
         key = (grid, active, tuple(counts))
         if key not in self.tile_cache:
-            groups, positions, columns = [], [], []
-            for slot, (i, count) in enumerate(zip(active, counts)):
-                if self.tiles[i] is None:
-                    groups.append(slot)
-                    positions.append(list(range(count)))
-                    columns.append(torch.ones(grid[0] * grid[1]))
-                    continue
-                regions, span = self.tiles[i]
-                tiles = regions.shape[0]
-                on_grid = routing.region_weights(regions, grid)
-                for j in range(tiles):
-                    groups.append(slot)
-                    positions.append([u * span + p for u in range(count // span)
-                                      if u % tiles == j for p in range(span)])
-                    columns.append(on_grid[:, j])
-            sizes = [len(p) for p in positions]
-            padded = torch.tensor([p + [0] * (max(sizes) - len(p)) for p in positions])
-            self.tile_cache[key] = (tuple(groups), padded, torch.stack(columns, dim=-1), sizes)
+            self.tile_cache[key] = token_groups.tile_groups(counts, [self.tiles[i] for i in active],
+                                                            grid)
         return self.tile_cache[key]
 
     def layer_scale(self, location):
@@ -247,14 +207,14 @@ class _RoutedReferences:
                 items = family.row_items(extra_options, q.shape[0])
                 frames = tuple(items[r] for r in rows)
                 attention = self.position_masks(active, grid, frames, q.device)
-                ip_k, ip_v, counts = self.view_of_each_image(ip_k, ip_v, counts, active, frames)
+                ip_k, ip_v, counts = token_groups.view_of_each_image(
+                    ip_k, ip_v, counts, [self.tokens_per_view[i] for i in active], frames,
+                    [i + 1 for i in active])
             groups = group_masks = None
             tiled = self.tile_groups(active, counts, grid)
             if tiled is not None:
                 groups, positions, group_masks, counts = tiled
-                slots = torch.tensor(groups, device=q.device)[:, None]
-                positions = positions.to(q.device)
-                ip_k, ip_v = ip_k[:, slots, positions], ip_v[:, slots, positions]
+                ip_k, ip_v = (token_groups.take_groups(t, groups, positions) for t in (ip_k, ip_v))
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,

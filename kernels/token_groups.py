@@ -60,3 +60,22 @@ def take_groups(tokens, groups, positions):
     """(rows, N, n, C) -> (rows, groups, n', C): each group's tokens of its reference."""
     slots = torch.tensor(groups, device=tokens.device)[:, None]
     return tokens[:, slots, positions.to(tokens.device)]
+
+
+def mean_groups(counts, spans, tiles):
+    """(N, T) the group of each token inside its reference, for embeds scaling's mean of the
+    values (kernels.embeds): the tokens that act together, i.e. a view of a reference with
+    spans[i] tokens per view (one per batch image), tile j of every view for tiles[i] = (K,
+    tokens per tile) on their own regions, a tile of a view for both; None when every reference
+    acts as one group."""
+    if all(span is None for span in spans) and all(tile is None for tile in tiles):
+        return None
+    groups = torch.zeros(len(counts), max(counts), dtype=torch.long)
+    for i, (span, tile) in enumerate(zip(spans, tiles)):
+        token = torch.arange(max(counts))
+        if tile is not None:
+            tiles_per_view, per_tile = tile
+            groups[i] = token // per_tile if span is not None else token // per_tile % tiles_per_view
+        elif span is not None:
+            groups[i] = token // span
+    return groups

@@ -73,6 +73,10 @@ class _RoutedReferences:
         self.tiles = [None if r.tile_regions is None else (r.tile_regions.float(), r.tokens_per_tile)
                       for r in references]
         self.tile_cache = {}  # (grid, active, counts) -> token_groups.tile_groups
+        self.mean_groups = token_groups.mean_groups(
+            self.counts, self.tokens_per_view,
+            [None if r.tile_regions is None else (r.tile_regions.shape[0], r.tokens_per_tile)
+             for r in references])
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -123,7 +127,8 @@ class _RoutedReferences:
         the layer's factor, on the output or on the image keys and values (embeds_scaling)."""
         weight = self.scale * self.layer_factors.get(location, 1.0)
         return (embeds.output_scale(weight, self.embeds_scaling),
-                lambda k, v: embeds.scale_keys_values(k, v, weight, self.embeds_scaling, self.counts)[:2])
+                lambda k, v: embeds.scale_keys_values(k, v, weight, self.embeds_scaling, self.counts,
+                                                      self.mean_groups)[:2])
 
     def make_patch(self, location, inner, to_k):
         layer = self.adapter.layer(location)

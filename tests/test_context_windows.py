@@ -126,32 +126,34 @@ def test_routing_with_per_image_attention_masks_in_windows(sd15, mode):
     assert relative(run(apply(model, adapter, swapped, clip, mode), clip, noise), whole) > 1e-4
 
 
-def test_one_view_per_batch_image(sd15):
+@pytest.mark.parametrize("scaling", ["V only", "K+mean(V) w/ C penalty"])
+def test_one_view_per_batch_image(sd15, scaling):
     """A reference of three views given one per batch image, with a second reference for all:
     batch image k samples what it samples alone with a reference of view k only, within
-    TOLERANCE, with the whole batch in one call and in windows."""
+    TOLERANCE, with the whole batch in one call and in windows (the values' mean of embeds
+    scaling is each view's own)."""
     model, clip, noise = sd15
+    apply_ = lambda m, refs: apply(m, adapter, refs, clip, "weighted", embeds_scaling=scaling)
     adapter = tiny_adapter(model)
     views = encoded(adapter, "dog", 0, views=IMAGES)
     ref = EncodedReference(**{**views.__dict__, "tokens_per_view": TOKENS})
     other = encoded(adapter, "cat", 1)
-    whole = run(apply(model, adapter, (ref, other), clip, "weighted"), clip, noise)
+    whole = run(apply_(model, (ref, other)), clip, noise)
     span = lambda k: slice(k * TOKENS, (k + 1) * TOKENS)
     for k in range(IMAGES):
         view = EncodedReference(**{**views.__dict__, "image_tokens": views.image_tokens[:, span(k)],
                                    "uncond_tokens": views.uncond_tokens[:, span(k)]})
-        alone = run(apply(model, adapter, (view, other), clip, "weighted"), clip, noise[k:k + 1])
+        alone = run(apply_(model, (view, other)), clip, noise[k:k + 1])
         assert relative(whole[k:k + 1], alone) < TOLERANCE, k
-    out = run(apply(windowed(model, WindowedCalls(WINDOWS)), adapter, (ref, other), clip,
-                    "weighted"), clip, noise)
+    out = run(apply_(windowed(model, WindowedCalls(WINDOWS)), (ref, other)), clip, noise)
     assert relative(out, whole) < TOLERANCE
-    every = run(apply(model, adapter, (views, other), clip, "weighted"), clip, noise)
+    every = run(apply_(model, (views, other)), clip, noise)
     assert relative(every, whole) > 1e-4  # reading every view is another thing
     short = EncodedReference(**{**encoded(adapter, "dog", 0, views=2).__dict__,
                                 "tokens_per_view": TOKENS})
     with pytest.raises(ValueError, match="reference 1 has 2 views, one per batch image, for a "
                                          "batch with image 3"):
-        run(apply(model, adapter, (short, other), clip, "weighted"), clip, noise)
+        run(apply_(model, (short, other)), clip, noise)
 
 
 def test_msa_reading_references_in_windows(sd15):

@@ -190,6 +190,25 @@ def test_mean_of_values_leaves_out_the_padding():
     assert torch.equal(scaled[0, 4:], torch.zeros(4, 6)) and rest == 1.0
 
 
+def test_mean_of_values_per_group():
+    """Groups of tokens that act apart (views, tiles): each token's value keeps its deviation
+    from its own group's mean, as when each group is scaled on its own."""
+    from multiref.kernels.embeds import scale_keys_values
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(2, 6, 5, generator=g)
+    groups = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]])
+    _, scaled, _ = scale_keys_values(values.clone(), values, 0.5, "K+mean(V) w/ C penalty",
+                                     [6, 5], groups)
+    w = 0.5 * 5 / 1280
+    for i, count in enumerate((6, 5)):
+        for group in groups[i, :count].unique():
+            members = [t for t in range(count) if groups[i, t] == group]
+            _, alone, _ = scale_keys_values(values[i:i + 1, members], values[i:i + 1, members],
+                                            0.5, "K+mean(V) w/ C penalty")
+            torch.testing.assert_close(scaled[i, members], alone[0])
+    assert torch.equal(scaled[1, 5], torch.zeros(5))  # padding
+
+
 def test_a_reversed_layer_routes_only_the_uncond_rows_with_the_image(sd15):
     """Layer 0 of the tiny SD1.5 UNet is a style layer: composition precise reverses the
     reference there (the prompt row gets exactly no image attention, the uncond row the image

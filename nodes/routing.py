@@ -235,7 +235,8 @@ class _RoutedReferences:
                     every[..., list(active)] = shown
                     shown = every
                 self.recorder.record(sigma, location[0], grid, shown[full],
-                                     extra_options.get("sample_sigmas"))
+                                     extra_options.get("sample_sigmas"),
+                                     _window_images(extra_options, q.shape[0], rows, full))
             if not subset:
                 return out
             merged = text_out.clone()
@@ -351,6 +352,15 @@ class MultiRefApplyAdapter:
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)
+
+
+def _window_images(extra_options, batch, rows, full):
+    """The batch images of the recorded rows when a context window holds them, else None."""
+    chunks = len(extra_options.get("cond_or_uncond") or (0,))
+    if family.window_indices(extra_options, batch // chunks) is None:
+        return None
+    items = family.row_items(extra_options, batch)
+    return [items[rows[i]] for i in full]
 
 
 def _phrases(references, phrases):

@@ -10,6 +10,7 @@ import comfy.sample
 from multiref.families import tiny_models
 from multiref.families import unet as unet_family
 from multiref.kernels.references import EncodedReference
+from multiref.nodes.routing import MultiRefRoutingMaps
 
 from test_msa_node import LATENT, _encoded, _msa
 from test_routing_nodes import TOKENS, apply, encoded, tiny_adapter
@@ -116,11 +117,15 @@ def test_routing_with_per_image_attention_masks_in_windows(sd15, mode):
             encoded(adapter, "cat", 1))
     routed = apply(model, adapter, refs, clip, mode)
     whole = run(routed, clip, noise)
+    shown = lambda m, latent: MultiRefRoutingMaps().show(m, {"samples": latent}, 1, "all")[0]
     for core in (False, True):
         wrapper = WindowedCalls(WINDOWS, core=core)
-        out = run(apply(windowed(model, wrapper), adapter, refs, clip, mode), clip, noise)
+        patched = apply(windowed(model, wrapper), adapter, refs, clip, mode)
+        out = run(patched, clip, noise)
         assert sorted(set(wrapper.sizes)) == [2, 4]
         assert relative(out, whole) < TOLERANCE, core
+        # The Routing Maps node shows every image's own maps, whatever window it was in.
+        torch.testing.assert_close(shown(patched, out), shown(routed, whole), atol=1e-5, rtol=0)
     # Each image does read its own mask: the same masks in another order change the result.
     swapped = (EncodedReference(**{**refs[0].__dict__, "attention_mask": masks[[1, 2, 0]]}), refs[1])
     assert relative(run(apply(model, adapter, swapped, clip, mode), clip, noise), whole) > 1e-4

@@ -6,6 +6,8 @@
     output back);
   * which batch row serves which guidance branch (`row_roles`): full (prompt + image condition),
     image (negative text + image condition), uncond (no image condition), ref (reference rows);
+    and which image of the whole latent batch each row is (`row_items`), also when a context
+    window node calls the model on a window of the batch;
   * how to add rows to a UNet call and slice them off afterwards (`add_row_provider`, over the
     UNet function wrapper), so the references of Masked Shared Attention ride in the same
     batched call as the target;
@@ -104,6 +106,37 @@ def row_roles(extra_options, batch_size):
         raise RuntimeError(f"row roles ({len(roles)}) do not match the batch ({batch_size}); "
                            "another node changed the batch inside the UNet call")
     return roles
+
+
+def row_items(extra_options, batch_size):
+    """The image of the whole latent batch (its index there) that every row of the current call
+    denoises; None for reference rows. The host batches each cond as one chunk of the call's
+    images; a context window node (AnimateDiff-Evolved, current ComfyUI's context windows)
+    calls the model on a window of the batch and says which images it holds."""
+    roles = row_roles(extra_options, batch_size)
+    images = [i for i, role in enumerate(roles) if role != "ref"]
+    chunks = len(extra_options.get("cond_or_uncond") or (0,))
+    per_chunk = len(images) // chunks
+    window = window_indices(extra_options, per_chunk) or range(per_chunk)
+    items = [None] * batch_size
+    for n, row in enumerate(images):
+        items[row] = window[n % per_chunk]
+    return tuple(items)
+
+
+def window_indices(options, images):
+    """The batch indices of the `images` images a call holds, as a context window node says them:
+    AnimateDiff-Evolved's ad_params["sub_idxs"], or current ComfyUI's context_window (its
+    index_list along the batch dimension); None without a window (or with one of another
+    length: not this call's), i.e. the call holds the whole batch."""
+    ad_params = options.get("ad_params")
+    indices = ad_params.get("sub_idxs") if isinstance(ad_params, dict) else None
+    window = options.get("context_window")
+    if indices is None and window is not None and getattr(window, "dim", 0) == 0:
+        indices = getattr(window, "index_list", None)
+    if indices is None or len(indices) != images:
+        return None
+    return tuple(int(i) for i in indices)
 
 
 def roles_from_chunks(cond_or_uncond, branches, batch_size):

@@ -2,6 +2,7 @@
 an image-attention strength scales the projected image keys and values (ComfyUI_IPAdapter_plus's
 combine_embeds and embeds_scaling). Plain torch, no ComfyUI import."""
 import torch
+import torch.nn.functional as F
 
 COMBINATIONS = ("concat", "add", "average", "norm average", "subtract")
 SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
@@ -27,13 +28,15 @@ def combine_views(features, how):
     return features[:1] - features[1:].mean(0, keepdim=True)
 
 
-def scale_keys_values(keys, values, weight, how, counts=None):
+def scale_keys_values(keys, values, weight, how, counts=None, groups=None):
     """The image keys and values (..., N, T, C) of N references (T tokens each, zero padding after
     counts[i] real ones) scaled by an attention strength `weight`, and the factor left for the
     attention output. "V only": unchanged, the output is multiplied by `weight`. "K+V": keys and
     values times `weight`. The "C penalty" forms first multiply `weight` by C / 1280 (C = the
     layer's width). "K+mean(V)": values keep their deviation from their mean over the
-    reference's tokens and only the mean is scaled: v - m + m * weight."""
+    reference's tokens and only the mean is scaled: v - m + m * weight; with `groups` (N, T)
+    (each token's group inside its reference: views or tiles that act apart), the mean of the
+    token's own group."""
     if how not in SCALINGS:
         raise ValueError(f"embeds_scaling: {how!r} is not one of {SCALINGS}")
     if how == "V only":
@@ -46,7 +49,13 @@ def scale_keys_values(keys, values, weight, how, counts=None):
     counts = torch.as_tensor(counts if counts is not None else [tokens] * values.shape[-3],
                              device=values.device)
     real = (torch.arange(tokens, device=values.device)[None] < counts[:, None]).to(values.dtype)
-    mean = (values * real[..., None]).sum(-2, keepdim=True) / counts[:, None, None].to(values.dtype)
+    if groups is None:
+        groups = torch.zeros(values.shape[-3], tokens, dtype=torch.long)
+    # (N, T, G): which real tokens each group averages.
+    members = F.one_hot(groups.to(values.device)).to(values.dtype) * real[..., None]
+    sums = torch.einsum("...ntc,ntg->...ngc", values, members)
+    group_means = sums / members.sum(-2)[..., None].clamp_min(1)
+    mean = torch.einsum("ntg,...ngc->...ntc", members, group_means)
     return keys * weight, (values - mean + mean * weight) * real[..., None], 1.0
 
 

@@ -3,8 +3,13 @@ workflows and machines. Tensors are written as they are (dtype and values kept: 
 bit-identical); everything else is JSON in the file's metadata. Plain torch, no ComfyUI import.
 
 Tensors: ref.{i}.image_tokens, ref.{i}.uncond_tokens, and ref.{i}.latents / ref.{i}.masks /
-ref.{i}.class_embedding when the reference has them (files without class embeddings still load). Metadata: format, format_version, adapter_fingerprint, references (a JSON
-list, one entry per reference: phrase, weight, start_percent, end_percent, latents, masks).
+ref.{i}.attention_mask / ref.{i}.tile_regions /
+ref.{i}.class_embedding when the reference has them. Metadata: format,
+format_version, adapter_fingerprint, references (a JSON list, one entry per reference: phrase,
+weight, start_percent, end_percent, tokens_per_view, tokens_per_tile, and whether it has
+latents, masks, attention_mask, tile_regions, class_embedding; files written before attention masks existed have
+none of the later entries: no attention mask, every image reads all the tokens, no tile
+regions, no class embedding).
 """
 import json
 import os
@@ -19,10 +24,15 @@ from .weights_files import CheckpointError
 FORMAT = "multiref-encoded-references"
 FORMAT_VERSION = "1"
 SUFFIX = ".references.safetensors"
-OPTIONAL_TENSORS = ("latents", "masks", "class_embedding")
+OPTIONAL_TENSORS = ("latents", "masks", "attention_mask", "tile_regions",
+                    "class_embedding")
 # Number of dimensions of each tensor (image_tokens (1, V*T, C), latents (V, 4, h, w), masks
-# (V, h, w)).
-DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "class_embedding": 2}
+# (V, h, w), attention_mask (F, H, W), tile_regions (K, h, w), class_embedding (V, D)).
+DIMS = {"image_tokens": 3, "uncond_tokens": 3, "latents": 4, "masks": 3, "attention_mask": 3,
+        "tile_regions": 3, "class_embedding": 2}
+# Added within format version 1: an entry without the flag has no such tensor.
+ADDED_TENSORS = ("attention_mask", "tile_regions", "class_embedding")
+SPANS = ("tokens_per_view", "tokens_per_tile")  # token counts that split image_tokens
 
 
 def save(encoded, path):
@@ -41,6 +51,7 @@ def save(encoded, path):
                 tensors[f"ref.{i}.{name}"] = getattr(enc, name)
         entries.append({"phrase": enc.phrase, "weight": enc.weight,
                         "start_percent": enc.start_percent, "end_percent": enc.end_percent,
+                        **{name: getattr(enc, name) for name in SPANS},
                         **{name: getattr(enc, name) is not None for name in OPTIONAL_TENSORS}})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapter_fingerprint": fingerprints.pop(), "references": json.dumps(entries)}
@@ -92,7 +103,7 @@ def load(path):
 def _entry(i, entry, tensors, fingerprint):
     parts = {name: tensors[f"ref.{i}.{name}"] for name in ("image_tokens", "uncond_tokens")}
     for name in OPTIONAL_TENSORS:
-        parts[name] = tensors[f"ref.{i}.{name}"] if entry.get(name) else None  # older: none
+        parts[name] = tensors[f"ref.{i}.{name}"] if _has(entry, name) else None
     for name, tensor in parts.items():
         if tensor is not None and tensor.ndim != DIMS[name]:
             raise ValueError(f"ref.{i}.{name} has {tensor.ndim} dimensions, not {DIMS[name]}")
@@ -101,7 +112,8 @@ def _entry(i, entry, tensors, fingerprint):
     return EncodedReference(**parts, phrase=str(entry["phrase"]), weight=float(entry["weight"]),
                             start_percent=float(entry["start_percent"]),
                             end_percent=float(entry["end_percent"]),
-                            adapter_fingerprint=fingerprint)
+                            adapter_fingerprint=fingerprint,
+                            **{name: _span(entry, name, parts["image_tokens"]) for name in SPANS})
 
 
 def _check_names(tensors, entries):
@@ -109,7 +121,23 @@ def _check_names(tensors, entries):
     if not entries:
         raise ValueError("no references")
     expected = {f"ref.{i}.{n}" for i, e in enumerate(entries) for n in DIMS
-                if n not in OPTIONAL_TENSORS or e.get(n)}
+                if n not in OPTIONAL_TENSORS or _has(e, n)}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ValueError(f"unexpected tensors {extra[:3]}")
+
+
+def _has(entry, name):
+    """Whether a reference's entry announces the optional tensor `name`."""
+    return entry.get(name, False) if name in ADDED_TENSORS else entry[name]
+
+
+def _span(entry, name, image_tokens):
+    """A reference's tokens_per_view or tokens_per_tile (None when absent: files of earlier
+    versions), checked to split its tokens into whole views or tiles."""
+    span = entry.get(name)
+    if span is None:
+        return None
+    if not isinstance(span, int) or span < 1 or image_tokens.shape[1] % span:
+        raise ValueError(f"{name} {span!r} does not split {image_tokens.shape[1]} tokens")
+    return span

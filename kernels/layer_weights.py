@@ -7,12 +7,17 @@ tables use). SDXL has 11 (0-3 input, 4 middle, 5-10 output; every transformer bl
 shares its index), SD1.5 has 16 (0-5 input, 6 middle, 7-15 output). InstantStyle's finding:
 in SDXL, index 6 (output block 1, diffusers up_blocks.0.attentions.1) carries the style and
 index 3 (input block 8, down_blocks.2.attentions.1) the composition.
+The two "precise" types also turn the reference around on some layers (`reversed_layers`):
+there the image-conditioned rows get no image attention and the unconditional rows read the
+reference's image tokens instead of its "no image" ones, so guidance pushes the result away
+from the reference in those layers (style transfer precise: away from its composition).
 """
 import math
 
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input",
                 "weak output", "weak middle", "strong middle", "style transfer", "composition",
-                "strong style transfer", "style and composition", "strong style and composition")
+                "strong style transfer", "style and composition", "strong style and composition",
+                "style transfer precise", "composition precise")
 EXECUTION_ORDER = {"input": 0, "middle": 1, "output": 2}
 WEAK = 0.2  # the factor of the weakened blocks
 EASE_FLOOR = 0.05  # the ease curves run from this to 1
@@ -27,7 +32,15 @@ BLOCK_TABLES = {
     "style and composition": {"sdxl": {3: 1.0, 6: 1.0}, "sd15": {**_SD15_STYLE, 4: 0.25, 5: 1.0}},
     "strong style and composition": {"sdxl": {i: 1.0 for i in range(11)},
                                      "sd15": {i: 1.0 for i in range(16)}},
+    "style transfer precise": {"sdxl": {3: 1.0, 6: 1.0}, "sd15": {**_SD15_STYLE, 4: 0.25, 5: 1.0}},
+    "composition precise": {"sdxl": {**{i: 0.1 for i in range(11)}, 3: 1.0, 6: 1.0},
+                            "sd15": {**{i: 1.0 for i in range(16)}, 4: 0.25, 6: 0.1, 7: 0.1,
+                                     8: 0.1}},
 }
+# {precise weight type: {family: the composition layers}}: style transfer precise reverses the
+# reference on them, composition precise on every other layer.
+COMPOSITION_LAYERS = {"sdxl": (3,), "sd15": (4, 5)}
+PRECISE = ("style transfer precise", "composition precise")
 WEAK_SECTIONS = {"weak input": ("input",), "weak output": ("output",), "weak middle": ("middle",),
                  "strong middle": ("input", "output")}
 
@@ -88,3 +101,14 @@ def layer_factors(locations, weight_type="linear", family="sdxl", block_weights=
         return {loc: curves[weight_type](i) for loc, i in indices.items()}
     weak = WEAK_SECTIONS[weight_type]
     return {loc: WEAK if loc[0] in weak else 1.0 for loc in indices}
+
+
+def reversed_layers(locations, weight_type="linear", family="sdxl"):
+    """The locations where a precise weight type turns the reference around (module docstring);
+    empty for every other type. block_weights leave it as the type says."""
+    if weight_type not in PRECISE:
+        return frozenset()
+    composition = COMPOSITION_LAYERS[family]
+    on_composition = weight_type == "style transfer precise"
+    return frozenset(loc for loc, i in transformer_indices(locations).items()
+                     if (i in composition) == on_composition)

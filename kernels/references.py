@@ -52,6 +52,13 @@ class Reference:
     negative_images: (1 or V, H', W', 3) float in 0..1, what the reference must NOT look like:
         their adapter tokens replace the "no image" tokens of the unconditional branch; None =
         the adapter family's own "no image".
+    attention_mask: (F, H', W') float in 0..1 over the OUTPUT image, where the reference acts
+        (IPAdapter's attn_mask): it multiplies the reference's image attention at each position;
+        F = 1 for every image of the batch, or one per batch image (a video's frames). None =
+        everywhere. Not the foreground mask above, which selects the object in the reference.
+    one_view_per_image: False = the views show one object and every generated image reads all
+        of them; True = view k conditions batch image k only (IPAdapter Batch, a video's
+        frames), one view serving every image.
     """
     images: torch.Tensor
     masks: Optional[torch.Tensor] = None
@@ -60,6 +67,8 @@ class Reference:
     start_percent: float = 0.0
     end_percent: float = 1.0
     negative_images: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    one_view_per_image: bool = False
 
     def __post_init__(self):
         check_reference(self)
@@ -86,6 +95,8 @@ def check_reference(ref):
             raise ReferenceInputError(
                 f"reference negative_image: {ref.negative_images.shape[0]} images for "
                 f"{images.shape[0]} views; give one negative image, or one per view")
+    if ref.attention_mask is not None:
+        check_attention_mask(ref.attention_mask, "reference attention_mask")
     if not math.isfinite(ref.weight):
         raise ReferenceInputError(f"reference weight: {ref.weight} is not a number; give 0..5")
     if masks is not None:
@@ -101,35 +112,69 @@ def check_reference(ref):
                              f"{ref.start_percent}..{ref.end_percent}")
 
 
+def check_attention_mask(mask, what):
+    """An attention mask is a MASK batch (F, H, W) of finite values (MultiRef Reference clamps
+    them to 0..1)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 3 or 0 in mask.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ReferenceInputError(f"{what}: expected a MASK (images, height, width), got {shape}; "
+                                  "connect a mask over the output image")
+    check_finite(mask, what, "re-load or redraw the mask (0 = reference off, 1 = full)")
+
+
 # Tiled encoding (ComfyUI_IPAdapter_plus's IPAdapter Tiled cuts a picture this way): at most
 # this many square tiles along the long side of a non-square picture.
 MAX_TILES = 4
 NEAR_SQUARE = (0.75, 4 / 3)  # height / width ratios cut into 2 x 2 tiles of the centre square
 
 
-def square_tiles(images):
-    """(V, H, W, 3) -> (V * k, s, s, 3): every view cut into k square tiles, view after view, so
-    that the CLIP vision model (which crops each picture to its centre square) sees all of it.
-    A nearly square view (NEAR_SQUARE) gives 2 x 2 tiles of its centre square; any other one
-    tiles of its short side along its long side, at most MAX_TILES (a longer view keeps its
-    centre MAX_TILES squares), overlapping evenly when they do not fit exactly."""
-    _, height, width, _ = images.shape
+def tile_layout(height, width):
+    """How a height x width picture is cut into square tiles: (tiled area (top, left, height,
+    width), tile side, tile origins relative to the area). A nearly square picture (NEAR_SQUARE)
+    gives 2 x 2 tiles of its centre square; any other one tiles of its short side along its
+    long side, at most MAX_TILES (a longer picture keeps its centre MAX_TILES squares),
+    overlapping evenly when they do not fit exactly."""
     if NEAR_SQUARE[0] < height / width < NEAR_SQUARE[1]:
         side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
         half = side // 2
-        starts = [(top + y * half, left + x * half) for y in range(2) for x in range(2)]
-        size = half
-    else:
-        size, long = min(height, width), max(height, width)
-        count = min(math.ceil(long / size), MAX_TILES)
-        span = min(long, count * size)
-        first = (long - span) // 2
-        overlap = (count * size - span) / (count - 1) if count > 1 else 0
-        along = [first + int(i * (size - overlap)) for i in range(count)]
-        starts = [(0, a) if width > height else (a, 0) for a in along]
-    return torch.stack([images[:, y:y + size, x:x + size] for y, x in starts], dim=1).reshape(
-        -1, size, size, images.shape[-1])
+        area = ((height - side) // 2, (width - side) // 2, side, side)
+        return area, half, [(y * half, x * half) for y in range(2) for x in range(2)]
+    size, long = min(height, width), max(height, width)
+    count = min(math.ceil(long / size), MAX_TILES)
+    span = min(long, count * size)
+    first = (long - span) // 2
+    overlap = (count * size - span) / (count - 1) if count > 1 else 0
+    along = [int(i * (size - overlap)) for i in range(count)]
+    if width > height:
+        return (0, first, size, span), size, [(0, a) for a in along]
+    return (first, 0, span, size), size, [(a, 0) for a in along]
+
+
+def square_tiles(images):
+    """(V, H, W, 3) -> (V * k, s, s, 3): every view cut into the k square tiles of tile_layout,
+    view after view, so that the CLIP vision model (which crops each picture to its centre
+    square) sees all of it."""
+    (top, left, _, _), size, origins = tile_layout(*images.shape[1:3])
+    return torch.stack([images[:, top + y:top + y + size, left + x:left + x + size]
+                        for y, x in origins], dim=1).reshape(-1, size, size, images.shape[-1])
+
+
+def tile_regions(height, width, cell=8):
+    """(k, h, w): where each tile of tile_layout lies in the tiled area, on a grid of cells of
+    about `cell` pixels (each cell the fraction of it the tile covers). IPAdapter Tiled lets each
+    tile act only there, the tiled area stretched onto the generated image."""
+    (_, _, area_h, area_w), size, origins = tile_layout(height, width)
+    cells_h, cells_w = max(1, round(area_h / cell)), max(1, round(area_w / cell))
+
+    def covered(start, length, cells):
+        edges = torch.linspace(0, length, cells + 1, dtype=torch.float64)
+        low, high = edges[:-1], edges[1:]
+        inside = torch.minimum(high, torch.tensor(float(start + size))) - \
+            torch.maximum(low, torch.tensor(float(start)))
+        return inside.clamp(min=0) / (high - low)
+
+    return torch.stack([torch.outer(covered(y, area_h, cells_h), covered(x, area_w, cells_w))
+                        for y, x in origins]).float()
 
 
 MASK_VALUES = ("binary", "soft")
@@ -198,7 +243,13 @@ class EncodedReference:
     masks: (V, h, w) float on the latent grid, binary {0, 1} or soft values in [0, 1]
         (latent_masks) (h, w = latents' grid, or the image
         size / 8 when there are no latents), or None = the whole image.
-    phrase, weight, start_percent, end_percent: copied from the Reference.
+    phrase, weight, start_percent, end_percent, attention_mask: copied from the Reference.
+    tokens_per_view: None = every image reads all the tokens; T = the reference gives one view
+        per batch image (Reference.one_view_per_image): image k reads tokens k*T .. (k+1)*T.
+    tile_regions: None, or (K, h, w) where each of the K tiles of every view acts in the
+        generated image (tile_regions; Encode References' crop "tiles on their regions");
+        tokens_per_tile: the tokens of one tile (the tokens run view after view, tile after
+        tile).
     adapter_fingerprint: LoadedAdapter.fingerprint of the adapter that made the tokens; patches
         refuse tokens made by another adapter.
     class_embedding: (V, D) CLIP vision's class (pooled, projected) embedding of each whole
@@ -213,4 +264,8 @@ class EncodedReference:
     start_percent: float
     end_percent: float
     adapter_fingerprint: str
+    attention_mask: Optional[torch.Tensor] = None
+    tokens_per_view: Optional[int] = None
+    tile_regions: Optional[torch.Tensor] = None
+    tokens_per_tile: Optional[int] = None
     class_embedding: Optional[torch.Tensor] = None

@@ -9,7 +9,12 @@ In one cross-attention layer, with latent queries Q (B, L, heads*d) and referenc
   W_i(x) = reference i's region mask resized to the layer grid    mode "mask"
   W_i(x) = 1                                                      mode "sum"
   O_i    = softmax(Q K_ip,i^T / sqrt(d)) V_ip,i over reference i's own tokens only
-  out    = T + scale * sum_i w_i W_i(x) O_i       (w_i: per-reference weight, 0 when gated off)
+  M_i(x) = reference i's attention mask resized to the layer grid (1 without one), any mode
+  O_i    = sum_j G_ij(x) O_ij when reference i's tokens come in groups j (tiles) that each act
+           on their own region G_ij of the image (IPAdapter Tiled), O_ij over group j's tokens
+  out    = T + scale * sum_i w_i M_i(x) W_i(x) O_i
+           (w_i: per-reference weight, 0 when gated off; the attention mask multiplies after the
+           normalization of mode weighted, as w_i does: where it is 0 the others keep their share)
 Shapes follow the real layer grid (H, W), never a square root of the token count.
 """
 import math
@@ -111,6 +116,14 @@ def region_weights(masks, grid):
     return resized[:, 0].flatten(1).transpose(0, 1)
 
 
+def attention_mask_weights(masks, grid, frames):
+    """M (B, L) of one reference: its attention masks (F, h, w) over the output image, resized to
+    the layer grid as region_weights does (the mask's frame stretched onto the image's), for
+    rows showing images `frames` (index into the F masks; one mask serves every image)."""
+    resized = region_weights(masks, grid).transpose(0, 1)
+    return resized[[0 if masks.shape[0] == 1 else f for f in frames]]
+
+
 def merged_reference_attention(q, ip_keys, ip_values, heads, position_weights, token_counts=None):
     """sum_i position_weights[..., i] * softmax(Q K_i^T / sqrt(d)) V_i, in one pass over all
     references: scores of every reference's tokens in one matmul, a softmax inside each
@@ -165,13 +178,17 @@ def routing_weights(mode, q, heads, text_out=None, phrases=None, masks=None, gri
 
 def routed_cross_attention(q, text_out, heads, ip_keys, ip_values, reference_weights, scale,
                            mode, phrases=None, masks=None, grid=None, text_to_weight=None,
-                           token_counts=None, keep_grad=False):
-    """out = T + scale * sum_i w_i W_i(x) O_i for every row of q; returns (out, shown map).
+                           token_counts=None, keep_grad=False, attention_masks=None,
+                           groups=None, group_masks=None):
+    """out = T + scale * sum_i w_i M_i(x) W_i(x) O_i for every row of q; returns (out, shown map).
 
     reference_weights: (N,) per-reference weights w_i (0 = reference off at this step).
     phrases: PhraseKeys (mode weighted; None only with one reference); masks: (N, h, w) region masks (mode mask); grid: the
     layer's (H, W) (mode mask); text_to_weight: (1, heads*d) or None; keep_grad: let gradients
-    flow through the relevance maps (training asks; they are detached otherwise)."""
+    flow through the relevance maps (training asks; they are detached otherwise);
+    attention_masks: M, broadcastable to (B, L, N) (attention_mask_weights), or None (all ones);
+    groups: None, or the reference (0..N-1) of each of the N' token groups that ip_keys and
+    ip_values (B, N', n, C) and token_counts then hold, group_masks (L, N') their regions G."""
     if mode == "weighted" and phrases is None and ip_keys.shape[1] > 1:
         raise RoutingInputError("phrases: mode 'weighted' with several references needs a phrase "
                                 "for every reference")
@@ -179,5 +196,11 @@ def routed_cross_attention(q, text_out, heads, ip_keys, ip_values, reference_wei
                                      text_to_weight, keep_grad)
     w = reference_weights.to(device=q.device, dtype=torch.float32)
     weights = w if weights is None else weights * w
+    if attention_masks is not None:
+        attention_masks = attention_masks.to(device=q.device, dtype=torch.float32)
+        weights = weights * attention_masks
+        shown = attention_masks if shown is None else shown * attention_masks
+    if groups is not None:
+        weights = weights[..., list(groups)] * group_masks.to(device=q.device, dtype=torch.float32)
     merged = merged_reference_attention(q, ip_keys, ip_values, heads, weights, token_counts)
     return text_out + scale * merged, shown

@@ -222,10 +222,25 @@ class _BatchCall(family.SharedAcrossClones):
         if self.phrase_maps is not None:
             self.phrase_maps.start_call(sigma, tuple(x.shape[-2:]))
             masks = self.phrase_maps.masks
+        elif masks is not None and masks.shape[0] > 1:
+            masks = _window_masks(masks, x.shape[0], c.get("transformer_options", {}))
         active = family.in_sigma_range(sigma, self.bounds)
         self.state.call = _Call(tuple(x.shape[-2:]), (), masks,
                                 first and self.first_step_unmasked) if active else None
         return None
+
+
+def _window_masks(masks, batch, options):
+    """The batch masks of the images of a call that a context window node made on a window of
+    the batch (the masks are one per image of the whole batch); all of them otherwise."""
+    chunks = len(options.get("cond_or_uncond") or (0,))
+    window = family.window_indices(options, batch // chunks)
+    if window is None:
+        return masks
+    if max(window) >= masks.shape[0]:
+        raise ValueError(f"batch_masks: {masks.shape[0]} masks for a batch with image "
+                         f"{max(window) + 1}; give one mask per image or a single mask for all")
+    return masks[list(window)]
 
 
 def _take(x, rows):

@@ -11,7 +11,8 @@ from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.feature_fusion import FusionError, granularity_weights
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
-                                  check_finite, latent_masks, square_tiles)
+                                  check_attention_mask, check_finite, latent_masks, square_tiles,
+                                  tile_regions)
 
 log = logging.getLogger("multiref")
 
@@ -19,6 +20,7 @@ LATENT_DOWNSCALE = 8  # SD1.5 / SDXL VAEs
 # Smallest reference side with a VAE or a mask: 2 latent cells (the VAE's 8x downscale of fewer
 # pixels fails inside the host; one cell is no picture of an object anyway).
 MIN_SIDE = 2 * LATENT_DOWNSCALE
+VIEWS = ("same object", "one per batch image")
 
 
 class MultiRefReference:
@@ -58,15 +60,31 @@ class MultiRefReference:
                                "like (one image, or one per view); its adapter tokens replace the "
                                "'no image' tokens of the negative branch (IPAdapter's "
                                "image_negative)."}),
+            "attention_mask": ("MASK", {"tooltip": "Optional: WHERE in the generated image this "
+                               "reference acts (white = full strength, black = not at all), over "
+                               "the output picture; one mask, or one per batch image (video "
+                               "frames). IPAdapter's attn_mask; not the object mask above."}),
+            "views": (list(VIEWS), {"default": VIEWS[0], "tooltip":
+                      "same object: the images are views of one object, every generated image "
+                      "reads all of them. one per batch image: image k conditions batch image k "
+                      "only (a video's frames; IPAdapter Batch), one image serving every one; "
+                      "routing only (Masked Shared Attention reads every view)."}),
         }}
 
     def make(self, image, phrase, weight, start_percent, end_percent, mask=None, previous=None,
-             negative_image=None):
+             negative_image=None, attention_mask=None, views="same object"):
+        if views not in VIEWS:
+            raise ReferenceInputError(f"views: {views!r} is not one of {VIEWS}")
         if mask is not None and mask.ndim == 2:
             mask = mask.unsqueeze(0)
+        if attention_mask is not None:
+            attention_mask = attention_mask[None] if attention_mask.ndim == 2 else attention_mask
+            check_attention_mask(attention_mask, "attention_mask")
+            attention_mask = attention_mask.float().clamp(0, 1)
         ref = Reference(images=image, masks=mask, phrase=phrase.strip(), weight=float(weight),
                         start_percent=float(start_percent), end_percent=float(end_percent),
-                        negative_images=negative_image)
+                        negative_images=negative_image, attention_mask=attention_mask,
+                        one_view_per_image=views == VIEWS[1])
         return (tuple(previous or ()) + (ref,),)
 
 
@@ -115,7 +133,10 @@ class MultiRefEncodeReferences:
             "crop": (list(CROPS), {"default": "center", "tooltip":
                      "center: CLIP vision sees the centre square of each view (as before). tiles: "
                      "each view is cut into square tiles (2x2 for a nearly square view, up to 4 "
-                     "along a long one), every tile encoded (IPAdapter Tiled's cut)."}),
+                     "along a long one), every tile encoded (IPAdapter Tiled's cut). tiles on "
+                     "their regions: the same, each tile acting only on its part of the "
+                     "generated image (the tiled picture stretched onto it), as IPAdapter Tiled "
+                     "applies it; needs combine_views concat."}),
             "granularity": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.05,
                             "tooltip": "For an adapter with feature fusion (several CLIP layers): "
                             "negative = the adapter's own router decides; 0 = fine detail (the "
@@ -132,6 +153,9 @@ class MultiRefEncodeReferences:
             raise ReferenceInputError(f"combine_views: {combine_views!r} is not one of {COMBINATIONS}")
         if crop not in CROPS:
             raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
+        if crop == CROPS[2] and combine_views != "concat":
+            raise ReferenceInputError(f"crop: '{crop}' keeps each tile's tokens for its region; "
+                                      "set combine_views to 'concat' (or crop to 'tiles')")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
         weights = fusion_weights(adapter, granularity)
@@ -176,12 +200,13 @@ class MultiRefEncodeReferences:
             image_tokens=tokens, uncond_tokens=uncond,
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
-            adapter_fingerprint=adapter.fingerprint,
-            class_embedding=class_embeddings(clip_vision, ref.images))
+            adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask,
+            class_embedding=class_embeddings(clip_vision, ref.images),
+            tokens_per_view=per_view if ref.one_view_per_image else None,
+            **(tiles_on_regions(ref.images, tokens.shape[1] // views) if crop == CROPS[2] else {}))
 
 
-
-CROPS = ("center", "tiles")
+CROPS = ("center", "tiles", "tiles on their regions")
 
 
 def fusion_weights(adapter, granularity):
@@ -208,7 +233,8 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", 
     Attention's SynCD conditioning reads them view by view). weights: a feature fusion's
     override (None = its router)."""
     views = images.shape[0]
-    output = encode_image(adapter, clip_vision, square_tiles(images) if crop == "tiles" else images)
+    output = encode_image(adapter, clip_vision,
+                          images if crop == "center" else square_tiles(images))
     if combine != "concat":
         try:
             combined = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
@@ -228,6 +254,12 @@ def class_embeddings(clip_vision, images):
     """(V, D) CLIP vision's class embedding of each whole view (CLS-augmented text). Its own
     encoding: the tokens' may be of tiles or of combined views."""
     return clip_vision.encode_image(images)["image_embeds"].float().cpu()
+
+
+def tiles_on_regions(images, tokens_per_view):
+    """The EncodedReference fields of a reference whose tiles act on their own regions."""
+    regions = tile_regions(*images.shape[1:3])
+    return {"tile_regions": regions, "tokens_per_tile": tokens_per_view // regions.shape[0]}
 
 
 def check_size(ref, n, with_vae):

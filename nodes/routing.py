@@ -16,7 +16,7 @@ import torch
 
 from ..families import unet as family
 from ..families.text import empty_phrase_embeddings, phrase_embeddings
-from ..kernels import embeds, layer_weights, routing
+from ..kernels import embeds, layer_weights, routing, token_groups
 from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
 from ..techniques import relevance
@@ -49,17 +49,34 @@ class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
     def __init__(self, model, adapter, references, embeddings, masks, mode, scale, bounds,
-                 layer_factors=None, embeds_scaling="V only"):
+                 layer_factors=None, embeds_scaling="V only", reversed_layers=frozenset()):
         """embeddings: None, or (phrase embeddings, empty-prompt embeddings) per reference.
-        layer_factors: {location: factor of `scale` there} (None: 1 everywhere)."""
+        layer_factors: {location: factor of `scale` there} (None: 1 everywhere).
+        reversed_layers: locations where only the uncond rows are routed, with the image tokens
+        (layer_weights.reversed_layers)."""
         self.adapter = adapter
+        self.reversed_layers = reversed_layers
         self.layer_factors, self.embeds_scaling = layer_factors or {}, embeds_scaling
         self.mode, self.scale, self.bounds = mode, scale, bounds
         self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
         self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
         self.embeddings = embeddings
         self.masks = masks
-        self.weights = [r.weight for r in references]
+        # A reference whose attention mask is all zeros is off, exactly as weight 0 is; an
+        # all-ones mask is no mask at all.
+        self.attention_masks = [None if m is None or bool((m == 1).all()) else m.float()
+                                for m in (r.attention_mask for r in references)]
+        self.weights = [0.0 if m is not None and not bool(m.any()) else r.weight
+                        for r, m in zip(references, self.attention_masks)]
+        self.attention_cache = {}  # (grid, active, frames, device) -> (rows, L, N) M
+        self.tokens_per_view = [r.tokens_per_view for r in references]
+        self.tiles = [None if r.tile_regions is None else (r.tile_regions.float(), r.tokens_per_tile)
+                      for r in references]
+        self.tile_cache = {}  # (grid, active, counts) -> token_groups.tile_groups
+        self.mean_groups = token_groups.mean_groups(
+            self.counts, self.tokens_per_view,
+            [None if r.tile_regions is None else (r.tile_regions.shape[0], r.tokens_per_tile)
+             for r in references])
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
         self.recorder = RoutingRecorder()
@@ -80,16 +97,57 @@ class _RoutedReferences:
         return tuple(w if family.in_sigma_range(sigma, b) else 0.0
                      for w, b in zip(self.weights, self.reference_bounds))
 
+    def per_image(self, active):
+        """Whether any of the active references depends on the batch image a row shows."""
+        return any(self.attention_masks[i] is not None or self.tokens_per_view[i] is not None
+                   for i in active)
+
+    def position_masks(self, active, grid, frames, device):
+        """M (rows, L, active references) of the routed rows' attention masks, each row reading
+        the mask of the batch image it shows (frames); None when no active reference has one."""
+        masks = [self.attention_masks[i] for i in active]
+        if all(m is None for m in masks):
+            return None
+        key = (grid, active, frames, str(device))
+        if key not in self.attention_cache:
+            columns = []
+            for i, mask in zip(active, masks):
+                if mask is None:
+                    columns.append(torch.ones(len(frames), grid[0] * grid[1]))
+                    continue
+                if mask.shape[0] > 1 and max(frames) >= mask.shape[0]:
+                    raise ValueError(f"attention_mask of reference {i + 1}: {mask.shape[0]} masks "
+                                     f"for a batch with image {max(frames) + 1}; give one mask, "
+                                     "or one per batch image")
+                columns.append(routing.attention_mask_weights(mask, grid, frames))
+            self.attention_cache[key] = torch.stack(columns, dim=-1).to(device)
+        return self.attention_cache[key]
+
+    def tile_groups(self, active, counts, grid):
+        """kernels.token_groups.tile_groups of the active references (cached per grid), or None
+        when none of them has tiles on their own regions."""
+        if all(self.tiles[i] is None for i in active):
+            return None
+        key = (grid, active, tuple(counts))
+        if key not in self.tile_cache:
+            self.tile_cache[key] = token_groups.tile_groups(counts, [self.tiles[i] for i in active],
+                                                            grid)
+        return self.tile_cache[key]
+
     def layer_scale(self, location):
         """(scale of the attention output, K/V transform) at one layer: the node's scale times
         the layer's factor, on the output or on the image keys and values (embeds_scaling)."""
         weight = self.scale * self.layer_factors.get(location, 1.0)
         return (embeds.output_scale(weight, self.embeds_scaling),
-                lambda k, v: embeds.scale_keys_values(k, v, weight, self.embeds_scaling, self.counts)[:2])
+                lambda k, v: embeds.scale_keys_values(k, v, weight, self.embeds_scaling, self.counts,
+                                                      self.mean_groups)[:2])
 
     def make_patch(self, location, inner, to_k):
         layer = self.adapter.layer(location)
         scale, scale_keys_values = self.layer_scale(location)
+        reverse = location in self.reversed_layers
+        routed_roles = ("uncond",) if reverse else ROUTED_ROLES
+        reads_image = lambda role: reverse or role in family.IMAGE_ROLES
 
         def tensors(device, dtype):
             cache = self.device_copies.setdefault(location, {})
@@ -130,7 +188,7 @@ class _RoutedReferences:
                 return text_out
             weights = self.reference_weights(sigma)
             roles = family.row_roles(extra_options, q.shape[0])
-            rows = family.rows_with_role(roles, ROUTED_ROLES)
+            rows = family.rows_with_role(roles, routed_roles)
             # References gated off at this step are left out of the computation (not multiplied
             # by zero), so they contribute exactly nothing on any CPU or GPU.
             active = tuple(i for i, w in enumerate(weights) if w != 0)
@@ -139,8 +197,9 @@ class _RoutedReferences:
             cached = tensors(q.device, q.dtype)
             row_roles = tuple(roles[i] for i in rows)
             if row_roles not in cached["rows"]:
-                # Image-conditioned rows read the image tokens, uncond rows the uncond tokens.
-                image = torch.tensor([r in family.IMAGE_ROLES for r in row_roles], device=q.device)
+                # Image-conditioned rows read the image tokens, uncond rows the uncond tokens
+                # (on a reversed layer only uncond rows are routed, and they read the image).
+                image = torch.tensor([reads_image(r) for r in row_roles], device=q.device)
                 pick = lambda t: torch.where(image[:, None, None, None], t[0][None], t[1][None])
                 cached["rows"][row_roles] = (pick(cached["k"]), pick(cached["v"]))
             if weights not in cached["weights"]:
@@ -161,10 +220,24 @@ class _RoutedReferences:
             q_rows = q[rows] if subset else q
             text_rows = text_out[rows] if subset else text_out
             grid = family.layer_grid(extra_options, q.shape[1])
+            attention = None
+            if self.per_image(active):
+                items = family.row_items(extra_options, q.shape[0])
+                frames = tuple(items[r] for r in rows)
+                attention = self.position_masks(active, grid, frames, q.device)
+                ip_k, ip_v, counts = token_groups.view_of_each_image(
+                    ip_k, ip_v, counts, [self.tokens_per_view[i] for i in active], frames,
+                    [i + 1 for i in active])
+            groups = group_masks = None
+            tiled = self.tile_groups(active, counts, grid)
+            if tiled is not None:
+                groups, positions, group_masks, counts = tiled
+                ip_k, ip_v = (token_groups.take_groups(t, groups, positions) for t in (ip_k, ip_v))
             out, shown = technique.route(
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,
-                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts)
+                masks=masks, grid=grid, gate=cached["gate"], token_counts=counts,
+                attention_masks=attention, groups=groups, group_masks=group_masks)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
             if full:
                 if shown is None:
@@ -175,7 +248,8 @@ class _RoutedReferences:
                     every[..., list(active)] = shown
                     shown = every
                 self.recorder.record(sigma, location[0], grid, shown[full],
-                                     extra_options.get("sample_sigmas"))
+                                     extra_options.get("sample_sigmas"),
+                                     _window_images(extra_options, q.shape[0], rows, full))
             if not subset:
                 return out
             merged = text_out.clone()
@@ -228,6 +302,8 @@ class MultiRefApplyAdapter:
                             "How the strength varies over the layers (IPAdapter's weight types): "
                             "linear = the same everywhere; style transfer / composition = only "
                             "the layers that carry style / layout (SDXL: InstantStyle's blocks); "
+                            "the precise types also turn the reference around (image on the "
+                            "negative side) on the other kind of layer, so less of it bleeds; "
                             "for a style image and a composition image, chain two Apply Adapter "
                             "nodes, one per image."}),
             "block_weights": ("STRING", {"default": "", "tooltip":
@@ -276,9 +352,11 @@ class MultiRefApplyAdapter:
             raise ValueError(f"embeds_scaling: {embeds_scaling!r} is not one of {embeds.SCALINGS}")
         factors = layer_weights.layer_factors(adapter.locations, weight_type, adapter.family,
                                               block_weights)
+        reversed_layers = layer_weights.reversed_layers(adapter.locations, weight_type,
+                                                        adapter.family)
         state = _RoutedReferences(model, adapter, references, embeddings, masks, mode, scale,
                                   family.sigma_range(model, start_percent, end_percent),
-                                  factors, embeds_scaling)
+                                  factors, embeds_scaling, reversed_layers)
         patched = model.clone()
         family.set_attention_patch(
             patched, "attn2", lambda loc, inner: state.make_patch(loc, inner, blocks[loc].attn2.to_k))
@@ -287,6 +365,15 @@ class MultiRefApplyAdapter:
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)
+
+
+def _window_images(extra_options, batch, rows, full):
+    """The batch images of the recorded rows when a context window holds them, else None."""
+    chunks = len(extra_options.get("cond_or_uncond") or (0,))
+    if family.window_indices(extra_options, batch // chunks) is None:
+        return None
+    items = family.row_items(extra_options, batch)
+    return [items[rows[i]] for i in full]
 
 
 def _phrases(references, phrases):

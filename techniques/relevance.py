@@ -88,16 +88,33 @@ class RelevanceMaps:
             self.sums = {}
         return step
 
-    def record(self, sigma, block_name, grid, maps, schedule=None):
-        """maps: (rows, L, N) of one layer of layer grid `grid` in layer group `block_name`."""
+    def record(self, sigma, block_name, grid, maps, schedule=None, images=None):
+        """maps: (rows, L, N) of one layer of layer grid `grid` in layer group `block_name`.
+        images: the batch image of each row when a context window holds them (calls of several
+        windows then add up image by image, each image averaged over its own records)."""
         key = (self.start(sigma, schedule), block_name, grid)
         maps = maps.detach().float()
         entry = self.sums.get(key)
-        if entry is None or entry[0].shape != maps.shape:
+        if images is not None:
+            self._record_images(key, maps, images)
+        elif entry is None or entry[0].shape != maps.shape:
             self.sums[key] = [maps.clone(), 1]
         else:
             entry[0].add_(maps)
             entry[1] += 1
+
+    def _record_images(self, key, maps, images):
+        """Add maps rows to the rows of their images; the count is then one per image."""
+        size = max(images) + 1
+        entry = self.sums.get(key)
+        if entry is None or not torch.is_tensor(entry[1]) or entry[0].shape[1:] != maps.shape[1:]:
+            entry = self.sums[key] = [maps.new_zeros((0,) + maps.shape[1:]), torch.zeros(0)]
+        if entry[0].shape[0] < size:
+            grow = size - entry[0].shape[0]
+            entry[0] = torch.cat([entry[0], maps.new_zeros((grow,) + maps.shape[1:])])
+            entry[1] = torch.cat([entry[1], torch.zeros(grow)])
+        entry[0].index_add_(0, torch.tensor(images, device=maps.device), maps)
+        entry[1].index_add_(0, torch.tensor(images), torch.ones(len(images)))
 
     def maps(self, step, block_names, size):
         """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`
@@ -111,6 +128,8 @@ class RelevanceMaps:
             resized = F.interpolate(spatial.cpu(), size=size, mode="bilinear", align_corners=False)
             total = resized if total is None else total + resized
             layers += count
+        if torch.is_tensor(layers):  # per image (context windows)
+            layers = layers.clamp_min(1).reshape(-1, 1, 1, 1)
         return None if total is None else total / layers
 
     def mass_inside(self, masks, row=0):

@@ -20,10 +20,12 @@ def gate_of(layer):
 
 
 def route(q, text_out, heads, ip_keys, ip_values, reference_weights, scale, mode, phrases=None,
-          masks=None, grid=None, gate=None, token_counts=None, keep_grad=False):
-    """text_out + scale * sum_i w_i W_i(x) O_i for the rows of q, and the map to show (see
+          masks=None, grid=None, gate=None, token_counts=None, keep_grad=False,
+          attention_masks=None, groups=None, group_masks=None):
+    """text_out + scale * sum_i w_i M_i(x) W_i(x) O_i for the rows of q, and the map to show (see
     kernels.routing.routed_cross_attention; gate: gate_of(layer) or a copy of it)."""
     return routing.routed_cross_attention(
         q, text_out, heads, ip_keys, ip_values, reference_weights, scale, mode, phrases=phrases,
         masks=masks, grid=grid, text_to_weight=gate, token_counts=token_counts,
-        keep_grad=keep_grad)
+        keep_grad=keep_grad, attention_masks=attention_masks, groups=groups,
+        group_masks=group_masks)

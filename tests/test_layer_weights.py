@@ -30,6 +30,22 @@ TABLES = {
     ("style and composition", "sdxl"): {3: 1, 6: 1},
     ("style and composition", "sd15"): {0: 1, 1: 1, 2: 1, 3: 1, 4: 0.25, 5: 1, 9: 1, 10: 1, 11: 1,
                                         12: 1, 13: 1, 14: 1, 15: 1},
+    # The precise types with their boost at its default (the weight itself).
+    ("style transfer precise", "sdxl"): {3: 1, 6: 1},
+    ("style transfer precise", "sd15"): {0: 1, 1: 1, 2: 1, 3: 1, 4: 0.25, 5: 1, 9: 1, 10: 1,
+                                         11: 1, 12: 1, 13: 1, 14: 1, 15: 1},
+    ("composition precise", "sdxl"): {0: .1, 1: .1, 2: .1, 3: 1, 4: .1, 5: .1, 6: 1, 7: .1, 8: .1,
+                                      9: .1, 10: .1},
+    ("composition precise", "sd15"): {0: 1, 1: 1, 2: 1, 3: 1, 4: 0.25, 5: 1, 6: .1, 7: .1, 8: .1,
+                                      9: 1, 10: 1, 11: 1, 12: 1, 13: 1, 14: 1, 15: 1},
+}
+# Where the precise types put the reference's image on the unconditional side and zero tokens
+# on the conditional one (IPAdapter_plus's ipadapter_attention): {(type, family): layer numbers}.
+REVERSED = {
+    ("style transfer precise", "sdxl"): {3},
+    ("style transfer precise", "sd15"): {4, 5},
+    ("composition precise", "sdxl"): set(range(11)) - {3},
+    ("composition precise", "sd15"): set(range(16)) - {4, 5},
 }
 
 
@@ -47,6 +63,16 @@ def test_block_tables(weight_type, family):
     factors = layer_weights.layer_factors(locations, weight_type, family)
     table = TABLES[(weight_type, family)]
     assert factors == {loc: table.get(blocks.index(loc[:2]), 0.0) for loc in locations}
+
+
+@pytest.mark.parametrize("weight_type,family", sorted(REVERSED))
+def test_precise_types_reverse_the_reference_on_their_layers(weight_type, family):
+    locations = published_locations(family)
+    blocks = SDXL_BLOCKS if family == "sdxl" else SD15_BLOCKS
+    reversed_layers = layer_weights.reversed_layers(locations, weight_type, family)
+    assert reversed_layers == {loc for loc in locations
+                               if blocks.index(loc[:2]) in REVERSED[(weight_type, family)]}
+    assert layer_weights.reversed_layers(locations, "style and composition", family) == set()
 
 
 CURVES = {  # IPAdapter_plus's ipadapter_attention, t = layer number, n = 11 (SDXL) or 16
@@ -162,3 +188,42 @@ def test_mean_of_values_leaves_out_the_padding():
         mean = real.mean(0, keepdim=True)
         torch.testing.assert_close(scaled[i, :len(real)], real - mean + mean * w)
     assert torch.equal(scaled[0, 4:], torch.zeros(4, 6)) and rest == 1.0
+
+
+def test_mean_of_values_per_group():
+    """Groups of tokens that act apart (views, tiles): each token's value keeps its deviation
+    from its own group's mean, as when each group is scaled on its own."""
+    from multiref.kernels.embeds import scale_keys_values
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(2, 6, 5, generator=g)
+    groups = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]])
+    _, scaled, _ = scale_keys_values(values.clone(), values, 0.5, "K+mean(V) w/ C penalty",
+                                     [6, 5], groups)
+    w = 0.5 * 5 / 1280
+    for i, count in enumerate((6, 5)):
+        for group in groups[i, :count].unique():
+            members = [t for t in range(count) if groups[i, t] == group]
+            _, alone, _ = scale_keys_values(values[i:i + 1, members], values[i:i + 1, members],
+                                            0.5, "K+mean(V) w/ C penalty")
+            torch.testing.assert_close(scaled[i, members], alone[0])
+    assert torch.equal(scaled[1, 5], torch.zeros(5))  # padding
+
+
+def test_a_reversed_layer_routes_only_the_uncond_rows_with_the_image(sd15):
+    """Layer 0 of the tiny SD1.5 UNet is a style layer: composition precise reverses the
+    reference there (the prompt row gets exactly no image attention, the uncond row the image
+    tokens' attention at factor 1); style transfer precise leaves it as plain IP-Adapter."""
+    model, clip, adapter, refs = sd15
+    q, out, text = layer_output(apply(model, adapter, refs, clip, "sum",
+                                      weight_type="composition precise"))
+    layer = adapter.bind(cross_attention_dims(model.model.diffusion_model)).layer(("input", 1, 0))
+    split = lambda t: t.reshape(1, -1, HEADS, WIDTH // HEADS).transpose(1, 2)
+    tokens = refs[0].image_tokens
+    o = F.scaled_dot_product_attention(split(q[1:2].double()), split(layer.to_k_ip(tokens).double()),
+                                       split(layer.to_v_ip(tokens).double()))
+    assert torch.equal(out[0], text[0])
+    assert (out[1].double() - (text[1].double() + 0.8 * o.transpose(1, 2).reshape(12, WIDTH))).abs().max() < 1e-5
+    _, style, _ = layer_output(apply(model, adapter, refs, clip, "sum",
+                                     weight_type="style transfer precise"))
+    _, plain, _ = layer_output(apply(model, adapter, refs, clip, "sum"))
+    assert torch.equal(style, plain)

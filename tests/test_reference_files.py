@@ -16,7 +16,8 @@ from multiref.kernels.references import ReferenceInputError
 from multiref.kernels.weights_files import CheckpointError
 from multiref.families import tiny_models
 
-FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "class_embedding")
+FIELDS = ("image_tokens", "uncond_tokens", "latents", "masks", "attention_mask", "tile_regions",
+          "class_embedding")
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,13 @@ def encoded(host, tmp_path_factory):
     mask = torch.zeros(2, 64, 64)
     mask[:, 8:40, 16:48] = 1
     make = host.nodes["MultiRefReference"]().make
-    refs = make(torch.rand(2, 64, 64, 3, generator=gen), "dog", 0.8, 0.1, 0.9, mask=mask)[0]
-    refs = make(torch.rand(1, 64, 64, 3, generator=gen), "red hat", 1.3, 0.0, 0.55, previous=refs)[0]
+    refs = make(torch.rand(2, 64, 64, 3, generator=gen), "dog", 0.8, 0.1, 0.9, mask=mask,
+                attention_mask=torch.rand(3, 24, 40, generator=gen))[0]
+    refs = make(torch.rand(1, 64, 64, 3, generator=gen), "red hat", 1.3, 0.0, 0.55, previous=refs,
+                views="one per batch image")[0]
     out = host.nodes["MultiRefEncodeReferences"]().encode(
         refs, adapter, tiny_models.tiny_clip_vision(), tiny_models.tiny_unet("sd15"), 1,
-        vae=tiny_models.tiny_vae())[0]
+        vae=tiny_models.tiny_vae(), crop="tiles on their regions")[0]
     return adapter, out
 
 
@@ -43,13 +46,15 @@ def assert_same(a, b):
             assert (u is None) == (v is None), field
             if u is not None:
                 assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), field
-        for field in ("phrase", "weight", "start_percent", "end_percent", "adapter_fingerprint"):
+        for field in ("phrase", "weight", "start_percent", "end_percent", "adapter_fingerprint",
+                      "tokens_per_view", "tokens_per_tile"):
             assert getattr(x, field) == getattr(y, field), field
 
 
 def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     adapter, refs = encoded
     assert refs[0].masks is not None and refs[1].masks is None and refs[0].latents is not None
+    assert refs[0].attention_mask.shape == (3, 24, 40) and refs[1].attention_mask is None
     (name,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
     assert name == "people/dog_00001_.references.safetensors [output]"
     path = output_folder / "people" / "dog_00001_.references.safetensors"
@@ -65,11 +70,14 @@ def test_saved_references_reload_bit_identical(host, output_folder, encoded):
     assert metadata["adapter_fingerprint"] == adapter.fingerprint
     assert json.loads(metadata["references"])[1] == {
         "phrase": "red hat", "weight": 1.3, "start_percent": 0.0, "end_percent": 0.55,
-        "latents": True, "masks": False, "class_embedding": True}
+        "tokens_per_view": 64, "tokens_per_tile": 16, "latents": True, "masks": False,
+        "attention_mask": False, "tile_regions": True,
+        "class_embedding": True}
     assert sorted(load_file(str(path))) == sorted(
         ["ref.0.image_tokens", "ref.0.uncond_tokens", "ref.0.latents", "ref.0.masks",
-         "ref.0.class_embedding", "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents",
-         "ref.1.class_embedding"])
+         "ref.0.attention_mask", "ref.0.tile_regions", "ref.1.tile_regions",
+         "ref.1.image_tokens", "ref.1.uncond_tokens", "ref.1.latents",
+         "ref.0.class_embedding", "ref.1.class_embedding"])
     # A second save counts on; a copy in the input folder (another machine) loads the same.
     (again,) = host.nodes["MultiRefSaveEncodedReferences"]().save(refs, "people/dog")["result"]
     assert again == "people/dog_00002_.references.safetensors [output]"
@@ -92,6 +100,27 @@ def test_names_leading_out_of_the_output_folder_are_refused(host, output_folder,
     with pytest.raises(ReferenceInputError, match="filename_prefix"):
         host.nodes["MultiRefSaveEncodedReferences"]().save(encoded[1], prefix)
     assert not list(tmp_path.glob("**/*.references.safetensors"))
+
+
+def test_files_written_before_attention_masks_load_without_one(encoded, tmp_path):
+    """Format version 1 files of earlier versions of the pack announce no attention mask."""
+    _, refs = encoded
+    path = str(tmp_path / "old.references.safetensors")
+    encoded_files.save(refs, path)
+    tensors = {k: v for k, v in load_file(path).items()
+               if not k.endswith((".attention_mask", ".tile_regions"))}
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata())
+    entries = json.loads(metadata["references"])
+    for entry in entries:
+        for name in ("attention_mask", "tokens_per_view", "tile_regions", "tokens_per_tile"):
+            del entry[name]
+    save_file(tensors, path, metadata=dict(metadata, references=json.dumps(entries)))
+    loaded = encoded_files.load(path)
+    assert [r.attention_mask for r in loaded] == [None, None]
+    assert [r.tokens_per_view for r in loaded] == [None, None]
+    assert [r.tile_regions for r in loaded] == [None, None]
+    assert torch.equal(loaded[0].masks, refs[0].masks)
 
 
 def test_foreign_and_damaged_files_are_refused(host, output_folder, encoded, tmp_path):

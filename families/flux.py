@@ -21,8 +21,11 @@ Differences a technique sees (docs/ARCHITECTURE.md, "Adding a family"):
     the heads, extra_options[ROPE_KEY] the (axes_dim, theta) of the model's RoPE, and
     extra_options["mask"] the host's attention mask (None unless a cond carries one);
   * the locations are ("double_block", i) and ("single_block", i), groups all/double/single.
-The host's MMDiT (SD3) takes the same `dit` replace for its joint blocks but passes no
-transformer_options to its attention, so the override does not reach it: SD3 is refused here.
+The host's MMDiT (SD3) takes the same `dit` replace ("double_block" only, args "txt"/"img")
+and its joint attention also goes through the override, but q, k, v come as (B, L, H * D)
+without skip_reshape and without RoPE (positions are added to the tokens before the blocks, so
+reference keys cannot be moved by a rotation): a family module for it would differ there.
+flux_of refuses it today.
 """
 import math
 

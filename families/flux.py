@@ -58,10 +58,16 @@ def _host_flux_class():
 
 
 def is_flux(model):
-    """Whether the model's diffusion model looks like Flux (double and single blocks), core or
-    not: the nodes pick this family for it (and flux_of tells a non-core one by name)."""
+    """Whether the model is a Flux, core or not (the host's Flux model base, or a diffusion model
+    with double and single blocks): the nodes pick this family for it, and flux_of names a
+    non-core one instead of the UNet family refusing it as "not a UNet"."""
+    try:
+        from comfy.model_base import Flux as FluxBase
+    except ImportError:
+        FluxBase = None
     diffusion_model = getattr(model.model, "diffusion_model", None)
-    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+    return (FluxBase is not None and isinstance(model.model, FluxBase)) or (
+        hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks"))
 
 
 def flux_of(model, technique="MultiRef patches"):

@@ -14,7 +14,7 @@ import comfy.samplers
 from conftest import HOST
 from multiref.kernels.references import EncodedReference
 
-pytestmark = pytest.mark.skipif(HOST.kind == "installable comfyui", reason=(
+needs_flux = pytest.mark.skipif(HOST.kind == "installable comfyui", reason=(
     "Flux needs a current ComfyUI (run with MULTIREF_TEST_HOST=checkout COMFYUI_PATH=...)"))
 
 STEPS = 2
@@ -106,6 +106,7 @@ def _unpatched(model, call):
                                            transformer_options={}, **call["kwargs"])
 
 
+@needs_flux
 def test_strength_zero_is_the_unpatched_model(parts, one_thread):
     model, clip, vae = parts
     patched = _msa(model, _encoded(vae, 2), strength=0.0)
@@ -114,6 +115,7 @@ def test_strength_zero_is_the_unpatched_model(parts, one_thread):
     assert torch.equal(_sample(patched, clip), _sample(model, clip))
 
 
+@needs_flux
 @pytest.mark.parametrize("noise", ["noised", "clean"])
 def test_uncond_and_reference_rows_are_unchanged(parts, noise, one_thread):
     model, clip, vae = parts
@@ -165,6 +167,7 @@ def _rotate_by_host(x, delta, flux):
     return apply_rope1(x.float(), pe[:, :, 0][:, None])
 
 
+@needs_flux
 def test_compacted_shared_attention_equals_a_dense_masked_softmax(parts, one_thread):
     """At every patched block: the full row's image queries read [own text | own image | the
     foreground of every reference row, moved below the target], each token of a reference of
@@ -207,6 +210,7 @@ def test_compacted_shared_attention_equals_a_dense_masked_softmax(parts, one_thr
         torch.testing.assert_close(out.double(), dense, rtol=1e-4, atol=1e-5)
 
 
+@needs_flux
 def test_one_model_call_per_step_with_three_branches(parts, one_thread):
     from multiref.nodes import guidance as guidance_nodes
     model, clip, vae = parts
@@ -226,6 +230,7 @@ def test_one_model_call_per_step_with_three_branches(parts, one_thread):
         assert sorted(roles[:3]) == ["full", "image", "uncond"] and roles[3:] == ("ref",) * 3
 
 
+@needs_flux
 def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts, one_thread):
     from multiref.families import flux as flux_family
     model, clip, vae = parts
@@ -254,7 +259,6 @@ def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts
     assert options["optimized_attention_override"] is earlier_override
     assert state.call is None  # the run's state is dropped when the host cleans up
     assert dict(vars(model.model.diffusion_model)) == module_state
-    assert not isinstance(model.model.diffusion_model.forward_orig, flux_family._Override)
     counted.clear()
     assert torch.equal(_sample(with_override, clip), before)
 
@@ -263,6 +267,7 @@ def _kontext_reference(vae):
     return vae.encode(torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(4)))
 
 
+@needs_flux
 def test_kontext_all_ones_weight_one_unblocked_is_core_reference_latent(parts, one_thread):
     model, clip, vae = parts
     reference = _kontext_reference(vae)
@@ -276,6 +281,7 @@ def test_kontext_all_ones_weight_one_unblocked_is_core_reference_latent(parts, o
     assert not torch.equal(_sample(masked, clip, reference=[reference]), plain)
 
 
+@needs_flux
 @pytest.mark.parametrize("block", [True, False])
 def test_kontext_blocking_keeps_references_from_reading_the_target(parts, block, one_thread):
     """Checked on the attention probabilities: with v the indicator of the target's tokens, an
@@ -305,6 +311,7 @@ def test_kontext_blocking_keeps_references_from_reading_the_target(parts, block,
         assert bool((probs[:, text:text + target] < 1).all())
 
 
+@needs_flux
 def test_a_flux_the_hooks_cannot_reach_is_refused_by_name(parts):
     from comfy.ldm.flux.model import Flux
     from multiref.families import tiny_dit_models
@@ -315,11 +322,16 @@ def test_a_flux_the_hooks_cannot_reach_is_refused_by_name(parts):
             super().__init__()
             self.double_blocks, self.single_blocks = core.double_blocks, core.single_blocks
 
-    model.model.diffusion_model = OtherFlux(model.model.diffusion_model)
-    with pytest.raises(ValueError, match="model: Masked Shared Attention on Flux work through "
-                                         "ComfyUI's own Flux model .*OtherFlux.*Load Diffusion "
-                                         "Model"):
-        _msa(model, _encoded(parts[2], 1))
+    class Wrapped(torch.nn.Module):  # e.g. an implementation that hides its blocks
+        pass
+
+    core = model.model.diffusion_model
+    for other in (OtherFlux(core), Wrapped()):
+        model.model.diffusion_model = other
+        with pytest.raises(ValueError, match="model: Masked Shared Attention on Flux work through "
+                                             "ComfyUI's own Flux model .*"
+                                             f"{type(other).__name__}.*Load Diffusion Model"):
+            _msa(model, _encoded(parts[2], 1))
 
     class ForwardReplaced(Flux):
         def forward_orig(self, *args, **kwargs):
@@ -336,3 +348,73 @@ def test_the_flux_family_provides_the_whole_seam():
     from multiref.families import flux as flux_family
     assert [name for name in base.SEAM if not hasattr(flux_family, name)] == []
     assert "all" in flux_family.BLOCK_GROUPS
+
+
+@needs_flux
+def test_a_reference_left_out_by_weight_or_window_leaves_the_model_unpatched(parts, one_thread):
+    """Zero means off: weight 0, or a window no step falls in, adds no rows and no tokens."""
+    import dataclasses
+    model, clip, vae = parts
+    plain = _sample(model, clip)
+    (ref,) = _encoded(vae, 1)
+    for off in (dataclasses.replace(ref, weight=0.0),
+                dataclasses.replace(ref, start_percent=0.99, end_percent=1.0)):
+        patched, calls = _recorded(_msa(model, (off,)))
+        assert torch.equal(_sample(patched, clip), plain)
+        assert {call["x"].shape[0] for call in calls.calls} == {2}
+
+
+@needs_flux
+@pytest.mark.parametrize("blocks", ["double", "single"])
+def test_blocks_pick_the_patched_group(parts, blocks, one_thread):
+    model, clip, vae = parts
+    patched = _msa(model, _encoded(vae, 1), layers=blocks)
+    seen = _instrument(patched)
+    _sample(patched, clip)
+    assert {entry[0][0] for entry in seen} == {f"{blocks}_block"}
+    assert not torch.equal(_sample(patched, clip), _sample(model, clip))
+
+
+@needs_flux
+def test_unet_and_flux_options_are_refused_on_the_other_family(parts):
+    from multiref.families import tiny_models
+    model, clip, vae = parts
+    with pytest.raises(ValueError, match="layers: 'down' names UNet blocks; on Flux use all, "
+                                         "double or single"):
+        _msa(model, _encoded(vae, 1), layers="down")
+    with pytest.raises(ValueError, match="mode: 'batch' is not available on Flux"):
+        _msa(model, _encoded(vae, 1), mode="batch")
+    unet = tiny_models.tiny_unet("sd15")
+    with pytest.raises(ValueError, match="layers: 'double' names Flux blocks"):
+        _msa(unet, (), layers="double")
+    with pytest.raises(ValueError, match="mode: 'kontext' .*on an SD1.5 / SDXL model use "
+                                         "'references'"):
+        _msa(unet, (), mode="kontext")
+
+
+@needs_flux
+def test_kontext_needs_one_reference_per_reference_latent(parts):
+    model, clip, vae = parts
+    patched = _msa(model, _encoded(vae, 2), mode="kontext")
+    with pytest.raises(ValueError, match="references: kontext mode got 2 encoded references for "
+                                         "1 reference latents"):
+        _sample(patched, clip, reference=[_kontext_reference(vae)])
+
+
+def test_reference_latents_node_encodes_latents_and_masks_only(host):
+    """MultiRef Encode Reference Latents: the VAE's latents and the masks on the latent grid
+    (a cell is foreground when at least half its 8 x 8 pixels are), no adapter tokens."""
+    from multiref.families import tiny_models
+    from multiref.kernels.references import Reference
+    vae = tiny_models.tiny_vae()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 48, 64, 3, generator=gen)
+    mask = (torch.rand(1, 48, 64, generator=gen) > 0.5).float()
+    ref = Reference(images=image, masks=mask, phrase="cat", weight=0.5, start_percent=0.1,
+                    end_percent=0.9)
+    ((enc,),) = host.nodes["MultiRefEncodeReferenceLatents"]().encode([ref], vae, 0)
+    assert enc.image_tokens.numel() == 0 and enc.adapter_fingerprint == ""
+    assert enc.latents.shape == (1, 4, 6, 8)
+    cells = mask.reshape(1, 6, 8, 8, 8).mean(dim=(2, 4))  # (view, row, 8 px, col, 8 px)
+    assert torch.equal(enc.masks, (cells >= 0.5).float())
+    assert (enc.weight, enc.start_percent, enc.end_percent, enc.phrase) == (0.5, 0.1, 0.9, "cat")

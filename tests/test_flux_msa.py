@@ -146,16 +146,15 @@ def _instrument(patched):
     seen = []
     for location, replace in patched.model_options["transformer_options"]["patches_replace"][
             "dit"].items():
-        if replace.patch is None:
-            continue
-        original = replace.patch
-
-        def recording(q, k, v, extra_options, original=original, location=location):
-            out = original(q, k, v, extra_options)
-            kontext_call = original.rows.call if hasattr(original, "rows") else None
-            seen.append((location, q, k, v, extra_options, out, original, kontext_call))
-            return out
-        replace.patch = recording
+        wrapped = []
+        for original in replace.patches:
+            def recording(q, k, v, extra_options, original=original, location=location):
+                out = original(q, k, v, extra_options)
+                kontext_call = original.rows.call if hasattr(original, "rows") else None
+                seen.append((location, q, k, v, extra_options, out, original, kontext_call))
+                return out
+            wrapped.append(recording)
+        replace.patches = tuple(wrapped)
     return seen
 
 
@@ -251,7 +250,7 @@ def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts
     module_state = dict(vars(model.model.diffusion_model))
     patched = _msa(with_override, _encoded(vae, 1))
     state = [r for r in patched.model_options["transformer_options"]["patches_replace"]["dit"]
-             .values()][0].patch.state
+             .values()][0].patches[0].state
     _sample(patched, clip)
     # Every block's attention still went through the earlier override, reference rows included.
     assert counted == [3] * (STEPS * blocks)
@@ -418,3 +417,33 @@ def test_reference_latents_node_encodes_latents_and_masks_only(host):
     cells = mask.reshape(1, 6, 8, 8, 8).mean(dim=(2, 4))  # (view, row, 8 px, col, 8 px)
     assert torch.equal(enc.masks, (cells >= 0.5).float())
     assert (enc.weight, enc.start_percent, enc.end_percent, enc.phrase) == (0.5, 0.1, 0.9, "cat")
+
+
+@needs_flux
+def test_patches_compose_with_an_earlier_patch_and_another_nodes_block_replace(parts, one_thread):
+    """Another node's `dit` replace and a patch installed earlier both still run under MSA's;
+    as both pass through, the result is MSA's alone."""
+    from multiref.families import flux as flux_family
+    model, clip, vae = parts
+    refs = _encoded(vae, 1)
+    base = model.clone()
+    replaced, earlier = [], []
+
+    def other_node(args, extra):
+        replaced.append(args["img"].shape[0])
+        return extra["original_block"](args)
+
+    def make(location, inner):
+        def patch(q, k, v, extra_options):
+            earlier.append(location)
+            return inner(q, k, v, extra_options)
+        return patch
+
+    base.set_model_patch_replace(other_node, "dit", "single_block", 0)
+    flux_family.set_attention_patch(base, "joint", make, "all")
+    patched = _msa(base, refs, layers="single")
+    result = _sample(patched, clip)
+    blocks = model.model.diffusion_model
+    assert replaced == [3] * STEPS  # full, uncond and the reference row
+    assert len(earlier) == STEPS * (len(blocks.double_blocks) + len(blocks.single_blocks))
+    assert torch.equal(result, _sample(_msa(model, refs, layers="single"), clip))

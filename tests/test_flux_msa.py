@@ -134,7 +134,6 @@ def test_uncond_and_reference_rows_are_unchanged(parts, noise, one_thread):
                 assert torch.equal(call["out"][row], plain[row]), role
     first = calls.calls[0]["x"][2:]
     if noise == "clean":  # the clean latents themselves (the first view of each reference)
-        import comfy.model_base  # noqa: F401  (the model's own latent format)
         expected = model.model.process_latent_in(refs[0].latents.float())
         assert torch.equal(first[:1], expected)
     else:
@@ -231,7 +230,6 @@ def test_one_model_call_per_step_with_three_branches(parts, one_thread):
 
 @needs_flux
 def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts, one_thread):
-    from multiref.families import flux as flux_family
     model, clip, vae = parts
     counted = []
 
@@ -271,12 +269,12 @@ def test_kontext_all_ones_weight_one_unblocked_is_core_reference_latent(parts, o
     model, clip, vae = parts
     reference = _kontext_reference(vae)
     refs = _encoded(vae, 1, ones=True)
-    patched = _msa(model, refs, mode="kontext", kontext_block_reference_to_target=False)
+    patched = _msa(model, refs, mode="kontext", block_ref_to_target=False)
     plain = _sample(model, clip, reference=[reference])
     assert torch.equal(_sample(patched, clip, reference=[reference]), plain)
     # A mask on the reference (or blocking) changes it.
     masked = _msa(model, _encoded(vae, 1), mode="kontext",
-                  kontext_block_reference_to_target=False)
+                  block_ref_to_target=False)
     assert not torch.equal(_sample(masked, clip, reference=[reference]), plain)
 
 
@@ -288,7 +286,7 @@ def test_kontext_blocking_keeps_references_from_reading_the_target(parts, block,
     model, clip, vae = parts
     reference = _kontext_reference(vae)
     patched = _msa(model, _encoded(vae, 1, weights=(1.5,)), mode="kontext",
-                   kontext_block_reference_to_target=block)
+                   block_ref_to_target=block)
     seen = _instrument(patched)
     _sample(patched, clip, cfg=1.0, reference=[reference])
     assert seen

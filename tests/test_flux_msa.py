@@ -85,7 +85,8 @@ class _Calls:
                        transformer_options, **kwargs)
         self.calls.append(dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance,
                                ref_latents=ref_latents, options=dict(transformer_options),
-                               out=out, kwargs=kwargs))
+                               out=out, kwargs=kwargs, override_after=transformer_options.get(
+                                   "optimized_attention_override", "none")))
         return out
 
 
@@ -249,7 +250,10 @@ def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts
     patched = _msa(with_override, _encoded(vae, 1))
     state = [r for r in patched.model_options["transformer_options"]["patches_replace"]["dit"]
              .values()][0].patches[0].state
-    _sample(patched, clip)
+    recorded, calls = _recorded(patched)
+    _sample(recorded, clip)
+    # After each model call the options hold the earlier override again, not ours.
+    assert [call["override_after"] for call in calls.calls] == [earlier_override] * STEPS
     # Every block's attention still went through the earlier override, reference rows included.
     assert counted == [3] * (STEPS * blocks)
     options = patched.model_options["transformer_options"]
@@ -445,3 +449,21 @@ def test_patches_compose_with_an_earlier_patch_and_another_nodes_block_replace(p
     assert replaced == [3] * STEPS  # full, uncond and the reference row
     assert len(earlier) == STEPS * (len(blocks.double_blocks) + len(blocks.single_blocks))
     assert torch.equal(result, _sample(_msa(model, refs, layers="single"), clip))
+
+
+@needs_flux
+def test_reference_rows_carry_the_kontext_references_too(parts, one_thread):
+    """MSA's reference rows next to ReferenceLatent: the list conditioning gets a row per
+    reference row, the reference rows stay exactly what the unpatched model gives them, and
+    the generated row reads the references."""
+    model, clip, vae = parts
+    reference = _kontext_reference(vae)
+    patched, calls = _recorded(_msa(model, _encoded(vae, 2)))
+    _sample(patched, clip, cfg=1.0, reference=[reference])
+    for call in calls.calls:
+        assert call["options"]["multiref_roles"] == ("full", "ref", "ref", "ref")
+        (latents,) = call["ref_latents"]
+        assert latents.shape[0] == 4 and torch.equal(latents[1:], latents[:1].expand(3, -1, -1, -1))
+        plain = _unpatched(model, call)
+        assert torch.equal(call["out"][1:], plain[1:])
+        assert not torch.allclose(call["out"][:1], plain[:1], atol=1e-4)

@@ -10,6 +10,9 @@ An adapter carrying a self-attention LoRA (SynCD) applies it to the target rows 
 reference keys/values they read, not to the reference rows' own attention (SynCD's passes).
 `batch` mode: the images of one batch share their foreground with each other; the masks are
 given, or come from the cross-attention map of a phrase (the last step's map, Otsu-thresholded).
+On Flux (families/flux.py) the same rows and state serve the joint-attention patches of
+nodes/msa_flux.py, and `kontext` mode restricts the references ReferenceLatent put in the
+sequence instead of adding rows.
 The math lives in kernels/msa.py; this module only routes rows and keeps per-step bookkeeping.
 """
 import logging

@@ -24,6 +24,7 @@ from ..kernels.checkpoints import unet_transformer_blocks
 
 BRANCHES_KEY = "multiref_branches"
 ROLES_KEY = "multiref_roles"
+LATENT_SHAPE_KEY = "multiref_latent_shape"  # (H, W) of the call's latent: a DiT's packed grid
 # The host's own CFG runs [positive, negative]: index 0 is the full branch, 1 the uncond one.
 DEFAULT_BRANCHES = ("full", "uncond")
 IMAGE_ROLES = frozenset({"full", "image"})
@@ -227,14 +228,16 @@ class ReferenceRowWrapper:
                 row_spans[tag] = (start, x.shape[0])
         options[ROLES_KEY] = roles
         options["multiref_rows"] = row_spans
+        options[LATENT_SHAPE_KEY] = tuple(x.shape[-2:])
         c["transformer_options"] = options
         return apply_model(x, timestep, **c)[:batch]
 
 
 def _extend_conditioning(c, source_rows, batch, overrides=None):
-    """Append, to every per-row conditioning tensor, copies of the source rows (or what an
-    override makes of them). ControlNet residuals get zero rows: the extra rows are references,
-    not the picture being controlled."""
+    """Append, to every per-row conditioning tensor (and every per-row tensor of a list
+    conditioning: Kontext's `ref_latents`), copies of the source rows (or what an override makes
+    of them). ControlNet residuals get zero rows: the extra rows are references, not the
+    picture being controlled."""
     index = torch.tensor(source_rows, dtype=torch.long)
     extended = {}
     for key, value in c.items():
@@ -243,6 +246,9 @@ def _extend_conditioning(c, source_rows, batch, overrides=None):
             if overrides and key in overrides:
                 rows = overrides[key](rows).to(value)
             extended[key] = torch.cat([value, rows], dim=0)
+        elif isinstance(value, list) and value and all(
+                torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == batch for t in value):
+            extended[key] = [torch.cat([t, t[index.to(t.device)]], dim=0) for t in value]
         elif key == "control" and isinstance(value, dict):
             extended[key] = {part: [_zero_rows(t, len(source_rows), batch) for t in residuals]
                              for part, residuals in value.items()}

@@ -2,13 +2,12 @@
 import logging
 
 from . import demo, guidance, loaders, msa, references, routing, training
-from . import reference_files, unified_loader
-from . import cls_text
+from . import cls_text, reference_files, reference_latents, unified_loader
 
 log = logging.getLogger("multiref")
 
 FAMILIES = (demo, guidance, loaders, msa, references, routing, training, reference_files,
-            unified_loader, cls_text)
+            reference_latents, unified_loader, cls_text)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

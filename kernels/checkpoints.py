@@ -12,11 +12,9 @@ attn2 is 2i+1: hence the odd published numbers).
 """
 import os
 import re
-import tempfile
 from dataclasses import replace
 
 import torch
-from safetensors.torch import save_file
 
 from . import cls_text, feature_fusion, flux_adapters, weights_files
 from .adapter import UNCOND_CONVENTIONS, AdapterMismatchError, build_adapter
@@ -401,13 +399,4 @@ def save_adapter(adapter, path):
         metadata["lora_alpha"] = repr(alpha)
     if adapter.has_image_layers:
         metadata["uncond"] = adapter.uncond_convention
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return weights_files.write_safetensors(path, tensors, metadata)

@@ -15,10 +15,8 @@ metadata format / format_version / family / image_width.
 """
 import os
 import re
-import tempfile
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import weights_files
@@ -132,16 +130,7 @@ def save(fusion, path):
     """Write the fusion file atomically (temp file + rename)."""
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": fusion.family,
                 "image_width": str(fusion.image_width)}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors_of(fusion), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return weights_files.write_safetensors(path, tensors_of(fusion), metadata)
 
 
 def load(path):

@@ -13,12 +13,12 @@ regions, no class embedding).
 """
 import json
 import os
-import tempfile
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .references import EncodedReference
+from . import weights_files
 from .weights_files import CheckpointError
 
 FORMAT = "multiref-encoded-references"
@@ -55,17 +55,7 @@ def save(encoded, path):
                         **{name: getattr(enc, name) is not None for name in OPTIONAL_TENSORS}})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapter_fingerprint": fingerprints.pop(), "references": json.dumps(entries)}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return weights_files.write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
 
 
 def load(path):

@@ -9,10 +9,11 @@ be proven to hold only tensors, numbers and containers before the host sees it.
 import os
 import pickle
 import re
+import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 MODEL_UNSAFE_FIX = ("use a .safetensors version of the file (most models are published as "
@@ -84,3 +85,18 @@ def _refusal_reason(exc):
 def _damaged(name, what, path, exc, fix):
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return CheckpointError(f"cannot read {name} ({what}: {path}) ({first}); {fix}")
+
+
+def write_safetensors(path, tensors, metadata):
+    """Write a safetensors file atomically (a temp file in the same folder, then a rename): a
+    reader never sees half a file, and a failed write leaves what was there before."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".multiref-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

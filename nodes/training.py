@@ -8,7 +8,6 @@ over the HTTP API), and cancelling the prompt stops the run after the current st
 resumable state saved (queue the same prompt again to resume).
 """
 import logging
-import os
 
 import torch
 

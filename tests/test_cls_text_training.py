@@ -82,17 +82,10 @@ def test_fusion_trains_saves_and_resumes_exactly(data, adapter_file, tmp_path):
     for name, value in fusion.state_dict().items():
         assert torch.equal(in_checkpoint.state_dict()[name], value), name
 
-    calls = []
-
-    def stop_at_2():
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
     run = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
         loop.train(config(data, run, save_every=100, cls_text=True), models(adapter_file),
-                   check_interrupt=stop_at_2)
+                   check_interrupt=training_data.interrupt_at(2))
     assert checkpoint.saved_steps(str(run)) == [2]
     with pytest.raises(TrainConfigError, match="cls_text: True in the saved run"):
         loop.train(config(data, run), models(adapter_file))

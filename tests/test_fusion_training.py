@@ -95,15 +95,10 @@ def test_fusion_trains_saves_and_resumes(data, plus_path, tmp_path):
                              checkpoint.ADAPTER_NAME)
     assert checkpoints.load_adapter(step_file).fingerprint == saved.fingerprint
 
-    calls = []
-
-    def stop_at_3():
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
     run = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
-        loop.train(config(data, run, save_every=100), models(adapter), check_interrupt=stop_at_3)
+        loop.train(config(data, run, save_every=100), models(adapter),
+                   check_interrupt=training_data.interrupt_at(3))
     assert checkpoint.saved_steps(str(run)) == [3]
     resumed = loop.train(config(data, run), models(adapter))
     assert resumed.steps == 4

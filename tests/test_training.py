@@ -238,16 +238,10 @@ def test_loss_goes_down_and_only_the_lora_changes(data, tmp_path):
 def test_resume_gives_the_same_weights_as_a_straight_run(data, tmp_path):
     straight = loop.train(config(data, tmp_path / "straight"), tiny_models_sd15())
 
-    calls = []
-
-    def stop_at_3():
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
     run = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
-        loop.train(config(data, run, save_every=100), tiny_models_sd15(), check_interrupt=stop_at_3)
+        loop.train(config(data, run, save_every=100), tiny_models_sd15(),
+                   check_interrupt=training_data.interrupt_at(3))
     assert checkpoint.saved_steps(str(run)) == [3]   # the interrupt saved a resumable state
     resumed = loop.train(config(data, run), tiny_models_sd15())
     assert resumed.steps == 6 and [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5, 6]

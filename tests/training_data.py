@@ -36,3 +36,15 @@ def write_object_dataset(folder, groups=3, refs=2, size=64, seed=0):
     with open(path, "w") as f:
         json.dump({"format": "multiref-dataset", "version": 1, "samples": samples}, f)
     return path
+
+
+def interrupt_at(n):
+    """A trainer check_interrupt callback that stops the run (KeyboardInterrupt, as a cancelled
+    prompt does) at its n-th call."""
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+    return check

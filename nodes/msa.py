@@ -416,16 +416,23 @@ class _ReferenceImageAttention(family.SharedAcrossClones):
         return out
 
 
+def _numbered(references):
+    """(n, reference) of each encoded reference, counted from 1; anything else in the list is a
+    named error."""
+    for n, ref in enumerate(references, 1):
+        if not isinstance(ref, EncodedReference):
+            raise ValueError(f"references: item {n} is a {type(ref).__name__}, not an encoded "
+                             "reference; connect the output of MultiRefEncodeReferences")
+        yield n, ref
+
+
 def _prepare_references(model, latent_channels, references, syncd=None):
     """syncd: None (target_text conditioning), or (clip, adapter with image layers or None)."""
     if not references:
         raise ValueError("references: mode 'references' needs at least one encoded reference; "
                          "connect MultiRefEncodeReferences (or use mode 'batch')")
     prepared = []
-    for n, ref in enumerate(references, 1):
-        if not isinstance(ref, EncodedReference):
-            raise ValueError(f"references: item {n} is a {type(ref).__name__}, not an encoded "
-                             "reference; connect the output of MultiRefEncodeReferences")
+    for n, ref in _numbered(references):
         if ref.latents is None:
             raise ValueError(f"references: reference {n} ('{ref.phrase}') has no latents; "
                              "Masked Shared Attention needs them: give a VAE to "
@@ -660,10 +667,7 @@ def _kontext_references(model, references):
                          "ReferenceLatent image (its mask, weight and window); connect "
                          "MultiRefEncodeReferences")
     described = []
-    for n, ref in enumerate(references, 1):
-        if not isinstance(ref, EncodedReference):
-            raise ValueError(f"references: item {n} is a {type(ref).__name__}, not an encoded "
-                             "reference; connect the output of MultiRefEncodeReferences")
+    for n, ref in _numbered(references):
         mask = None if ref.masks is None else ref.masks[0].detach().float().cpu()
         if mask is not None:
             check_finite(mask, f"references: reference {n} mask", "redraw the mask")

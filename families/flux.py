@@ -18,7 +18,8 @@ rows too. `layer_grid` is the packed image grid (2 x 2 latent patches per token)
 Differences a technique sees (docs/ARCHITECTURE.md, "Adding a family"):
   * `set_attention_patch(model, "joint", ...)`: the one attention of a block; its q/k/v carry
     the text tokens first; extra_options[TEXT_LEN_KEY] says how many, extra_options["n_heads"]
-    the heads, extra_options[ROPE_KEY] the (axes_dim, theta) of the model's RoPE, and
+    the heads, extra_options[ROPE_KEY] the (axes_dim, theta) of the model's RoPE,
+    extra_options[PE_KEY] the block's own rotations (the host's `pe`), and
     extra_options["mask"] the host's attention mask (None unless a cond carries one);
   * the locations are ("double_block", i) and ("single_block", i), groups all/double/single.
 The host's MMDiT (SD3) takes the same `dit` replace for its joint blocks but passes no
@@ -34,6 +35,7 @@ OVERRIDE_KEY = "optimized_attention_override"
 TEXT_LEN_KEY = "multiref_text_len"
 ROPE_KEY = "multiref_rope"
 LOCATION_KEY = "multiref_block"
+PE_KEY = "multiref_pe"  # the block's rotations (the host's `pe`): undoes RoPE on q
 INNER_KEY = "multiref_inner"
 GRID_KEY = rows.LATENT_SHAPE_KEY
 ATTENTION = "joint"
@@ -153,7 +155,8 @@ class _BlockReplace(SharedAcrossClones):
         if self.patch is None:
             return run(args)
         had_override, previous = OVERRIDE_KEY in options, options.get(OVERRIDE_KEY)
-        call_options = dict(options, **{LOCATION_KEY: self.location, ROPE_KEY: self.rope})
+        call_options = dict(options, **{LOCATION_KEY: self.location, ROPE_KEY: self.rope,
+                                        PE_KEY: args["pe"]})
         options[OVERRIDE_KEY] = _Override(self.patch, previous, call_options)
         try:
             return run(args)

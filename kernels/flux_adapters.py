@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterMismatchError
+from .adapter import AdapterMismatchError, fingerprint_of
 from .weights_files import CheckpointError
 
 INSTANTX = "instantx_flux"
@@ -125,6 +125,45 @@ class FluxAdapter:
     layers: list
     source: str = ""
     family: str = FAMILY
+    fingerprint: str = ""
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            named = dict(self.projection.state_dict(prefix="projection."))
+            for n, layer in enumerate(self.layers):
+                named.update(layer.state_dict(prefix=f"layers.{n}."))
+            self.fingerprint = fingerprint_of(named)
+
+    def require_image_layers(self, where):
+        """Every Flux adapter file has image layers (the UNet adapters' LoRA-only files have
+        none): nothing to refuse."""
+
+    @property
+    def clip_input(self):
+        """The image encoder output it reads (a pooled embedding per image)."""
+        return "image_embeds"
+
+    def project(self, output):
+        """(B, tokens, C) from an image encoder's output (ComfyUI's encode_image dict)."""
+        embeds = output["image_embeds"]
+        if embeds.ndim != 2:
+            raise AdapterMismatchError(
+                f"{self.describe()} reads one pooled {self.projection.input_width}-wide embedding "
+                f"per image from {self.image_encoder}, but the image encoder gives a sequence of "
+                f"{tuple(embeds.shape[1:])}: ComfyUI's SigLIP returns its last hidden states "
+                "without the pooling head (vision_model.head: the attention-pooling probe, "
+                "attention, layer norm and MLP) that gives SigLIP's pooled output; this pack "
+                "does not add that head, so the InstantX adapter cannot be encoded with a "
+                "ComfyUI SigLIP model yet")
+        self.check_image_embeds(embeds.shape[-1])
+        weight = self.projection.linears[0].weight
+        return self.projection(embeds.to(weight.device, weight.dtype))
+
+    def uncond_tokens(self, encode_pixels, image_size, mean, std):
+        """(1, tokens, C) the "no image" tokens: the projection of a black image's embedding (the
+        negative image of XLabs' pipeline; InstantX publishes none, and gets the same)."""
+        pixels = ((0.0 - torch.tensor(mean)) / torch.tensor(std))[None, :, None, None]
+        return self.project(encode_pixels(pixels.expand(1, 3, image_size, image_size)))
 
     @property
     def context_dim(self):

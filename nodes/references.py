@@ -5,11 +5,13 @@ import logging
 
 import torch
 
+from ..families.flux import is_flux
 from ..families.vision import unconditional_tokens
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
                                   check_finite, latent_masks, square_tiles)
+from .flux_routing import double_and_single_layers
 
 log = logging.getLogger("multiref")
 
@@ -90,9 +92,11 @@ class MultiRefEncodeReferences:
             "adapter": ("MULTIREF_ADAPTER", {"tooltip": "From MultiRef Adapter Loader."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was "
                             "trained with (ViT-H for Plus and *_vit-h files, ViT-bigG for "
-                            "ip-adapter_sdxl / model_sdxl.bin)."}),
+                            "ip-adapter_sdxl / model_sdxl.bin; Flux: CLIP ViT-L/14 for XLabs "
+                            "flux-ip-adapter)."}),
             "model": ("MODEL", {"tooltip": "The model the references will be used with (checked "
-                                           "against the adapter's base family and layers)."}),
+                                           "against the adapter's base family and layers; "
+                                           "SD1.5, SDXL or Flux)."}),
             "mask_dilation": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip":
                               "Grow each mask by this many latent pixels (8 image pixels each) to "
                               "keep object borders; SynCD uses about 1."}),
@@ -124,7 +128,10 @@ class MultiRefEncodeReferences:
             raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
-        bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
+        if is_flux(model):  # raises on any mismatch
+            double_and_single_layers(model, adapter)
+        else:
+            bind_to_unet(adapter, model.model.diffusion_model)
         with torch.no_grad():
             encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation,
                                             mask_values, combine_views, crop) for ref in references)

@@ -360,3 +360,32 @@ def test_an_adapter_of_another_family_is_refused_by_name(flux_models, tmp_path):
                                                    "the model is SD15"):
         nodes.MultiRefApplyAdapter().apply(sd15, flux_adapter, encoded, clip, "weighted", 0.8,
                                            0.0, 1.0)
+
+
+@needs_flux
+def test_two_references_record_maps_that_sum_to_one_and_show(flux_models, tmp_path, one_thread):
+    from multiref.nodes import routing as nodes
+    _, clip, _, _ = flux_models
+    adapter, _ = _adapter(tmp_path, "instantx")
+    patched = _apply(flux_models, adapter, _encode(flux_models, adapter))
+    _run(patched, clip, steps=2)
+    recorder = patched.model_options["transformer_options"][nodes.RECORDER_KEY]
+    assert recorder.steps == 2
+    maps = recorder.maps(0, ("double_block", "single_block"), (4, 6))
+    assert maps.shape == (1, 2, 4, 6)
+    torch.testing.assert_close(maps.sum(1), torch.ones(1, 4, 6), rtol=0, atol=1e-5)
+    picture = nodes.MultiRefRoutingMaps().show(patched, {"samples": torch.zeros(1, 16, 8, 12)},
+                                               0, "all")[0]
+    assert picture.shape == (1, 64, 96, 3)
+
+
+@needs_flux
+@pytest.mark.parametrize("kind", ["instantx", "xlabs"])
+def test_dynamic_decoupling_changes_only_adapters_that_inject_into_the_text(kind, flux_models,
+                                                                             tmp_path, one_thread):
+    _, clip, _, _ = flux_models
+    adapter, _ = _adapter(tmp_path, kind)
+    encoded = _encode(flux_models, adapter)
+    on = _outputs(_run(_apply(flux_models, adapter, encoded, decouple_text=True), clip))
+    off = _outputs(_run(_apply(flux_models, adapter, encoded, decouple_text=False), clip))
+    assert torch.equal(on[0], off[0]) == (kind == "xlabs")  # XLabs never reaches the text

@@ -20,6 +20,7 @@ adapter adds (where it is added is the host glue's business).
 """
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,7 @@ class FluxAdapter:
     source: str = ""
     family: str = FAMILY
     fingerprint: str = ""
+    pooling: Optional[nn.Module] = None  # SigLIP's attention-pooling head (InstantX), if given
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -146,15 +148,16 @@ class FluxAdapter:
     def project(self, output):
         """(B, tokens, C) from an image encoder's output (ComfyUI's encode_image dict)."""
         embeds = output["image_embeds"]
+        if embeds.ndim == 3 and self.pooling is not None:
+            embeds = self.pooling(embeds)
         if embeds.ndim != 2:
             raise AdapterMismatchError(
                 f"{self.describe()} reads one pooled {self.projection.input_width}-wide embedding "
                 f"per image from {self.image_encoder}, but the image encoder gives a sequence of "
                 f"{tuple(embeds.shape[1:])}: ComfyUI's SigLIP returns its last hidden states "
-                "without the pooling head (vision_model.head: the attention-pooling probe, "
-                "attention, layer norm and MLP) that gives SigLIP's pooled output; this pack "
-                "does not add that head, so the InstantX adapter cannot be encoded with a "
-                "ComfyUI SigLIP model yet")
+                "without the attention-pooling head that gives SigLIP's pooled output; pick the "
+                "SigLIP file in MultiRef Encode References' siglip_head (the pack reads the head "
+                "from it)")
         self.check_image_embeds(embeds.shape[-1])
         weight = self.projection.linears[0].weight
         return self.projection(embeds.to(weight.device, weight.dtype))

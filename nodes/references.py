@@ -1,17 +1,21 @@
 """MultiRefReference (one object, chainable) and MultiRefEncodeReferences (CLIP vision + adapter
 + VAE -> what the patches consume)."""
+import dataclasses
 import hashlib
 import logging
 
 import torch
 
 from ..families.flux import is_flux
+from ..kernels import siglip_pooling
+from ..kernels.flux_adapters import INSTANTX
 from ..families.vision import unconditional_tokens
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
                                   check_finite, latent_masks, square_tiles)
 from .flux_routing import double_and_single_layers
+from .loaders import folder_paths
 
 log = logging.getLogger("multiref")
 
@@ -116,10 +120,15 @@ class MultiRefEncodeReferences:
                      "center: CLIP vision sees the centre square of each view (as before). tiles: "
                      "each view is cut into square tiles (2x2 for a nearly square view, up to 4 "
                      "along a long one), every tile encoded (IPAdapter Tiled's cut)."}),
+            "siglip_head": (["none"] + siglip_files(), {"default": "none", "tooltip":
+                            "InstantX Flux adapter only: the SigLIP so400m .safetensors file "
+                            "(models/clip_vision) whose attention-pooling head gives the pooled "
+                            "output the adapter reads; ComfyUI's SigLIP loader drops that head. "
+                            "none for every other adapter."}),
         }}
 
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
-               mask_values="binary", combine_views="concat", crop="center"):
+               mask_values="binary", combine_views="concat", crop="center", siglip_head="none"):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
         if combine_views not in COMBINATIONS:
@@ -128,6 +137,8 @@ class MultiRefEncodeReferences:
             raise ReferenceInputError(f"crop: {crop!r} is not one of {CROPS}")
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
+        if siglip_head != "none":
+            adapter = with_pooling_head(adapter, clip_vision, siglip_head)
         if is_flux(model):  # raises on any mismatch
             double_and_single_layers(model, adapter)
         else:
@@ -176,6 +187,25 @@ class MultiRefEncodeReferences:
 
 
 CROPS = ("center", "tiles")
+
+
+def siglip_files():
+    return [n for n in folder_paths.get_filename_list("clip_vision")
+            if n.lower().endswith(".safetensors")]
+
+
+def with_pooling_head(adapter, clip_vision, name):
+    """The InstantX adapter carrying SigLIP's attention-pooling head read from file `name`."""
+    if getattr(adapter, "kind", None) != INSTANTX:
+        raise ReferenceInputError(f"siglip_head: only the InstantX Flux adapter reads SigLIP's "
+                                  f"pooled output, not {adapter.describe()}; set it to none")
+    path = folder_paths.get_full_path("clip_vision", name)
+    if not path:
+        raise ReferenceInputError(f"siglip_head: {name!r} is not in models/clip_vision; put the "
+                                  "SigLIP so400m model.safetensors there")
+    layers = clip_vision.model.vision_model.encoder.layers
+    return dataclasses.replace(adapter, pooling=siglip_pooling.load_head(
+        path, layers[0].self_attn.heads))
 
 
 def image_tokens(adapter, clip_vision, images, combine="concat", crop="center"):

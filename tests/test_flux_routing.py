@@ -389,3 +389,100 @@ def test_dynamic_decoupling_changes_only_adapters_that_inject_into_the_text(kind
     on = _outputs(_run(_apply(flux_models, adapter, encoded, decouple_text=True), clip))
     off = _outputs(_run(_apply(flux_models, adapter, encoded, decouple_text=False), clip))
     assert torch.equal(on[0], off[0]) == (kind == "xlabs")  # XLabs never reaches the text
+
+
+# --- SigLIP's attention-pooling head (InstantX reads SigLIP's pooled output) -----------------
+
+SIGLIP_WIDTH, SIGLIP_HEADS = tfc.EMBED, 2
+
+
+def _head_tensors(seed=0):
+    """A tiny head in the published key layout (vision_model.head.*), random values."""
+    gen = torch.Generator().manual_seed(seed)
+    c, inner = SIGLIP_WIDTH, 2 * SIGLIP_WIDTH
+    r = lambda *shape: torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+    parts = {"probe": r(1, 1, c), "attention.in_proj_weight": r(3 * c, c),
+             "attention.in_proj_bias": r(3 * c), "attention.out_proj.weight": r(c, c),
+             "attention.out_proj.bias": r(c), "layernorm.weight": 1 + r(c),
+             "layernorm.bias": r(c), "mlp.fc1.weight": r(inner, c), "mlp.fc1.bias": r(inner),
+             "mlp.fc2.weight": r(c, inner), "mlp.fc2.bias": r(c)}
+    return {"vision_model.head." + k: v for k, v in parts.items()}
+
+
+def _published_head(tensors):
+    """transformers' own SiglipMultiheadAttentionPoolingHead with the file's head tensors
+    (strict: the key layout is the published one)."""
+    from transformers.models.siglip import modeling_siglip
+    config = modeling_siglip.SiglipVisionConfig(
+        hidden_size=SIGLIP_WIDTH, num_attention_heads=SIGLIP_HEADS,
+        intermediate_size=2 * SIGLIP_WIDTH, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    head = modeling_siglip.SiglipMultiheadAttentionPoolingHead(config)
+    prefix = "vision_model.head."
+    head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
+    return head.eval()
+
+
+def test_the_siglip_head_equals_the_published_one(tmp_path):
+    from safetensors.torch import save_file
+    from multiref.kernels import siglip_pooling
+    from multiref.kernels.weights_files import CheckpointError
+    tensors = _head_tensors()
+    path = str(tmp_path / "siglip.safetensors")
+    save_file(dict(tensors, **{"vision_model.post_layernorm.weight": torch.ones(3)}), path)
+    head = siglip_pooling.load_head(path, SIGLIP_HEADS)
+    hidden = torch.randn(3, 10, SIGLIP_WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), _published_head(tensors)(hidden), rtol=1e-5,
+                                   atol=1e-5)
+    save_file({"vision_model.post_layernorm.weight": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="siglip.safetensors: has no SigLIP attention-pooling "
+                                              "head \\(vision_model.head.probe"):
+        siglip_pooling.load_head(path, SIGLIP_HEADS)
+
+
+def _tiny_siglip():
+    """The host's ClipVisionModel as a SigLIP (its own class for model_type
+    siglip_vision_model), tiny widths."""
+    import comfy.clip_vision
+    from multiref.families import tiny_models
+    config = tiny_models._write_json("siglip.json", {
+        "num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "hidden_size": SIGLIP_WIDTH,
+        "image_size": 64, "intermediate_size": 2 * SIGLIP_WIDTH,
+        "model_type": "siglip_vision_model", "num_attention_heads": SIGLIP_HEADS,
+        "num_hidden_layers": 2, "patch_size": 16, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5]})
+    vision = comfy.clip_vision.ClipVisionModel(config)
+    tiny_models.randomize_(vision.model, 4)
+    return vision
+
+
+@needs_flux
+def test_instantx_references_encode_through_the_siglip_head(flux_models, host, tmp_path):
+    from safetensors.torch import save_file
+    from multiref.nodes import references as nodes
+    model = flux_models[0]
+    folder = tmp_path / "clip_vision"
+    folder.mkdir()
+    tensors = _head_tensors()
+    save_file(tensors, str(folder / "siglip-so400m.safetensors"))
+    host.folder_paths.add_model_folder_path("clip_vision", str(folder))
+    if hasattr(host.folder_paths, "invalidate_cache"):
+        host.folder_paths.invalidate_cache("clip_vision")
+    siglip = _tiny_siglip()
+    adapter, _ = _adapter(tmp_path, "instantx")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    refs = nodes.MultiRefReference().make(image, "dog", 1.0, 0.0, 1.0)[0]
+    encode = nodes.MultiRefEncodeReferences()
+    assert "siglip-so400m.safetensors" in encode.INPUT_TYPES()["optional"]["siglip_head"][0]
+    with pytest.raises(AdapterMismatchError, match="ComfyUI's SigLIP returns its last hidden "
+                                                   "states .*pick the SigLIP file"):
+        encode.encode(refs, adapter, siglip, model, 0)
+    encoded = encode.encode(refs, adapter, siglip, model, 0,
+                            siglip_head="siglip-so400m.safetensors")[0][0]
+    with torch.no_grad():
+        pooled = _published_head(tensors)(siglip.encode_image(image)["image_embeds"].float())
+        expected = adapter.projection(pooled)
+    torch.testing.assert_close(encoded.image_tokens, expected, rtol=1e-5, atol=1e-5)
+    xlabs, _ = _adapter(tmp_path, "xlabs")
+    with pytest.raises(ValueError, match="siglip_head: only the InstantX Flux adapter"):
+        encode.encode(refs, xlabs, siglip, model, 0, siglip_head="siglip-so400m.safetensors")

@@ -84,6 +84,11 @@ def test_an_unwritable_input_folder_is_logged_not_raised(tmp_path, caplog):
 
 @pytest.mark.parametrize("api_path", API_FILES, ids=NAMES)
 def test_api_workflow_executes_in_the_host(host, api_path, tmp_path):
+    families = {node["inputs"].get("family") for node in fmt.load(api_path).values()
+                if node["class_type"] == "MultiRefTinyDemoModels"}
+    if families & {"flux", "flux_schnell", "sd3"} and host.kind == "installable comfyui":
+        pytest.skip("a Flux workflow: the installable host has no Flux (it runs on the current "
+                    "ComfyUI tier)")
     prompt = workflow_models.swap_in_tiny_models(fmt.load(api_path), host, tmp_path)
     outputs = host.execute(prompt)
     assert outputs, "the workflow produced no output"

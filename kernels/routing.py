@@ -75,6 +75,15 @@ def locate_phrase(prompt_ids, phrase_ids):
     return None
 
 
+def pad_tokens(token_list):
+    """(1, n_i, C) tokens per reference -> (N, n_max, C) zero-padded, and the counts n_i."""
+    counts = [t.shape[1] for t in token_list]
+    padded = token_list[0].new_zeros(len(counts), max(counts), token_list[0].shape[2])
+    for i, tokens in enumerate(token_list):
+        padded[i, :counts[i]] = tokens[0]
+    return padded, counts
+
+
 def split_heads(x, heads):
     """(B, L, heads*d) -> (B, heads, L, d)."""
     b, length, width = x.shape

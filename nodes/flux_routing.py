@@ -42,13 +42,13 @@ class FluxRoutedReferences:
     (XLabs) the additions waiting for their block to return."""
 
     def __init__(self, model, adapter, references, positions, masks, mode, scale, bounds,
-                 decouple_text, recorder, pad_tokens):
+                 decouple_text, recorder):
         """positions: None, or per reference the indices of its phrase's tokens in the prompt."""
         self.adapter, self.layers = adapter, double_and_single_layers(model, adapter)
         self.mode, self.scale, self.bounds = mode, scale, bounds
         self.positions, self.masks, self.decouple_text = positions, masks, decouple_text
-        self.image_tokens, self.counts = pad_tokens([r.image_tokens for r in references])
-        self.uncond_tokens, _ = pad_tokens([r.uncond_tokens for r in references])
+        self.image_tokens, self.counts = routing.pad_tokens([r.image_tokens for r in references])
+        self.uncond_tokens, _ = routing.pad_tokens([r.uncond_tokens for r in references])
         self.weights = [r.weight for r in references]
         self.reference_bounds = [family.sigma_range(model, r.start_percent, r.end_percent)
                                  for r in references]
@@ -63,7 +63,7 @@ class FluxRoutedReferences:
         """Whether the addition goes to the image stream after the block (XLabs)."""
         return self.adapter.kind == flux_adapters.XLABS
 
-    def make_patch(self, location, inner, record):
+    def make_patch(self, location, inner):
         layer = self.layers[location]
         cache = {}
 
@@ -117,8 +117,8 @@ class FluxRoutedReferences:
                 torch.tensor([weights[i] for i in active], device=q.device), self.mode,
                 positions=positions, masks=masks, grid=grid, token_counts=counts,
                 text_queries=text_queries)
-            record(sigma, location, grid, [roles[i] for i in rows], shown, active, len(weights),
-                   extra_options)
+            self.recorder.record_routed(sigma, location[0], grid, [roles[i] for i in rows], shown,
+                                        active, len(weights), extra_options.get("sample_sigmas"))
             start = 0 if text_queries else text_len
             addition = self.scale * addition.to(out.dtype)
             if self.after_block():
@@ -150,12 +150,11 @@ class AfterBlock(family.SharedAcrossClones):
         return dict(out, img=img)
 
 
-def patch_model(model, state, record):
+def patch_model(model, state):
     """A clone of `model` with the routed references on every block the adapter covers."""
     patched = model.clone()
     blocks = "all" if any(loc[0] == "single_block" for loc in state.layers) else "double"
-    family.set_attention_patch(patched, family.ATTENTION,
-                               lambda loc, inner: state.make_patch(loc, inner, record), blocks)
+    family.set_attention_patch(patched, family.ATTENTION, state.make_patch, blocks)
     if state.after_block():
         replaces = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         for location in [loc for loc in state.layers if loc[0] == "double_block"]:

@@ -38,33 +38,6 @@ class RoutingRecorder(family.SharedAcrossClones, relevance.RelevanceMaps):
     writes where MultiRefRoutingMaps reads."""
 
 
-def _pad_tokens(token_list):
-    """(1, n_i, C) per reference -> (N, n_max, C) zero-padded, and the counts."""
-    counts = [t.shape[1] for t in token_list]
-    padded = token_list[0].new_zeros(len(counts), max(counts), token_list[0].shape[2])
-    for i, tokens in enumerate(token_list):
-        padded[i, :counts[i]] = tokens[0]
-    return padded, counts
-
-
-def record_shown(recorder, sigma, location, grid, row_roles, shown, active, references,
-                 extra_options):
-    """Record the map of the prompt (`full`) rows of one layer call: shown (rows, L, active)
-    or None (every active reference everywhere); inactive references show as zero."""
-    full = [i for i, r in enumerate(row_roles) if r == "full"]
-    if not full:
-        return
-    positions = grid[0] * grid[1]
-    if shown is None:
-        shown = torch.ones(1, 1, len(active))
-    shown = shown.expand(len(row_roles), positions, len(active))
-    if len(active) < references:
-        every = shown.new_zeros(len(row_roles), positions, references)
-        every[..., list(active)] = shown
-        shown = every
-    recorder.record(sigma, location[0], grid, shown[full], extra_options.get("sample_sigmas"))
-
-
 class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
@@ -75,8 +48,8 @@ class _RoutedReferences:
         self.adapter = adapter
         self.layer_factors, self.embeds_scaling = layer_factors or {}, embeds_scaling
         self.mode, self.scale, self.bounds = mode, scale, bounds
-        self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
-        self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
+        self.image_tokens, self.counts = routing.pad_tokens([r.image_tokens for r in references])
+        self.uncond_tokens, _ = routing.pad_tokens([r.uncond_tokens for r in references])
         self.embeddings = embeddings
         self.masks = masks
         self.weights = [r.weight for r in references]
@@ -172,8 +145,8 @@ class _RoutedReferences:
                 q_rows, text_rows, extra_options["n_heads"], ip_k, ip_v,
                 cached["weights"][weights], scale, self.mode, phrases=phrases,
                 masks=masks, grid=grid, gate=cached["gate"], token_counts=counts)
-            record_shown(self.recorder, sigma, location, grid, row_roles, shown, active,
-                         len(weights), extra_options)
+            self.recorder.record_routed(sigma, location[0], grid, row_roles, shown, active,
+                                        len(weights), extra_options.get("sample_sigmas"))
             if not subset:
                 return out
             merged = text_out.clone()
@@ -321,10 +294,8 @@ class MultiRefApplyAdapter:
         recorder = RoutingRecorder()
         state = flux_routing.FluxRoutedReferences(
             model, adapter, references, positions, masks, mode, scale,
-            flux_family.sigma_range(model, start_percent, end_percent), decouple_text, recorder,
-            _pad_tokens)
-        patched = flux_routing.patch_model(
-            model, state, lambda *args: record_shown(recorder, *args))
+            flux_family.sigma_range(model, start_percent, end_percent), decouple_text, recorder)
+        patched = flux_routing.patch_model(model, state)
         patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
         flux_family.on_each_run(patched, recorder.new_run)
         log.info("MultiRefApplyAdapter (Flux, %s): %d references, mode %s, scale %.2f",

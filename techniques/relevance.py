@@ -94,6 +94,24 @@ class RelevanceMaps:
             entry[0].add_(maps)
             entry[1] += 1
 
+    def record_routed(self, sigma, block_name, grid, row_roles, shown, active, references,
+                      schedule=None):
+        """Record the routing map of the prompt (`full`) rows of one layer call: shown (rows,
+        L, active), (L, active) or None (every active reference everywhere); the references
+        not in `active` (gated off at this step) show as zero."""
+        full = [i for i, r in enumerate(row_roles) if r == "full"]
+        if not full:
+            return
+        positions = grid[0] * grid[1]
+        if shown is None:
+            shown = torch.ones(1, 1, len(active))
+        shown = shown.expand(len(row_roles), positions, len(active))
+        if len(active) < references:
+            every = shown.new_zeros(len(row_roles), positions, references)
+            every[..., list(active)] = shown
+            shown = every
+        self.record(sigma, block_name, grid, shown[full], schedule)
+
     def maps(self, step, block_names, size):
         """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`
         (bilinear), or None when none was recorded."""

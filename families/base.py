@@ -1,9 +1,9 @@
 """What a model family must provide to the techniques: the seam, in one place.
 
 The techniques (techniques/) work on one attention layer's q, k, v and the rows of one model
-call; they never name a model's blocks. A family module (families/unet.py for SD1.5 and SDXL
-today) gives them the model in those terms. A new family (Flux and the MM-DiT models:
-docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these meanings:
+call; they never name a model's blocks. A family module (families/unet.py for SD1.5 and SDXL,
+families/flux.py for Flux) gives them the model in those terms. A new family
+(docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these meanings:
 
   attention_locations(model)
       where the attention layers are: a list of hashable locations in execution order (the UNet
@@ -15,7 +15,8 @@ docs/ARCHITECTURE.md, "Adding a family") provides every name in SEAM with these 
       how to get q, k, v and hand back the output: make_patch(location, inner) returns
       fn(q, k, v, extra_options) -> attention output before the output projection; `inner` is
       what ran there before (another node's patch or the host's attention); which is "attn1"
-      (self-attention) or "attn2" (cross-attention, text keys).
+      (self-attention) or "attn2" (cross-attention, text keys) on a UNet, "joint" (the one
+      attention of a block, text tokens first in the sequence) on Flux.
   add_row_provider(model, provider), row_roles(extra_options, batch), rows_with_role(roles, r)
       how extra rows ride in the batch: a provider appends reference rows to a model call (they
       are sliced off its output) and every layer call can tell each row's role: full, image,

@@ -22,8 +22,11 @@ Differences a technique sees (docs/ARCHITECTURE.md, "Adding a family"):
     extra_options[PE_KEY] the block's own rotations (the host's `pe`), and
     extra_options["mask"] the host's attention mask (None unless a cond carries one);
   * the locations are ("double_block", i) and ("single_block", i), groups all/double/single.
-The host's MMDiT (SD3) takes the same `dit` replace for its joint blocks but passes no
-transformer_options to its attention, so the override does not reach it: SD3 is refused here.
+The host's MMDiT (SD3) takes the same `dit` replace ("double_block" only, args "txt"/"img")
+and its joint attention also goes through the override, but q, k, v come as (B, L, H * D)
+without skip_reshape and without RoPE (positions are added to the tokens before the blocks, so
+reference keys cannot be moved by a rotation): a family module for it would differ there.
+flux_of refuses it today.
 """
 import math
 
@@ -57,10 +60,16 @@ def _host_flux_class():
 
 
 def is_flux(model):
-    """Whether the model's diffusion model looks like Flux (double and single blocks), core or
-    not: the nodes pick this family for it (and flux_of tells a non-core one by name)."""
+    """Whether the model is a Flux, core or not (the host's Flux model base, or a diffusion model
+    with double and single blocks): the nodes pick this family for it, and flux_of names a
+    non-core one instead of the UNet family refusing it as "not a UNet"."""
+    try:
+        from comfy.model_base import Flux as FluxBase
+    except ImportError:
+        FluxBase = None
     diffusion_model = getattr(model.model, "diffusion_model", None)
-    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+    return (FluxBase is not None and isinstance(model.model, FluxBase)) or (
+        hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks"))
 
 
 def flux_of(model, technique="MultiRef patches"):
@@ -140,11 +149,13 @@ class _Override:
 
 class _BlockReplace(SharedAcrossClones):
     """The `dit` replace of one block: records the text length (double blocks see `txt`; the
-    single blocks of the same call read it from the options), installs the override for this
-    block only and calls what ran here before."""
+    single blocks of the same call read it from the options), installs the overrides of this
+    block's patches for this block only, and calls what ran here before (another node's
+    replace, or the block). Our own patches on one block share one replace: the override of
+    the last one installed is the outermost, and its `inner` runs the one installed before."""
 
-    def __init__(self, location, patch, previous, rope):
-        self.location, self.patch, self.previous, self.rope = location, patch, previous, rope
+    def __init__(self, location, patches, previous, rope):
+        self.location, self.patches, self.previous, self.rope = location, patches, previous, rope
 
     def __call__(self, args, extra):
         options = args["transformer_options"]
@@ -152,12 +163,15 @@ class _BlockReplace(SharedAcrossClones):
             options[TEXT_LEN_KEY] = args["txt"].shape[1]
         run = extra["original_block"] if self.previous is None else (
             lambda a: self.previous(a, extra))
-        if self.patch is None:
+        if not self.patches:
             return run(args)
         had_override, previous = OVERRIDE_KEY in options, options.get(OVERRIDE_KEY)
         call_options = dict(options, **{LOCATION_KEY: self.location, ROPE_KEY: self.rope,
                                         PE_KEY: args["pe"]})
-        options[OVERRIDE_KEY] = _Override(self.patch, previous, call_options)
+        override = previous
+        for patch in self.patches:
+            override = _Override(patch, override, call_options)
+        options[OVERRIDE_KEY] = override
         try:
             return run(args)
         finally:
@@ -170,9 +184,9 @@ class _BlockReplace(SharedAcrossClones):
 def set_attention_patch(model, which, make_patch, blocks="all"):
     """Patch the joint attention of every block of the group `blocks` of the clone `model`.
     make_patch(location, inner) returns fn(q, k, v, extra_options) -> (B, L, H * D); `inner`
-    runs what ran there before (another node's override or the host's attention) on the same
-    arguments. Blocks outside the group get a replace that only records the text length (the
-    single blocks need it), calling through unchanged."""
+    runs what ran there before (our patch installed earlier, another node's override or the
+    host's attention) on the same arguments. Double blocks outside the group get a replace
+    that only records the text length (the single blocks need it), calling through."""
     if which != ATTENTION:
         raise ValueError(f"which: Flux has one joint attention per block ('{ATTENTION}'), not "
                          f"{which!r}: its text keys are in the same sequence as the image's")
@@ -184,15 +198,14 @@ def set_attention_patch(model, which, make_patch, blocks="all"):
     existing = model.model_options.get("transformer_options", {}).get(
         "patches_replace", {}).get("dit", {})
     for location in attention_locations(model):
-        previous = existing.get(location)
-        if isinstance(previous, _BlockReplace) and previous.patch is None:
-            previous = previous.previous  # a recorder of ours: replace it, keep what it wrapped
-        patch = None
+        previous, patches = existing.get(location), ()
+        if isinstance(previous, _BlockReplace):
+            previous, patches = previous.previous, previous.patches
         if location[0] in BLOCK_GROUPS[blocks]:
-            patch = make_patch(location, call_inner)
-        elif location[0] != "double_block" or isinstance(previous, _BlockReplace):
-            continue  # untouched, or already records the text length
-        model.set_model_patch_replace(_BlockReplace(location, patch, previous, rope), "dit",
+            patches = patches + (make_patch(location, call_inner),)
+        elif location[0] != "double_block" or isinstance(existing.get(location), _BlockReplace):
+            continue  # not patched here, or ours already records the text length
+        model.set_model_patch_replace(_BlockReplace(location, patches, previous, rope), "dit",
                                       *location)
 
 

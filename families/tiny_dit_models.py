@@ -81,6 +81,11 @@ def tiny_dit(family="flux", seed=0):
     with torch.no_grad():
         # A small output layer keeps the random predictions in a sane range.
         diffusion_model.final_layer.linear.weight.mul_(0.1)
+        # Flux's q/k RMSNorm gains are named `scale` (randomize_ zeroes them as if biases, which
+        # would make every q and k zero and every attention uniform): 1, as a fresh norm.
+        for name, param in diffusion_model.named_parameters():
+            if name.endswith(".scale"):
+                param.fill_(1.0)
         # SD3's position table is a buffer (the host loads it from the file): seeded values too.
         if getattr(diffusion_model, "pos_embed", None) is not None:
             gen = torch.Generator().manual_seed(seed)

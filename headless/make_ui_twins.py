@@ -2,7 +2,10 @@
 file is rewritten too, in the form the editor's 'Export (API)' gives for the twin (every widget
 value present, defaults filled in), so both files stay the same graph. From the pack's folder:
 
-    .venv/bin/python -m headless.make_ui_twins
+    .venv/bin/python -m headless.make_ui_twins [NAME ...]
+
+With names, only those workflows. The Flux workflows need a current ComfyUI's nodes: boot one
+with COMFYUI_PATH=/path/to/ComfyUI (and its Python); the installable host skips them, saying so.
 """
 import json
 import os
@@ -18,10 +21,18 @@ def _write(path, data):
     os.replace(path + ".tmp", path)
 
 
-def main():
-    nodes = host.boot().nodes
+def main(names=()):
+    booted = host.boot(comfyui_path=os.environ.get("COMFYUI_PATH"))
+    nodes = booted.nodes
     for api_path in shipped.api_files():
-        ui_path = shipped.ui_path(shipped.name_of(api_path))
+        name = shipped.name_of(api_path)
+        if names and name not in names:
+            continue
+        reason = shipped.needs_current_host(name)
+        if reason and booted.kind == "installable comfyui":
+            print(f"skipped: {reason}")
+            continue
+        ui_path = shipped.ui_path(name)
         ui = workflow_format.api_to_ui(workflow_format.load(api_path), nodes)
         _write(ui_path, ui)
         _write(api_path, workflow_format.ui_to_api(ui, nodes))
@@ -30,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -8,6 +8,9 @@ import os
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(PACK_ROOT, "example_workflows")
 API_DIR = os.path.join(PACK_ROOT, "api_workflows")
+# Workflows that need a current ComfyUI (Flux, ReferenceLatent): the installable host has neither.
+CURRENT_HOST_ONLY = {"flux_msa_references": "Flux", "flux_kontext_foreground": "Flux Kontext",
+                     "flux_two_subjects_routing": "Flux"}
 
 
 def api_files():
@@ -29,6 +32,14 @@ def ui_path(name):
 def name_of(path):
     base = os.path.basename(path)
     return base[: -len("_api.json")] if base.endswith("_api.json") else base[: -len(".json")]
+
+
+def needs_current_host(name):
+    """Why a shipped workflow cannot run on the installable host, or None."""
+    if name in CURRENT_HOST_ONLY:
+        return (f"{name} uses {CURRENT_HOST_ONLY[name]}, which needs a current ComfyUI (run with "
+                "MULTIREF_TEST_HOST=checkout COMFYUI_PATH=...)")
+    return None
 
 
 def thumbnail_path(name):

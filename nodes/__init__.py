@@ -2,12 +2,12 @@
 import logging
 
 from . import demo, guidance, loaders, msa, references, routing, training
-from . import reference_files, unified_loader
+from . import reference_files, reference_latents, unified_loader
 
 log = logging.getLogger("multiref")
 
 FAMILIES = (demo, guidance, loaders, msa, references, routing, training, reference_files,
-            unified_loader)
+            reference_latents, unified_loader)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from ..families import flux
 from ..families import unet as family
 from ..families.text import phrase_embeddings
 from ..kernels import msa
@@ -25,16 +26,19 @@ from ..kernels.routing import layer_grid
 from ..techniques import msa as technique
 from ..techniques import relevance
 from ..techniques import routing as routing_technique
+from . import msa_flux
 
 log = logging.getLogger("multiref")
 
 TAG = "msa"  # the reference rows the full rows read (and the image rows, unless IMAGE_TAG)
 IMAGE_TAG = "msa_image"  # syncd conditioning: the image rows' own reference rows
-MODES = ("references", "batch")
+MODES = ("references", "batch", "kontext")
 CONDITIONINGS = ("auto",) + msa.REFERENCE_CONDITIONINGS
 # Adapters trained with SynCD's reference pass: "auto" conditions their reference rows so.
 SYNCD_TRAINED_KINDS = ("syncd", "multiref")
-LAYERS = ("all", "down", "up")
+LAYERS = ("all", "down", "up", "double", "single")  # down/up: UNet; double/single: Flux
+UNET_LAYERS = ("all", "down", "up")
+REFERENCE_NOISE = ("noised", "clean")
 
 
 class _Call:
@@ -109,9 +113,11 @@ class _ReferenceRows(family.SharedAcrossClones):
     per branch: the full rows' set reads each reference's own prompt (its pooled text in the
     adm, the full row's size part), the image rows' set the image row's negative text."""
 
-    def __init__(self, references, bounds, sampling, state, first_step_unmasked, syncd):
+    def __init__(self, references, bounds, sampling, state, first_step_unmasked, syncd,
+                 clean=False):
         self.references, self.bounds, self.sampling = references, bounds, sampling
         self.state, self.first_step_unmasked, self.syncd = state, first_step_unmasked, syncd
+        self.clean = clean  # the clean latents at the step's timestep (as Kontext, SynCD-Flux)
 
     def __call__(self, x, timestep, c, roles):
         sigma = float(timestep.reshape(-1)[0])
@@ -137,9 +143,12 @@ class _ReferenceRows(family.SharedAcrossClones):
             weights += [float(ref.weight)] * lat.shape[0]
             views += [ref] * lat.shape[0]
         latents = torch.cat(latents).to(x.device, torch.float32)
-        noise = msa.step_noise(latents.shape, sigma).to(x.device)
-        sigmas = torch.full((latents.shape[0], 1, 1, 1), sigma, device=x.device)
-        rows = self.sampling.noise_scaling(sigmas, noise, latents)
+        if self.clean:
+            rows = latents
+        else:
+            noise = msa.step_noise(latents.shape, sigma).to(x.device)
+            sigmas = torch.full((latents.shape[0], 1, 1, 1), sigma, device=x.device)
+            rows = self.sampling.noise_scaling(sigmas, noise, latents)
         has_tokens = self.syncd and views[0].tokens is not None
         tokens = torch.cat([self.references[i].tokens for i in active]) if has_tokens else None
         self.state.call = _Call((height, width), active, torch.cat(masks),
@@ -375,7 +384,7 @@ class _ReferenceImageAttention(family.SharedAcrossClones):
         return out
 
 
-def _prepare_references(model, unet, references, syncd=None):
+def _prepare_references(model, latent_channels, references, syncd=None):
     """syncd: None (target_text conditioning), or (clip, adapter with image layers or None)."""
     if not references:
         raise ValueError("references: mode 'references' needs at least one encoded reference; "
@@ -390,9 +399,9 @@ def _prepare_references(model, unet, references, syncd=None):
                              "Masked Shared Attention needs them: give a VAE to "
                              "MultiRefEncodeReferences")
         latents = ref.latents
-        if latents.ndim != 4 or latents.shape[1] != unet.in_channels:
+        if latents.ndim != 4 or latents.shape[1] != latent_channels:
             raise ValueError(f"references: reference {n} latents {tuple(latents.shape)} do not fit "
-                             f"this model ({unet.in_channels} latent channels); encode the "
+                             f"this model ({latent_channels} latent channels); encode the "
                              "references with this model's VAE")
         masks, grid = ref.masks, (latents.shape[0],) + tuple(latents.shape[2:])
         if masks is not None and tuple(masks.shape) != grid:
@@ -474,7 +483,8 @@ def _self_attention_lora(adapter, unet, mode):
 
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
               layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None,
-              reference_conditioning="auto"):
+              reference_conditioning="auto", reference_noise="noised",
+              kontext_block_reference_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
     """A patched clone of `model` (the original is left untouched)."""
     conditioning = reference_conditioning_of(reference_conditioning, adapter, clip)
     if mode not in MODES:
@@ -483,7 +493,20 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
         raise ValueError(f"layers: {layers!r} is unknown; use one of {LAYERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: {strength} is outside 0..1")
+    if reference_noise not in REFERENCE_NOISE:
+        raise ValueError(f"reference_noise: {reference_noise!r} is unknown; use one of "
+                         f"{REFERENCE_NOISE}")
+    if flux.is_flux(model):
+        return _apply_flux(model, references, strength, start_percent, end_percent,
+                           first_step_unmasked, layers, mode, adapter, conditioning,
+                           reference_noise, kontext_block_reference_to_target)
     unet = family.unet_of(model, "Masked Shared Attention")
+    if layers not in UNET_LAYERS:
+        raise ValueError(f"layers: {layers!r} names Flux blocks; on an SD1.5 / SDXL model use "
+                         f"one of {UNET_LAYERS}")
+    if mode == "kontext":
+        raise ValueError("mode: 'kontext' restricts the reference tokens a Flux Kontext model "
+                         "carries in its sequence; on an SD1.5 / SDXL model use 'references'")
     bounds = family.sigma_range(model, start_percent, end_percent)
     patched = model.clone()
     if strength == 0.0:
@@ -501,10 +524,10 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
                                  "encoded the prompt (or choose 'target_text')")
             image_layers = _image_layers(adapter, unet)
             syncd = (clip, adapter if image_layers else None)
-        refs = _prepare_references(model, unet, references, syncd)
+        refs = _prepare_references(model, unet.in_channels, references, syncd)
         sampling = model.get_model_object("model_sampling")
         provider = _ReferenceRows(refs, bounds, sampling, state, first_step_unmasked,
-                                  syncd is not None)
+                                  syncd is not None, reference_noise == "clean")
     else:
         if references:
             log.warning("MultiRefApplyMSA: mode 'batch' shares between the batch images; the "
@@ -548,6 +571,65 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
     return patched
 
 
+def _apply_flux(model, references, strength, start_percent, end_percent, first_step_unmasked,
+                layers, mode, adapter, conditioning, reference_noise, block_reference_to_target):
+    """Masked Shared Attention on Flux (nodes/msa_flux.py): references mode over reference rows
+    in the same call, kontext mode over the reference tokens ReferenceLatent put in the
+    sequence."""
+    diffusion_model = flux.flux_of(model, "Masked Shared Attention")
+    if mode == "batch":
+        raise ValueError("mode: 'batch' is not available on Flux; use 'references' (reference "
+                         "rows) or 'kontext' (ReferenceLatent's references)")
+    if layers in ("down", "up"):
+        raise ValueError(f"layers: {layers!r} names UNet blocks; on Flux use all, double or "
+                         "single")
+    if adapter is not None or conditioning == "syncd":
+        raise ValueError("adapter: SynCD's self-attention LoRA and reference conditioning are "
+                         "UNet checkpoints; disconnect adapter (and leave reference_conditioning "
+                         "at auto or target_text) on Flux")
+    bounds = family.sigma_range(model, start_percent, end_percent)
+    patched = model.clone()
+    if strength == 0.0:
+        log.info("MultiRefApplyMSA: strength 0, the model is returned unpatched")
+        return patched
+    if mode == "kontext":
+        rows = msa_flux.KontextRows(_kontext_references(model, references), bounds)
+        flux.on_each_run(patched, rows.new_run, rows.new_run)
+        family.add_row_provider(patched, rows)
+        msa_flux.patch_kontext(patched, rows, strength, layers, block_reference_to_target)
+        return patched
+    state = _StepState()
+    flux.on_each_run(patched, state.new_run, state.new_run)
+    refs = _prepare_references(model, diffusion_model.params.in_channels, references)
+    provider = _ReferenceRows(refs, bounds, model.get_model_object("model_sampling"), state,
+                              first_step_unmasked, False, reference_noise == "clean")
+    family.add_row_provider(patched, provider)
+    msa_flux.patch_references(patched, state, strength, layers, TAG)
+    log.info("MultiRefApplyMSA: Flux, mode references, %s reference rows", reference_noise)
+    return patched
+
+
+def _kontext_references(model, references):
+    """[(mask or None, weight, sigma bounds)] of the encoded references, one per ReferenceLatent
+    image of the conditioning, in order (their latents are not used: the conditioning has
+    them)."""
+    if not references:
+        raise ValueError("references: mode 'kontext' needs one encoded reference per "
+                         "ReferenceLatent image (its mask, weight and window); connect "
+                         "MultiRefEncodeReferences")
+    described = []
+    for n, ref in enumerate(references, 1):
+        if not isinstance(ref, EncodedReference):
+            raise ValueError(f"references: item {n} is a {type(ref).__name__}, not an encoded "
+                             "reference; connect the output of MultiRefEncodeReferences")
+        mask = None if ref.masks is None else ref.masks[0].detach().float().cpu()
+        if mask is not None:
+            check_finite(mask, f"references: reference {n} mask", "redraw the mask")
+        described.append((mask, float(ref.weight),
+                          family.sigma_range(model, ref.start_percent, ref.end_percent)))
+    return described
+
+
 class MultiRefApplyMSA:
     DESCRIPTION = ("Masked Shared Attention (SynCD): while sampling, the generated image's "
                    "self-attention also reads the foreground of the reference images (re-noised "
@@ -563,7 +645,8 @@ class MultiRefApplyMSA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model to patch."}),
+            "model": ("MODEL", {"tooltip": "SD1.5, SDXL or Flux model to patch (Flux: "
+                                "ComfyUI's own Flux model)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                          "Blend between plain self-attention (0, exactly the unpatched model) and "
                          "full shared attention (1, SynCD)."}),
@@ -577,10 +660,13 @@ class MultiRefApplyMSA:
                                     "foreground (SynCD's data generation does this)."}),
             "layers": (list(LAYERS), {"default": "all", "tooltip":
                        "Which self-attention layers share: all, down (input blocks) or up "
-                       "(output blocks)."}),
+                       "(output blocks) on a UNet; all, double or single blocks on Flux."}),
             "mode": (list(MODES), {"default": "references", "tooltip":
                      "references: the image reads the references' foreground. batch: the images "
-                     "of one batch read each other's foreground (consistent sets)."}),
+                     "of one batch read each other's foreground (consistent sets). kontext "
+                     "(Flux): the references ReferenceLatent put in the conditioning are read "
+                     "only through their foreground, with each reference's weight and window "
+                     "(connect one encoded reference per ReferenceLatent image, in order)."}),
         }, "optional": {
             "references": ("MULTIREF_ENCODED", {"tooltip":
                            "Encoded references with latents (encode them with a VAE); their masks "
@@ -608,14 +694,25 @@ class MultiRefApplyMSA:
                                        "target_text: the prompt's text, no image attention. "
                                        "auto: syncd with a SynCD or MultiRef-trained adapter, "
                                        "else target_text."}),
+            "reference_noise": (list(REFERENCE_NOISE), {"default": "noised", "tooltip":
+                                "references mode: the reference rows are the references noised "
+                                "to each step's sigma (SynCD's SDXL sampling), or clean latents "
+                                "at the step's timestep (as Flux Kontext and SynCD's Flux "
+                                "canvas)."}),
+            "kontext_block_reference_to_target": ("BOOLEAN", {
+                "default": msa_flux.KONTEXT_BLOCKS_DEFAULT, "tooltip":
+                "kontext mode: keep the reference tokens from reading the generated image (they "
+                "stay the references' own features)."}),
         }}
 
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
               mode, references=None, batch_masks=None, batch_phrase="", clip=None,
-              adapter=None, reference_conditioning="auto"):
+              adapter=None, reference_conditioning="auto", reference_noise="noised",
+              kontext_block_reference_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
         return (apply_msa(model, references, strength, start_percent, end_percent,
                           first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip,
-                          adapter, reference_conditioning),)
+                          adapter, reference_conditioning, reference_noise,
+                          kontext_block_reference_to_target),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

@@ -13,7 +13,7 @@ The math (key compaction, the weight bias) is kernels/msa.py.
 """
 import torch
 
-from ..kernels import msa
+from ..kernels import joint_attention, msa, rope_positions
 
 
 def with_lora(q, k, v, n, lora, rows):
@@ -57,3 +57,19 @@ def read_references(q, k, v, heads, ref_k, ref_v, index, bias=None, lora=None, r
 def plain_attention(q, k, v, heads):
     """Self-attention with no reference: the shared attention over an empty foreground."""
     return msa.shared_attention(q, k, v, k[:, :0], v[:, :0], heads)
+
+
+def read_references_joint(q, k, v, text_len, ref_k, ref_v, index, bias=None, ref_angles=None):
+    """Masked Shared Attention in a joint [text | image] sequence (Flux), q, k, v (B, H, L, D)
+    after RoPE: each row's image queries read [its own sequence | the foreground image tokens of
+    the reference rows]; its text queries read their own row only. ref_k, ref_v (R, H, N, D):
+    the reference rows' image keys/values at their own positions; ref_angles (R, 1, 1, D / 2)
+    moves each row's keys to where it does not collide with the target
+    (kernels.rope_positions); index picks the foreground of the (R * N) reference tokens, bias
+    their log-weights or None."""
+    if ref_angles is not None:
+        ref_k = rope_positions.rotate(ref_k, ref_angles)
+    heads, dim = ref_k.shape[1], ref_k.shape[-1]
+    k_fg = ref_k.transpose(0, 1).reshape(heads, -1, dim).index_select(1, index)
+    v_fg = ref_v.transpose(0, 1).reshape(heads, -1, dim).index_select(1, index)
+    return joint_attention.reading_rows_attention(q, k, v, text_len, k_fg, v_fg, bias)

@@ -27,7 +27,7 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_unified_loader.py", "tests/test_reference_files.py",
               "tests/test_reference_options.py", "tests/test_layer_weights.py",
               "tests/test_dit_models.py", "tests/test_dit_guidance.py",
-              "tests/test_dit_positions.py", "tests/test_techniques.py",
+              "tests/test_dit_positions.py", "tests/test_techniques.py", "tests/test_flux_msa.py",
               "tests/test_flux_routing.py",
               # the checkout's own server and editor (skips, saying why, without its front end)
               "tests/test_editor.py")

@@ -154,7 +154,7 @@ def patch_model(model, state):
     """A clone of `model` with the routed references on every block the adapter covers."""
     patched = model.clone()
     blocks = "all" if any(loc[0] == "single_block" for loc in state.layers) else "double"
-    family.set_attention_patch(patched, family.ATTENTION, state.make_patch, blocks)
+    family.set_attention_patch(patched, family.ATTENTION, state.make_patch, blocks, adds=True)
     if state.after_block():
         replaces = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         for location in [loc for loc in state.layers if loc[0] == "double_block"]:

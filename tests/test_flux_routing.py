@@ -127,14 +127,15 @@ def _adapter(tmp_path, kind):
     return checkpoints.load_adapter(path), weights
 
 
-def _encode(flux_models, adapter, phrases=("dog", "red hat"), seeds=(0, 1)):
+def _encode(flux_models, adapter, phrases=("dog", "red hat"), seeds=(0, 1), vae=None):
     from multiref.nodes import references as nodes
     model, _, _, clip_vision = flux_models
     refs = None
     for phrase, seed in zip(phrases, seeds):
         image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(seed))
         refs = nodes.MultiRefReference().make(image, phrase, 1.0, 0.0, 1.0, previous=refs)[0]
-    return nodes.MultiRefEncodeReferences().encode(refs, adapter, clip_vision, model, 0)[0]
+    return nodes.MultiRefEncodeReferences().encode(refs, adapter, clip_vision, model, 0,
+                                                   vae=vae)[0]
 
 
 def _apply(flux_models, adapter, encoded, scale=0.8, mode="weighted", prompt=PROMPT, **kwargs):
@@ -486,3 +487,36 @@ def test_instantx_references_encode_through_the_siglip_head(flux_models, host, t
     xlabs, _ = _adapter(tmp_path, "xlabs")
     with pytest.raises(ValueError, match="siglip_head: only the InstantX Flux adapter"):
         encode.encode(refs, xlabs, siglip, model, 0, siglip_head="siglip-so400m.safetensors")
+
+
+@needs_flux
+@pytest.mark.parametrize("kind", ["instantx", "xlabs"])
+def test_routing_adds_to_what_msa_computes_in_either_order(kind, flux_models, tmp_path,
+                                                           one_thread):
+    """Apply MSA and Apply Adapter on one Flux model: one model call per step carries the
+    reference rows, and the routed adapter acts on top of the shared attention whichever node
+    came first (MSA replaces the image tokens' attention output of the rows that read the
+    references; routing only adds, so it runs outside it)."""
+    from multiref.nodes.msa import apply_msa
+    from multiref.nodes import routing as nodes
+    model, clip, vae, _ = flux_models
+    adapter, _ = _adapter(tmp_path, kind)
+    encoded = _encode(flux_models, adapter, vae=vae)
+    msa_args = (encoded, 1.0, 0.0, 1.0, False, "all", "references")
+    base = _capturing(model)
+    msa = apply_msa(base, *msa_args)
+    msa.calls = base.calls
+    msa_then_routing = nodes.MultiRefApplyAdapter().apply(msa, adapter, encoded, clip,
+                                                          "weighted", 0.8, 0.0, 1.0,
+                                                          prompt=PROMPT)[0]
+    msa_then_routing.calls = base.calls
+    routed = _apply(flux_models, adapter, encoded)
+    routing_then_msa = apply_msa(routed, *msa_args)
+    routing_then_msa.calls = routed.calls
+    msa_only = _run(msa, clip)
+    first, second = _run(msa_then_routing, clip), _run(routing_then_msa, clip)
+    assert len(first) == 1 and first[0][1].shape[0] == msa_only[0][1].shape[0] == 2
+    assert not torch.equal(_outputs(first)[0], _outputs(msa_only)[0])
+    for index in (0, 1):
+        torch.testing.assert_close(_outputs(second)[index], _outputs(first)[index], rtol=1e-5,
+                                   atol=1e-6)

@@ -216,7 +216,8 @@ def test_editor_widget_layout_matches_the_format_module(editor, host_nodes):
     pack's nodes and those the shipped workflows use (UI files of other nodes are not ours)."""
     pack = {name for name, cls in host_nodes.items()
             if str(getattr(cls, "CATEGORY", "")).startswith("MultiRef")}
-    used = {n["type"] for path in UI_FILES for n in fmt.load(path)["nodes"]}
+    used = {n["type"] for path in UI_FILES for n in fmt.load(path)["nodes"]
+            if CURRENT_EDITOR or not shipped.needs_current_host(shipped.name_of(path))}
     probe = {n["class_type"] for n in probe_api().values()}
     registered = set(editor.evaluate("Object.keys(LiteGraph.registered_node_types)"))
     assert pack, "the host registered no MultiRef nodes"
@@ -264,7 +265,8 @@ def test_screenshot_of_a_loaded_workflow(editor, host_nodes):
         return sum(str(getattr(host_nodes[n["type"]], "CATEGORY", "")).startswith("MultiRef")
                    for n in fmt.load(path)["nodes"])
 
-    ui_path = max(UI_FILES, key=pack_nodes)
+    ui_path = max((p for p in UI_FILES if not shipped.needs_current_host(shipped.name_of(p))),
+                  key=pack_nodes)
     _assert_loads_as_saved(_load(editor, fmt.load(ui_path)), fmt.load(ui_path), host_nodes)
     editor.evaluate('document.querySelector(".comfy-menu").style.display = "none"')
     graph_w, graph_h = editor.evaluate(FIT_VIEW_JS % (SCREENSHOT_SCALE, SCREENSHOT_MARGIN))
@@ -314,6 +316,9 @@ EXTENT_JS = """(() => {
 def test_workflow_fits_a_full_hd_window_at_a_zoom_that_draws_text(editor, host_nodes, ui_path):
     """Node sizes as the editor itself makes them: the whole graph, without overlapping nodes,
     fits 1920x1080 at a zoom of at least 0.6, and the file opens at such a zoom."""
+    reason = shipped.needs_current_host(shipped.name_of(ui_path))
+    if reason and not CURRENT_EDITOR:
+        pytest.skip(f"{reason}; the 2024 editor lacks its core nodes and sizes them otherwise")
     ui = fmt.load(ui_path)
     _load(editor, ui)
     extent = editor.evaluate(EXTENT_JS)

@@ -8,8 +8,9 @@ Kontext reference tokens, if any], and two hooks reach it without touching the m
   * the attention override (transformer_options["optimized_attention_override"]), chained to
     the override already installed (another node's sage/flash attention): q, k, v (B, H, L, D)
     after RoPE in, the output (B, L, H * D) before the output projection back.
-The override is restored when the block returns, so nothing of ours stays in the options or in
-the model (forward_orig and the blocks are never replaced).
+The override installed before ours is put back when the block returns (the per-call options
+keep only the text length), and nothing of ours is ever in the model (forward_orig and the
+blocks are never replaced).
 
 Rows ride in the batch as in the UNet family (families/unet.py: the same UNet function wrapper,
 roles, sigma windows); list conditionings (Kontext's `ref_latents`) are extended for the extra
@@ -46,6 +47,7 @@ BLOCK_GROUPS = {"all": ("double_block", "single_block"), "double": ("double_bloc
                 "single": ("single_block",)}
 ROLES, IMAGE_ROLES = rows.ROLES, rows.IMAGE_ROLES
 
+# The seam's names; the row, role and sigma ones are the UNet family's own (re-exported).
 __all__ = ("attention_locations", "BLOCK_GROUPS", "set_attention_patch", "add_row_provider",
            "row_roles", "rows_with_role", "layer_grid", "current_sigma", "sigma_range",
            "in_sigma_range", "on_each_run", "flux_of", "is_flux", "SharedAcrossClones")
@@ -74,8 +76,8 @@ def is_flux(model):
 
 def flux_of(model, technique="MultiRef patches"):
     """The model's diffusion model if it is the host's own Flux class with its block hooks, else
-    a named error: another implementation (nunchaku, GGUF wrappers with their own forward, a
-    node that replaced forward_orig) never calls the `dit` replaces, so a patch would silently
+    a named error: another implementation (a quantized wrapper with its own forward, a node
+    that replaced forward_orig) may never call the `dit` replaces, so a patch would silently
     do nothing."""
     diffusion_model = getattr(model.model, "diffusion_model", None)
     flux = _host_flux_class()
@@ -87,7 +89,7 @@ def flux_of(model, technique="MultiRef patches"):
         raise ValueError(f"model: {technique} on Flux work through ComfyUI's own Flux model "
                          f"(comfy.ldm.flux.model.Flux) and its block hooks; this model's "
                          f"diffusion model is {type(diffusion_model).__module__}.{name}, another "
-                         "implementation that does not call them. Load the checkpoint with "
+                         "implementation that may not call them. Load the checkpoint with "
                          "ComfyUI's own loader (Load Diffusion Model or Load Checkpoint) and "
                          "connect that to model")
     for attribute in ("forward_orig", "_forward"):

@@ -10,6 +10,9 @@ An adapter carrying a self-attention LoRA (SynCD) applies it to the target rows 
 reference keys/values they read, not to the reference rows' own attention (SynCD's passes).
 `batch` mode: the images of one batch share their foreground with each other; the masks are
 given, or come from the cross-attention map of a phrase (the last step's map, Otsu-thresholded).
+On Flux (families/flux.py) the same rows and state serve the joint-attention patches of
+nodes/msa_flux.py, and `kontext` mode restricts the references ReferenceLatent put in the
+sequence instead of adding rows.
 The math lives in kernels/msa.py; this module only routes rows and keeps per-step bookkeeping.
 """
 import logging
@@ -484,7 +487,7 @@ def _self_attention_lora(adapter, unet, mode):
 def apply_msa(model, references, strength, start_percent, end_percent, first_step_unmasked,
               layers, mode, batch_masks=None, batch_phrase="", clip=None, adapter=None,
               reference_conditioning="auto", reference_noise="noised",
-              kontext_block_reference_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
+              block_ref_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
     """A patched clone of `model` (the original is left untouched)."""
     conditioning = reference_conditioning_of(reference_conditioning, adapter, clip)
     if mode not in MODES:
@@ -499,7 +502,7 @@ def apply_msa(model, references, strength, start_percent, end_percent, first_ste
     if flux.is_flux(model):
         return _apply_flux(model, references, strength, start_percent, end_percent,
                            first_step_unmasked, layers, mode, adapter, conditioning,
-                           reference_noise, kontext_block_reference_to_target)
+                           reference_noise, block_ref_to_target)
     unet = family.unet_of(model, "Masked Shared Attention")
     if layers not in UNET_LAYERS:
         raise ValueError(f"layers: {layers!r} names Flux blocks; on an SD1.5 / SDXL model use "
@@ -699,7 +702,7 @@ class MultiRefApplyMSA:
                                 "to each step's sigma (SynCD's SDXL sampling), or clean latents "
                                 "at the step's timestep (as Flux Kontext and SynCD's Flux "
                                 "canvas)."}),
-            "kontext_block_reference_to_target": ("BOOLEAN", {
+            "block_ref_to_target": ("BOOLEAN", {
                 "default": msa_flux.KONTEXT_BLOCKS_DEFAULT, "tooltip":
                 "kontext mode: keep the reference tokens from reading the generated image (they "
                 "stay the references' own features)."}),
@@ -708,11 +711,11 @@ class MultiRefApplyMSA:
     def apply(self, model, strength, start_percent, end_percent, first_step_unmasked, layers,
               mode, references=None, batch_masks=None, batch_phrase="", clip=None,
               adapter=None, reference_conditioning="auto", reference_noise="noised",
-              kontext_block_reference_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
+              block_ref_to_target=msa_flux.KONTEXT_BLOCKS_DEFAULT):
         return (apply_msa(model, references, strength, start_percent, end_percent,
                           first_step_unmasked, layers, mode, batch_masks, batch_phrase, clip,
                           adapter, reference_conditioning, reference_noise,
-                          kontext_block_reference_to_target),)
+                          block_ref_to_target),)
 
 
 NODE_CLASS_MAPPINGS = {"MultiRefApplyMSA": MultiRefApplyMSA}

@@ -17,7 +17,7 @@ from ..families import flux as family
 from ..kernels import joint_attention, msa, rope_positions
 from ..techniques import msa as technique
 
-REFERENCE_LAYOUT = "below"  # axis 0 stays 0, as base Flux saw (SynCD's stacked canvas)
+REFERENCE_LAYOUT = "below"  # axis 0 stays 0 as base Flux saw it; SynCD stacks images in height
 KONTEXT_BLOCKS_DEFAULT = True
 
 

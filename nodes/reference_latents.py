@@ -68,4 +68,4 @@ def encode_latents(ref, vae, mask_dilation, mask_values):
 
 NODE_CLASS_MAPPINGS = {"MultiRefEncodeReferenceLatents": MultiRefEncodeReferenceLatents}
 NODE_DISPLAY_NAME_MAPPINGS = {"MultiRefEncodeReferenceLatents":
-                              "MultiRef Encode Reference Latents (MSA, no adapter)"}
+                              "MultiRef Encode Latents (MSA)"}

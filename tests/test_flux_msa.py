@@ -85,7 +85,8 @@ class _Calls:
                        transformer_options, **kwargs)
         self.calls.append(dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance,
                                ref_latents=ref_latents, options=dict(transformer_options),
-                               out=out, kwargs=kwargs))
+                               out=out, kwargs=kwargs, override_after=transformer_options.get(
+                                   "optimized_attention_override", "none")))
         return out
 
 
@@ -134,7 +135,6 @@ def test_uncond_and_reference_rows_are_unchanged(parts, noise, one_thread):
                 assert torch.equal(call["out"][row], plain[row]), role
     first = calls.calls[0]["x"][2:]
     if noise == "clean":  # the clean latents themselves (the first view of each reference)
-        import comfy.model_base  # noqa: F401  (the model's own latent format)
         expected = model.model.process_latent_in(refs[0].latents.float())
         assert torch.equal(first[:1], expected)
     else:
@@ -231,7 +231,6 @@ def test_one_model_call_per_step_with_three_branches(parts, one_thread):
 
 @needs_flux
 def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts, one_thread):
-    from multiref.families import flux as flux_family
     model, clip, vae = parts
     counted = []
 
@@ -251,7 +250,10 @@ def test_an_override_installed_before_still_runs_and_nothing_of_ours_stays(parts
     patched = _msa(with_override, _encoded(vae, 1))
     state = [r for r in patched.model_options["transformer_options"]["patches_replace"]["dit"]
              .values()][0].patches[0].state
-    _sample(patched, clip)
+    recorded, calls = _recorded(patched)
+    _sample(recorded, clip)
+    # After each model call the options hold the earlier override again, not ours.
+    assert [call["override_after"] for call in calls.calls] == [earlier_override] * STEPS
     # Every block's attention still went through the earlier override, reference rows included.
     assert counted == [3] * (STEPS * blocks)
     options = patched.model_options["transformer_options"]
@@ -271,12 +273,12 @@ def test_kontext_all_ones_weight_one_unblocked_is_core_reference_latent(parts, o
     model, clip, vae = parts
     reference = _kontext_reference(vae)
     refs = _encoded(vae, 1, ones=True)
-    patched = _msa(model, refs, mode="kontext", kontext_block_reference_to_target=False)
+    patched = _msa(model, refs, mode="kontext", block_ref_to_target=False)
     plain = _sample(model, clip, reference=[reference])
     assert torch.equal(_sample(patched, clip, reference=[reference]), plain)
     # A mask on the reference (or blocking) changes it.
     masked = _msa(model, _encoded(vae, 1), mode="kontext",
-                  kontext_block_reference_to_target=False)
+                  block_ref_to_target=False)
     assert not torch.equal(_sample(masked, clip, reference=[reference]), plain)
 
 
@@ -288,7 +290,7 @@ def test_kontext_blocking_keeps_references_from_reading_the_target(parts, block,
     model, clip, vae = parts
     reference = _kontext_reference(vae)
     patched = _msa(model, _encoded(vae, 1, weights=(1.5,)), mode="kontext",
-                   kontext_block_reference_to_target=block)
+                   block_ref_to_target=block)
     seen = _instrument(patched)
     _sample(patched, clip, cfg=1.0, reference=[reference])
     assert seen
@@ -447,3 +449,21 @@ def test_patches_compose_with_an_earlier_patch_and_another_nodes_block_replace(p
     assert replaced == [3] * STEPS  # full, uncond and the reference row
     assert len(earlier) == STEPS * (len(blocks.double_blocks) + len(blocks.single_blocks))
     assert torch.equal(result, _sample(_msa(model, refs, layers="single"), clip))
+
+
+@needs_flux
+def test_reference_rows_carry_the_kontext_references_too(parts, one_thread):
+    """MSA's reference rows next to ReferenceLatent: the list conditioning gets a row per
+    reference row, the reference rows stay exactly what the unpatched model gives them, and
+    the generated row reads the references."""
+    model, clip, vae = parts
+    reference = _kontext_reference(vae)
+    patched, calls = _recorded(_msa(model, _encoded(vae, 2)))
+    _sample(patched, clip, cfg=1.0, reference=[reference])
+    for call in calls.calls:
+        assert call["options"]["multiref_roles"] == ("full", "ref", "ref", "ref")
+        (latents,) = call["ref_latents"]
+        assert latents.shape[0] == 4 and torch.equal(latents[1:], latents[:1].expand(3, -1, -1, -1))
+        plain = _unpatched(model, call)
+        assert torch.equal(call["out"][1:], plain[1:])
+        assert not torch.allclose(call["out"][:1], plain[:1], atol=1e-4)

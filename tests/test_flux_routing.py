@@ -520,3 +520,34 @@ def test_routing_adds_to_what_msa_computes_in_either_order(kind, flux_models, tm
     for index in (0, 1):
         torch.testing.assert_close(_outputs(second)[index], _outputs(first)[index], rtol=1e-5,
                                    atol=1e-6)
+
+
+@needs_flux
+def test_a_reference_of_weight_zero_is_left_out(flux_models, tmp_path, one_thread):
+    """Two references, the second of weight 0: what the first alone gives (plain injection),
+    with no phrase lookup for a single active reference."""
+    _, clip, _, _ = flux_models
+    adapter, _ = _adapter(tmp_path, "instantx")
+    encoded = _encode(flux_models, adapter)
+    off = (encoded[0], dataclasses.replace(encoded[1], weight=0.0))
+    both = _outputs(_run(_apply(flux_models, adapter, off), clip))
+    alone = _outputs(_run(_apply(flux_models, adapter, encoded[:1]), clip))
+    for index in (0, 1):
+        torch.testing.assert_close(both[index], alone[index], rtol=1e-6, atol=1e-7)
+
+
+@needs_flux
+def test_mask_mode_routes_by_the_region_masks(flux_models, tmp_path, one_thread):
+    from multiref.nodes import routing as nodes
+    _, clip, _, _ = flux_models
+    adapter, _ = _adapter(tmp_path, "xlabs")
+    masks = torch.zeros(2, 64, 96)
+    masks[0, :, :48], masks[1, :, 48:] = 1.0, 1.0
+    patched = _apply(flux_models, adapter, _encode(flux_models, adapter), mode="mask",
+                     prompt="", region_masks=masks)
+    _run(patched, clip)
+    recorder = patched.model_options["transformer_options"][nodes.RECORDER_KEY]
+    maps = recorder.maps(0, ("double_block",), (4, 6))[0]
+    torch.testing.assert_close(maps[0, :, :3], torch.ones(4, 3))
+    torch.testing.assert_close(maps[1, :, :3], torch.zeros(4, 3))
+    torch.testing.assert_close(maps[1, :, 3:], torch.ones(4, 3))

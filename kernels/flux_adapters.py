@@ -96,8 +96,10 @@ class BlockKV(nn.Module):
         self.to_k, self.to_v, self.rms_norm = to_k, to_v, rms_norm
 
     def forward(self, tokens, heads):
-        """(B, M, C) tokens -> keys, values (B, H, M, D)."""
-        k, v = (p(tokens).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (self.to_k, self.to_v))
+        """(B, M, C) tokens -> keys, values (B, H, M, D), in the tokens' device and dtype (the
+        weights are cast for the call; the loaded adapter stays where it is)."""
+        k, v = (F.linear(tokens, p.weight.to(tokens), None if p.bias is None else p.bias.to(tokens))
+                .unflatten(-1, (heads, -1)).transpose(1, 2) for p in (self.to_k, self.to_v))
         if self.rms_norm:
             k, v = rms_normalize(k), rms_normalize(v)
         return k, v

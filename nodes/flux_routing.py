@@ -72,10 +72,9 @@ class FluxRoutedReferences:
             key = (device, dtype, heads)
             if key not in cache:
                 tokens = torch.stack([self.image_tokens, self.uncond_tokens]).to(device, dtype)
-                layer_dtype = layer.to_k.weight.dtype
                 with torch.no_grad():
-                    k, v = layer.to(device)(tokens.flatten(0, 1).to(layer_dtype), heads)
-                cache[key] = tuple(t.to(dtype).transpose(1, 2).flatten(2).unflatten(0, (2, -1))
+                    k, v = layer(tokens.flatten(0, 1), heads)
+                cache[key] = tuple(t.transpose(1, 2).flatten(2).unflatten(0, (2, -1))
                                    for t in (k, v))
             return cache[key]
 

@@ -150,7 +150,8 @@ def _instrument(patched):
         for original in replace.patches:
             def recording(q, k, v, extra_options, original=original, location=location):
                 out = original(q, k, v, extra_options)
-                kontext_call = original.rows.call if hasattr(original, "rows") else None
+                kontext_call = original.rows.call if hasattr(original, "rows") else \
+                    original.state.call
                 seen.append((location, q, k, v, extra_options, out, original, kontext_call))
                 return out
             wrapped.append(recording)
@@ -467,3 +468,23 @@ def test_reference_rows_carry_the_kontext_references_too(parts, one_thread):
         plain = _unpatched(model, call)
         assert torch.equal(call["out"][1:], plain[1:])
         assert not torch.allclose(call["out"][:1], plain[:1], atol=1e-4)
+
+
+@needs_flux
+def test_strength_blends_the_image_tokens_only(parts, one_thread):
+    """At strength s the generated row's image tokens are (1 - s) plain + s shared attention;
+    its text tokens keep the plain attention."""
+    model, clip, vae = parts
+    patched = _msa(model, _encoded(vae, 1), strength=0.25)
+    seen = _instrument(patched)
+    _sample(patched, clip, cfg=1.0)
+    for location, q, k, v, options, out, patch, call in seen:
+        text = options["multiref_text_len"]
+        plain = options["multiref_inner"](q, k, v)
+        patch.state.call, patch.strength = call, 1.0
+        shared = patch(q, k, v, options)
+        patch.strength = 0.25
+        torch.testing.assert_close(out[:, text:], 0.75 * plain[:, text:] + 0.25 * shared[:, text:],
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[:, :text], plain[:, :text])
+        assert not torch.allclose(shared[:, text:], plain[:, text:], atol=1e-4)

@@ -19,7 +19,8 @@ rows too. `layer_grid` is the packed image grid (2 x 2 latent patches per token)
 Differences a technique sees (docs/ARCHITECTURE.md, "Adding a family"):
   * `set_attention_patch(model, "joint", ...)`: the one attention of a block; its q/k/v carry
     the text tokens first; extra_options[TEXT_LEN_KEY] says how many, extra_options["n_heads"]
-    the heads, extra_options[ROPE_KEY] the (axes_dim, theta) of the model's RoPE, and
+    the heads, extra_options[ROPE_KEY] the (axes_dim, theta) of the model's RoPE,
+    extra_options[PE_KEY] the block's own rotations (the host's `pe`), and
     extra_options["mask"] the host's attention mask (None unless a cond carries one);
   * the locations are ("double_block", i) and ("single_block", i), groups all/double/single.
 The host's MMDiT (SD3) takes the same `dit` replace ("double_block" only, args "txt"/"img")
@@ -38,6 +39,7 @@ OVERRIDE_KEY = "optimized_attention_override"
 TEXT_LEN_KEY = "multiref_text_len"
 ROPE_KEY = "multiref_rope"
 LOCATION_KEY = "multiref_block"
+PE_KEY = "multiref_pe"  # the block's rotations (the host's `pe`): undoes RoPE on q
 INNER_KEY = "multiref_inner"
 GRID_KEY = rows.LATENT_SHAPE_KEY
 ATTENTION = "joint"
@@ -166,7 +168,8 @@ class _BlockReplace(SharedAcrossClones):
         if not self.patches:
             return run(args)
         had_override, previous = OVERRIDE_KEY in options, options.get(OVERRIDE_KEY)
-        call_options = dict(options, **{LOCATION_KEY: self.location, ROPE_KEY: self.rope})
+        call_options = dict(options, **{LOCATION_KEY: self.location, ROPE_KEY: self.rope,
+                                        PE_KEY: args["pe"]})
         override = previous
         for patch in self.patches:
             override = _Override(patch, override, call_options)
@@ -180,12 +183,26 @@ class _BlockReplace(SharedAcrossClones):
                 options.pop(OVERRIDE_KEY, None)
 
 
-def set_attention_patch(model, which, make_patch, blocks="all"):
+class _Adds:
+    """A patch that only adds to the attention output (routing's image attention). Ours run
+    outside every patch of ours that replaces part of the output (MSA's shared attention),
+    whatever order the nodes were applied in: the replacement would drop an addition made
+    inside it."""
+
+    def __init__(self, patch):
+        self.patch = patch
+
+    def __call__(self, q, k, v, extra_options):
+        return self.patch(q, k, v, extra_options)
+
+
+def set_attention_patch(model, which, make_patch, blocks="all", adds=False):
     """Patch the joint attention of every block of the group `blocks` of the clone `model`.
     make_patch(location, inner) returns fn(q, k, v, extra_options) -> (B, L, H * D); `inner`
     runs what ran there before (our patch installed earlier, another node's override or the
-    host's attention) on the same arguments. Double blocks outside the group get a replace
-    that only records the text length (the single blocks need it), calling through."""
+    host's attention) on the same arguments. adds: the patch only adds to what `inner` returns
+    (it goes outside our replacing patches, _Adds). Double blocks outside the group get a
+    replace that only records the text length (the single blocks need it), calling through."""
     if which != ATTENTION:
         raise ValueError(f"which: Flux has one joint attention per block ('{ATTENTION}'), not "
                          f"{which!r}: its text keys are in the same sequence as the image's")
@@ -201,7 +218,11 @@ def set_attention_patch(model, which, make_patch, blocks="all"):
         if isinstance(previous, _BlockReplace):
             previous, patches = previous.previous, previous.patches
         if location[0] in BLOCK_GROUPS[blocks]:
-            patches = patches + (make_patch(location, call_inner),)
+            patch = make_patch(location, call_inner)
+            first_adds = next((i for i, p in enumerate(patches) if isinstance(p, _Adds)),
+                              len(patches))
+            patches = (patches + (_Adds(patch),) if adds else
+                       patches[:first_adds] + (patch,) + patches[first_adds:])
         elif location[0] != "double_block" or isinstance(existing.get(location), _BlockReplace):
             continue  # not patched here, or ours already records the text length
         model.set_model_patch_replace(_BlockReplace(location, patches, previous, rope), "dit",

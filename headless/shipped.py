@@ -9,7 +9,8 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(PACK_ROOT, "example_workflows")
 API_DIR = os.path.join(PACK_ROOT, "api_workflows")
 # Workflows that need a current ComfyUI (Flux, ReferenceLatent): the installable host has neither.
-CURRENT_HOST_ONLY = {"flux_msa_references": "Flux", "flux_kontext_foreground": "Flux Kontext"}
+CURRENT_HOST_ONLY = {"flux_msa_references": "Flux", "flux_kontext_foreground": "Flux Kontext",
+                     "flux_two_subjects_routing": "Flux"}
 
 
 def api_files():

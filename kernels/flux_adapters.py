@@ -20,12 +20,13 @@ adapter adds (where it is added is the host glue's business).
 """
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterMismatchError
+from .adapter import AdapterMismatchError, fingerprint_of
 from .weights_files import CheckpointError
 
 INSTANTX = "instantx_flux"
@@ -95,8 +96,10 @@ class BlockKV(nn.Module):
         self.to_k, self.to_v, self.rms_norm = to_k, to_v, rms_norm
 
     def forward(self, tokens, heads):
-        """(B, M, C) tokens -> keys, values (B, H, M, D)."""
-        k, v = (p(tokens).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (self.to_k, self.to_v))
+        """(B, M, C) tokens -> keys, values (B, H, M, D), in the tokens' device and dtype (the
+        weights are cast for the call; the loaded adapter stays where it is)."""
+        k, v = (F.linear(tokens, p.weight.to(tokens), None if p.bias is None else p.bias.to(tokens))
+                .unflatten(-1, (heads, -1)).transpose(1, 2) for p in (self.to_k, self.to_v))
         if self.rms_norm:
             k, v = rms_normalize(k), rms_normalize(v)
         return k, v
@@ -125,6 +128,51 @@ class FluxAdapter:
     layers: list
     source: str = ""
     family: str = FAMILY
+    fingerprint: str = ""
+    pooling: Optional[nn.Module] = None  # SigLIP's attention-pooling head (InstantX), if given
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            named = dict(self.projection.state_dict(prefix="projection."))
+            for n, layer in enumerate(self.layers):
+                named.update(layer.state_dict(prefix=f"layers.{n}."))
+            self.fingerprint = fingerprint_of(named)
+
+    def require_image_layers(self, where):
+        """Every Flux adapter file has image layers (the UNet adapters' LoRA-only files have
+        none): nothing to refuse."""
+
+    @property
+    def clip_input(self):
+        """The image encoder output it reads (a pooled embedding per image)."""
+        return "image_embeds"
+
+    fusion = None  # no feature fusion of CLIP layers (kernels/feature_fusion.py) for Flux
+
+    def project(self, output, fusion_weights=None):
+        """(B, tokens, C) from an image encoder's output (ComfyUI's encode_image dict).
+        fusion_weights: a feature fusion's override, always None here (no fusion)."""
+        embeds = output["image_embeds"]
+        if embeds.ndim == 3 and self.pooling is not None:
+            embeds = self.pooling(embeds)
+        if embeds.ndim != 2:
+            raise AdapterMismatchError(
+                f"{self.describe()} reads one pooled {self.projection.input_width}-wide embedding "
+                f"per image from {self.image_encoder}, but the image encoder gives a sequence of "
+                f"{tuple(embeds.shape[1:])}: ComfyUI's SigLIP returns its last hidden states "
+                "without the attention-pooling head that gives SigLIP's pooled output; pick the "
+                "SigLIP file in MultiRef Encode References' siglip_head (the pack reads the head "
+                "from it)")
+        self.check_image_embeds(embeds.shape[-1])
+        weight = self.projection.linears[0].weight
+        return self.projection(embeds.to(weight.device, weight.dtype))
+
+    def uncond_tokens(self, encode_pixels, image_size, mean, std, fusion_weights=None):
+        """(1, tokens, C) the "no image" tokens: the projection of a black image's embedding (the
+        negative image of XLabs' pipeline; InstantX publishes none, and gets the same).
+        fusion_weights: always None (no feature fusion)."""
+        pixels = ((0.0 - torch.tensor(mean)) / torch.tensor(std))[None, :, None, None]
+        return self.project(encode_pixels(pixels.expand(1, 3, image_size, image_size)))
 
     @property
     def context_dim(self):

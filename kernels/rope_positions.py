@@ -82,3 +82,14 @@ def rotate(x, angles):
 def shift_rotated(x, delta_ids, axes_dim, theta):
     """Keys rotated at their positions p -> rotated at p + delta (delta_ids (L, 3) or (3,))."""
     return rotate(x, rope_angles(delta_ids, axes_dim, theta))
+
+
+def unrotate_host(x, pe):
+    """Undo the host's RoPE: x (B, H, L, D) rotated by ComfyUI's Flux `pe` (B or 1, 1, L, D/2, 2,
+    2), the rotation matrix [[cos, -sin], [sin, cos]] per channel pair, back to the unrotated
+    vectors (the transposed matrix is the inverse rotation), computed in float64."""
+    pairs = x.double().unflatten(-1, (-1, 2))
+    m = pe.double()
+    first = m[..., 0, 0] * pairs[..., 0] + m[..., 1, 0] * pairs[..., 1]
+    second = m[..., 0, 1] * pairs[..., 0] + m[..., 1, 1] * pairs[..., 1]
+    return torch.stack([first, second], dim=-1).flatten(-2).to(x.dtype)

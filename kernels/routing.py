@@ -58,12 +58,35 @@ def phrase_keys(per_reference_keys):
         raise RoutingInputError("phrase: a reference has no phrase tokens; give every reference "
                                 "a phrase that names its object")
     keys = torch.cat(list(per_reference_keys), dim=0)
-    average = torch.zeros(keys.shape[0], len(counts), dtype=torch.float32, device=keys.device)
+    return PhraseKeys(keys, token_average(counts, keys.device))
+
+
+def token_average(counts, device=None):
+    """(sum(counts), N): column i holds 1/counts[i] on reference i's tokens, 0 elsewhere."""
+    average = torch.zeros(sum(counts), len(counts), dtype=torch.float32, device=device)
     start = 0
     for i, count in enumerate(counts):
         average[start:start + count, i] = 1.0 / count
         start += count
-    return PhraseKeys(keys, average)
+    return average
+
+
+def locate_phrase(prompt_ids, phrase_ids):
+    """The first index where the token ids phrase_ids occur in prompt_ids as a run, or None."""
+    n = len(phrase_ids)
+    for start in range(len(prompt_ids) - n + 1):
+        if list(prompt_ids[start:start + n]) == list(phrase_ids):
+            return start
+    return None
+
+
+def pad_tokens(token_list):
+    """(1, n_i, C) tokens per reference -> (N, n_max, C) zero-padded, and the counts n_i."""
+    counts = [t.shape[1] for t in token_list]
+    padded = token_list[0].new_zeros(len(counts), max(counts), token_list[0].shape[2])
+    for i, tokens in enumerate(token_list):
+        padded[i, :counts[i]] = tokens[0]
+    return padded, counts
 
 
 def split_heads(x, heads):

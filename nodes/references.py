@@ -1,18 +1,24 @@
 """MultiRefReference (one object, chainable) and MultiRefEncodeReferences (CLIP vision + adapter
 + VAE -> what the patches consume)."""
+import dataclasses
 import hashlib
 import logging
 
 import torch
 
+from ..families.flux import is_flux
 from ..families.vision import encode_image, unconditional_tokens
+from ..kernels import siglip_pooling
 from ..kernels.adapter import HIDDEN_STATES
+from ..kernels.flux_adapters import INSTANTX
 from ..kernels.checkpoints import bind_to_unet
 from ..kernels.embeds import COMBINATIONS, combine_views
 from ..kernels.feature_fusion import FusionError, granularity_weights
 from ..kernels.references import (MASK_VALUES, EncodedReference, Reference, ReferenceInputError,
                                   check_attention_mask, check_finite, latent_masks, square_tiles,
                                   tile_regions)
+from .flux_routing import double_and_single_layers
+from .loaders import folder_paths
 
 log = logging.getLogger("multiref")
 
@@ -112,9 +118,11 @@ class MultiRefEncodeReferences:
             "adapter": ("MULTIREF_ADAPTER", {"tooltip": "From MultiRef Adapter Loader."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was "
                             "trained with (ViT-H for Plus and *_vit-h files, ViT-bigG for "
-                            "ip-adapter_sdxl / model_sdxl.bin)."}),
+                            "ip-adapter_sdxl / model_sdxl.bin; Flux: CLIP ViT-L/14 for XLabs "
+                            "flux-ip-adapter)."}),
             "model": ("MODEL", {"tooltip": "The model the references will be used with (checked "
-                                           "against the adapter's base family and layers)."}),
+                                           "against the adapter's base family and layers; "
+                                           "SD1.5, SDXL or Flux)."}),
             "mask_dilation": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip":
                               "Grow each mask by this many latent pixels (8 image pixels each) to "
                               "keep object borders; SynCD uses about 1."}),
@@ -143,10 +151,16 @@ class MultiRefEncodeReferences:
                             "low-level expert) .. 0.5 (mid) .. 1 = coarse likeness (the high-level "
                             "expert), neighbouring levels blended in between. An adapter without "
                             "fusion needs the negative default."}),
+            "siglip_head": (["none"] + siglip_files(), {"default": "none", "tooltip":
+                            "InstantX Flux adapter only: the SigLIP so400m .safetensors file "
+                            "(models/clip_vision) whose attention-pooling head gives the pooled "
+                            "output the adapter reads; ComfyUI's SigLIP loader drops that head. "
+                            "none for every other adapter."}),
         }}
 
     def encode(self, references, adapter, clip_vision, model, mask_dilation, vae=None,
-               mask_values="binary", combine_views="concat", crop="center", granularity=-1.0):
+               mask_values="binary", combine_views="concat", crop="center", granularity=-1.0,
+               siglip_head="none"):
         if not references:
             raise ReferenceInputError("references: the list is empty; connect a MultiRef Reference")
         if combine_views not in COMBINATIONS:
@@ -159,7 +173,12 @@ class MultiRefEncodeReferences:
         for n, ref in enumerate(references, 1):  # before any encoding
             check_size(ref, n, vae is not None)
         weights = fusion_weights(adapter, granularity)
-        bind_to_unet(adapter, model.model.diffusion_model)  # raises on any mismatch
+        if siglip_head != "none":
+            adapter = with_pooling_head(adapter, clip_vision, siglip_head)
+        if is_flux(model):  # raises on any mismatch
+            double_and_single_layers(model, adapter)
+        else:
+            bind_to_unet(adapter, model.model.diffusion_model)
         with torch.no_grad():
             encoded = tuple(self.encode_one(ref, adapter, clip_vision, vae, mask_dilation,
                                             mask_values, combine_views, crop, weights)
@@ -225,6 +244,25 @@ def fusion_weights(adapter, granularity):
         raise ReferenceInputError(str(exc)) from None
 
 
+def siglip_files():
+    return [n for n in folder_paths.get_filename_list("clip_vision")
+            if n.lower().endswith(".safetensors")]
+
+
+def with_pooling_head(adapter, clip_vision, name):
+    """The InstantX adapter carrying SigLIP's attention-pooling head read from file `name`."""
+    if getattr(adapter, "kind", None) != INSTANTX:
+        raise ReferenceInputError(f"siglip_head: only the InstantX Flux adapter reads SigLIP's "
+                                  f"pooled output, not {adapter.describe()}; set it to none")
+    path = folder_paths.get_full_path("clip_vision", name)
+    if not path:
+        raise ReferenceInputError(f"siglip_head: {name!r} is not in models/clip_vision; put the "
+                                  "SigLIP so400m model.safetensors there")
+    layers = clip_vision.model.vision_model.encoder.layers
+    return dataclasses.replace(adapter, pooling=siglip_pooling.load_head(
+        path, layers[0].self_attn.heads))
+
+
 def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", weights=None):
     """(1, V * n, C) the adapter's tokens of V views, view after view (n per view: its tokens, or
     those of each of its tiles). Combined views give one set of tokens, repeated for every view:
@@ -253,7 +291,8 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", 
 def class_embeddings(clip_vision, images):
     """(V, D) CLIP vision's class embedding of each whole view (CLS-augmented text). Its own
     encoding: the tokens' may be of tiles or of combined views."""
-    return clip_vision.encode_image(images)["image_embeds"].float().cpu()
+    embeds = clip_vision.encode_image(images)["image_embeds"]
+    return embeds.float().cpu() if embeds.ndim == 2 else None  # SigLIP: no pooled embedding
 
 
 def tiles_on_regions(images, tokens_per_view):

@@ -14,13 +14,15 @@ import weakref
 
 import torch
 
+from ..families import flux as flux_family
 from ..families import unet as family
-from ..families.text import empty_phrase_embeddings, phrase_embeddings
-from ..kernels import embeds, layer_weights, routing, token_groups
-from ..kernels.checkpoints import cross_attention_dims, unet_transformer_blocks
+from ..families.text import empty_phrase_embeddings, phrase_embeddings, phrase_positions
+from ..kernels import embeds, flux_adapters, layer_weights, routing, token_groups
+from ..kernels.checkpoints import bind_to_unet, cross_attention_dims, unet_transformer_blocks
 from ..kernels.references import check_finite
 from ..techniques import relevance
 from ..techniques import routing as technique
+from . import flux_routing
 
 log = logging.getLogger("multiref")
 
@@ -36,15 +38,6 @@ class RoutingRecorder(family.SharedAcrossClones, relevance.RelevanceMaps):
     writes where MultiRefRoutingMaps reads; they outlive the run, on the CPU."""
 
 
-def _pad_tokens(token_list):
-    """(1, n_i, C) per reference -> (N, n_max, C) zero-padded, and the counts."""
-    counts = [t.shape[1] for t in token_list]
-    padded = token_list[0].new_zeros(len(counts), max(counts), token_list[0].shape[2])
-    for i, tokens in enumerate(token_list):
-        padded[i, :counts[i]] = tokens[0]
-    return padded, counts
-
-
 class _RoutedReferences:
     """What every layer's patch shares: references, phrases, gating, the recorder."""
 
@@ -58,8 +51,8 @@ class _RoutedReferences:
         self.reversed_layers = reversed_layers
         self.layer_factors, self.embeds_scaling = layer_factors or {}, embeds_scaling
         self.mode, self.scale, self.bounds = mode, scale, bounds
-        self.image_tokens, self.counts = _pad_tokens([r.image_tokens for r in references])
-        self.uncond_tokens, _ = _pad_tokens([r.uncond_tokens for r in references])
+        self.image_tokens, self.counts = routing.pad_tokens([r.image_tokens for r in references])
+        self.uncond_tokens, _ = routing.pad_tokens([r.uncond_tokens for r in references])
         self.embeddings = embeddings
         self.masks = masks
         # A reference whose attention mask is all zeros is off, exactly as weight 0 is; an
@@ -239,17 +232,10 @@ class _RoutedReferences:
                 masks=masks, grid=grid, gate=cached["gate"], token_counts=counts,
                 attention_masks=attention, groups=groups, group_masks=group_masks)
             full = [i for i, r in enumerate(row_roles) if r == "full"]
-            if full:
-                if shown is None:
-                    shown = torch.ones(1, 1, len(active), device=q.device)
-                shown = shown.expand(len(rows), q.shape[1], len(active))
-                if len(active) < len(weights):  # inactive references show as zero
-                    every = shown.new_zeros(len(rows), q.shape[1], len(weights))
-                    every[..., list(active)] = shown
-                    shown = every
-                self.recorder.record(sigma, location[0], grid, shown[full],
-                                     extra_options.get("sample_sigmas"),
-                                     _window_images(extra_options, q.shape[0], rows, full))
+            self.recorder.record_routed(sigma, location[0], grid, row_roles, shown, active,
+                                        len(weights), extra_options.get("sample_sigmas"),
+                                        _window_images(extra_options, q.shape[0], rows, full),
+                                        q.device)
             if not subset:
                 return out
             merged = text_out.clone()
@@ -314,11 +300,21 @@ class MultiRefApplyAdapter:
                                "Where the strength acts: V only = on the image attention's output; "
                                "K+V = on the image keys and values; w/ C penalty = times layer "
                                "width / 1280; K+mean(V) = on the keys and the values' mean."}),
+            "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                       "Flux only: the prompt given to the text encoder, word for word. On Flux "
+                       "each phrase is found inside the prompt's T5 tokens and routed by the "
+                       "joint attention's own text keys there (SD1.5/SDXL encode phrases on "
+                       "their own and ignore this)."}),
+            "decouple_text": ("BOOLEAN", {"default": True, "tooltip":
+                              "Flux, adapters that inject into the text tokens too (InstantX, in "
+                              "its single blocks): on = Dynamic Decoupling (DynaIP), image "
+                              "features go to the image tokens only; off = as published, the "
+                              "text tokens read the references too."}),
         }}
 
     def apply(self, model, adapter, references, clip, mode, scale, start_percent, end_percent,
               phrases="", region_masks=None, weight_type="linear", block_weights="",
-              embeds_scaling="V only"):
+              embeds_scaling="V only", prompt="", decouple_text=True):
         adapter.require_image_layers("adapter")
         references = tuple(references)
         if not references:
@@ -334,7 +330,13 @@ class MultiRefApplyAdapter:
         if not math.isfinite(scale):
             raise ValueError(f"scale: {scale} is not a number; give 0.6-0.8 typically")
         texts = _phrases(references, phrases)
+        if flux_family.is_flux(model):
+            return (self.apply_flux(model, adapter, references, clip, mode, scale,
+                                    start_percent, end_percent, texts, region_masks, weight_type,
+                                    block_weights, embeds_scaling, prompt, decouple_text),)
         unet = model.model.diffusion_model
+        if getattr(adapter, "family", None) == flux_adapters.FAMILY:
+            bind_to_unet(adapter, unet)  # raises: an adapter made for Flux, named
         blocks = dict(unet_transformer_blocks(unet))
         adapter = adapter.bind(list(blocks), cross_attention_dims(unet))
         embeddings = None
@@ -365,6 +367,33 @@ class MultiRefApplyAdapter:
         log.info("MultiRefApplyAdapter: %d references, mode %s, scale %.2f", len(references),
                  mode, scale)
         return (patched,)
+
+    def apply_flux(self, model, adapter, references, clip, mode, scale, start_percent,
+                   end_percent, texts, region_masks, weight_type, block_weights, embeds_scaling,
+                   prompt, decouple_text):
+        """The Flux path (nodes/flux_routing.py): phrases located in the prompt's T5 tokens."""
+        if (weight_type, block_weights.strip(), embeds_scaling) != ("linear", "", "V only"):
+            raise ValueError("weight_type / block_weights / embeds_scaling: per-layer weights are "
+                             "not available on Flux yet; leave them at linear, empty and V only")
+        positions = None
+        if mode == "weighted" and len(references) > 1:
+            if not prompt.strip():
+                raise ValueError("prompt: on Flux, weighted routing finds each phrase inside the "
+                                 "prompt; type the prompt given to the text encoder here (or "
+                                 "choose mode 'mask' or 'sum')")
+            positions = [phrase_positions(clip, prompt, text, f"phrase of reference {i + 1}")
+                         for i, text in enumerate(texts)]
+        masks = _region_masks(region_masks, len(references)) if mode == "mask" else None
+        recorder = RoutingRecorder()
+        state = flux_routing.FluxRoutedReferences(
+            model, adapter, references, positions, masks, mode, scale,
+            flux_family.sigma_range(model, start_percent, end_percent), decouple_text, recorder)
+        patched = flux_routing.patch_model(model, state)
+        patched.model_options.setdefault("transformer_options", {})[RECORDER_KEY] = recorder
+        flux_family.on_each_run(patched, recorder.new_run)
+        log.info("MultiRefApplyAdapter (Flux, %s): %d references, mode %s, scale %.2f",
+                 adapter.describe(), len(references), mode, scale)
+        return patched
 
 
 def _window_images(extra_options, batch, rows, full):
@@ -441,7 +470,10 @@ class MultiRefRoutingMaps:
         latent = samples["samples"]
         size = tuple(image.shape[1:3]) if image is not None else (latent.shape[-2] * 8,
                                                                  latent.shape[-1] * 8)
-        maps = recorder.maps(step, family.BLOCK_GROUPS[layers], size)
+        groups = (flux_family if flux_family.is_flux(model) else family).BLOCK_GROUPS
+        if layers not in groups:
+            raise ValueError(f"layers: a Flux model has no '{layers}' blocks; choose 'all'")
+        maps = recorder.maps(step, groups[layers], size)
         if maps is None:
             raise ValueError(f"layers: no routed layer in group '{layers}'; choose 'all'")
         colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(maps.shape[1])])

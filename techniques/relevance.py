@@ -116,6 +116,27 @@ class RelevanceMaps:
         entry[0].index_add_(0, torch.tensor(images, device=maps.device), maps)
         entry[1].index_add_(0, torch.tensor(images), torch.ones(len(images)))
 
+    def record_routed(self, sigma, block_name, grid, row_roles, shown, active, references,
+                      schedule=None, images=None, device=None):
+        """Record the routing map of the prompt (`full`) rows of one layer call: shown (rows,
+        L, active), (L, active) or None (every active reference everywhere); the references
+        not in `active` (gated off at this step) show as zero. images: each row's batch image
+        under a context window (see record), or None."""
+        full = [i for i, r in enumerate(row_roles) if r == "full"]
+        if not full:
+            return
+        positions = grid[0] * grid[1]
+        if shown is None:
+            shown = torch.ones(1, 1, len(active), device=device)
+        elif shown.ndim == 3 and shown.shape[0] > 1:
+            shown = shown[full]
+        shown = shown.expand(len(full), positions, len(active))
+        if len(active) < references:
+            every = shown.new_zeros(len(full), positions, references)
+            every[..., list(active)] = shown
+            shown = every
+        self.record(sigma, block_name, grid, shown, schedule, images)
+
     def maps(self, step, block_names, size):
         """Mean over the recorded layers of one step and group: (rows, N, H, W) at `size`
         (bilinear), or None when none was recorded."""

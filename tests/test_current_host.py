@@ -29,6 +29,9 @@ HOST_TESTS = ("tests/test_loading.py", "tests/test_patch_identity.py", "tests/te
               "tests/test_dit_models.py", "tests/test_dit_guidance.py",
               "tests/test_dit_positions.py", "tests/test_techniques.py", "tests/test_flux_msa.py",
               "tests/test_knobs.py", "tests/test_run_state.py",
+              "tests/test_flux_routing.py", "tests/test_context_windows.py",
+              "tests/test_attention_masks.py", "tests/test_cls_text.py",
+              "tests/test_feature_fusion.py",
               # the checkout's own server and editor (skips, saying why, without its front end)
               "tests/test_editor.py")
 # test_runner's demo test is the same run as test_runner_demo_writes_a_png_on_the_checkout

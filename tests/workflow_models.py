@@ -4,7 +4,8 @@ graph unchanged:
     loader nodes with the same outputs that build the tiny host models (the host cannot detect
     a tiny checkpoint's architecture from a file);
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
-    the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
+    the published key layout of that file (tests/tiny_checkpoints.py; the Flux adapters:
+    tests/tiny_flux_checkpoints.py, shaped for the tiny Flux), and loaded by the real
     MultiRefAdapterLoader;
   * a CLS text fusion file is written, under the name the workflow uses, for the tiny text
     encoders of the workflow's checkpoint family, every weight random (a trained-like fusion);
@@ -18,6 +19,7 @@ import os
 import torch
 
 import tiny_checkpoints
+import tiny_flux_checkpoints
 import training_data
 from multiref.families import tiny_models
 from multiref.kernels import cls_text
@@ -61,7 +63,15 @@ TEST_NODES = {"CheckpointLoaderSimple": TinyCheckpointLoaderForTests,
               "CLIPVisionLoader": TinyCLIPVisionLoaderForTests}
 
 
+# The Flux adapter files by their published names, written for the tiny Flux of the demo models.
+FLUX_ADAPTER_FILES = {"ip-adapter.bin": tiny_flux_checkpoints.write_instantx,
+                      "ip_adapter.safetensors": tiny_flux_checkpoints.write_xlabs}
+
+
 def _adapter_file(folder, name):
+    if name in FLUX_ADAPTER_FILES:
+        FLUX_ADAPTER_FILES[name](folder, name)
+        return
     stem, ext = os.path.splitext(name)
     if stem in tiny_checkpoints.FUSION_NAMES:  # a file the trainer writes with train_fusion
         tiny_checkpoints.write_fusion_checkpoint(folder, tiny_checkpoints.FUSION_NAMES[stem], name)

@@ -8,6 +8,7 @@ over N processes or interrupted and resumed computes exactly what one straight r
 import torch
 
 from ..kernels.diffusion_objective import condition_dropout
+from .attention_constraint import BATCH_KEYS as MAP_KEYS, row_targets
 
 
 class Sampler:
@@ -34,7 +35,7 @@ class Sampler:
         refs = max(len(g.ref_latents) for g in picked)
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
                                "ref_noise", "ref_masks", "ref_tokens", "ref_weights",
-                               "ref_context", "ref_adm")}
+                               "ref_context", "ref_adm", *MAP_KEYS)}
         phrases = []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
@@ -63,6 +64,8 @@ class Sampler:
                 phrases.append(group.phrases + group.phrases[:1] * pad)
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
             ref_context, ref_adm = self.reference_text(group, refs, context, adm, drop_text)
+            for key, value in row_targets(group, refs, drop_text, drop_image).items():
+                out[key].append(value)
             out["ref_context"].append(ref_context)
             out["ref_adm"].append(ref_adm)
             out["latent"].append(group.latent)

@@ -61,6 +61,11 @@ class TrainConfig:
     preview_prompt: str = ""             # this prompt (empty = the first caption)
     quality_threshold: float = 0.0       # drop groups whose object quality score is lower
                                          # (training/quality.py; 0 = keep all, no scoring)
+    text_map_weight: float = 0.0         # cross-attention map constraints (MM-Diff; training/
+    image_map_weight: float = 0.0        # attention_constraint.py): weights of the phrase-token
+                                         # and reference-token map losses (0 = off)
+    map_layers: list = field(default_factory=lambda: ["input", "middle", "output"])
+                                         # the layer groups whose maps are constrained
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -88,12 +93,17 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("output_dir", "steps", "save_every", "keep_last", "resume",
                      "gradient_checkpointing", "mixed_precision", "device", "preview_every",
                      "preview_prompt")
+MAP_SETTINGS = ("text_map_weight", "image_map_weight", "map_layers")
 
 
 def run_identity(config, family, adapter_fingerprint):
     """What a checkpoint must share with the run that resumes it: the defining settings, the
     base model family and the adapter trained (its weights' fingerprint)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    if not (config.text_map_weight or config.image_map_weight):
+        # Off, they change nothing: runs saved before these settings existed still resume.
+        for key in MAP_SETTINGS:
+            identity.pop(key)
     identity.update(base_family=family, adapter_weights=adapter_fingerprint)
     return identity
 
@@ -153,6 +163,8 @@ def validate(config):
             c.text_dropout + c.image_dropout + c.both_dropout > 1:
         raise TrainConfigError("text_dropout, image_dropout and both_dropout must be >= 0 and sum "
                                "to at most 1")
+    from .attention_constraint import check_settings
+    check_settings(c)
     device = resolve_device(c)
     check_writable(c.output_dir)
     return device

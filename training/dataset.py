@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..families.text import phrase_positions
 from ..kernels.msa import reference_prompt
 
 log = logging.getLogger("multiref")
@@ -28,10 +29,13 @@ class EncodedGroup:
     phrases: tuple = ()                # (P_i, D) text embeddings of each reference's phrase
     ref_context: Optional[torch.Tensor] = None  # (K, L, D) text of each reference's prompt
     ref_adm: Optional[torch.Tensor] = None      # (K, A) its adm (SDXL), None for SD1.5
+    target_masks: Optional[torch.Tensor] = None  # (K, h, w) each reference's object in the target
+    phrase_tokens: Optional[torch.Tensor] = None  # (K, L) 1 on the rows of `context` holding the
+                                                 # reference's phrase (all 0: not found)
 
 
 FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases",
-          "ref_context", "ref_adm")
+          "ref_context", "ref_adm", "target_masks", "phrase_tokens")
 
 
 def to_tensors(encoded):
@@ -124,6 +128,12 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
             prompts = [text(reference_prompt(ref.phrase)) for ref in group.references]
             item.ref_context = torch.stack([c for c, _ in prompts])
             item.ref_adm = None if adm is None else torch.stack([a for _, a in prompts])
+            # Where each object is, in the target and in the caption (the map constraints).
+            item.target_masks = torch.stack([latent_mask(load_mask(
+                ref.target_mask or group.target.mask, resolution), hw) for ref in group.references])
+            item.phrase_tokens = torch.zeros(len(group.references), context.shape[0])
+            for k, ref in enumerate(group.references):
+                item.phrase_tokens[k, phrase_positions(clip, group.caption, ref.phrase)] = 1.0
             if adapter is not None:
                 item.ref_tokens = adapter.project(clip_vision.encode_image(pixels[1:])).float().cpu()
                 for ref in group.references:

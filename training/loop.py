@@ -18,8 +18,8 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (euler_sample, output_scale_of,
                                            parameterization_loss)
-from . import (batches, blocks, checkpoint, config as config_mod, dataset, encoding, manifest, plots,
-               quality)
+from . import (attention_constraint, batches, blocks, checkpoint, config as config_mod, dataset,
+               encoding, manifest, plots, quality)
 
 log = logging.getLogger("multiref")
 
@@ -58,6 +58,9 @@ class TrainStep(nn.Module):
         self.lora = nn.ModuleList(lora_layers.values())
         self.adapter = nn.ModuleList(adapter_layers.values())
         self._frozen = (patcher, state)
+        # The cross-attention map constraints (training/attention_constraint.py): None = off.
+        self.map_settings, self.map_weights = None, (0.0, 0.0)
+        self.last_maps, self.last_denoise = None, None  # of the last call, for measuring
 
     def forward(self, batch):
         patcher, state = self._frozen
@@ -67,7 +70,7 @@ class TrainStep(nn.Module):
         sigma = batch["sigma"]
         x = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), batch["noise"], batch["latent"])
         extra = {} if batch["adm"] is None else {"y": batch["adm"]}
-        refs = batch["ref_latents"]
+        refs, maps = batch["ref_latents"], None
         if refs is not None:
             per_group = refs.shape[1]
             ref_sigma = sigma.repeat_interleave(per_group)
@@ -81,14 +84,23 @@ class TrainStep(nn.Module):
                                  transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
             image = None if batch["ref_tokens"] is None else blocks.ImageCondition(
                 batch["ref_tokens"], batch["ref_weights"], batch["phrases"])
-            state.begin_target(batch["ref_masks"], image)
+            maps = None if self.map_settings is None else \
+                attention_constraint.PassMaps.of_batch(self.map_settings, batch)
+            state.begin_target(batch["ref_masks"], image, maps)
         try:
             denoised = base.apply_model(x, sigma, c_crossattn=batch["context"],
                                         transformer_options=dict(options, sigmas=sigma), **extra)
         finally:
             state.end()
         scale = output_scale_of(sampling.calculate_denoised, sigma, batch["latent"])
-        return parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
+        loss = parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
+        if self.map_settings is None:
+            return loss
+        self.last_maps, self.last_denoise = maps, loss.detach()
+        for weight, term in zip(self.map_weights, attention_constraint.pass_losses(maps)):
+            if weight and term is not None:
+                loss = loss + weight * term
+        return loss
 
 
 def distributed_context():
@@ -130,6 +142,9 @@ class Run:
                                       config.reference_conditioning)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
+        attention_constraint.check_adapter(config, models.adapter is not None)
+        self.step_module.map_settings = attention_constraint.settings_of(config)
+        self.step_module.map_weights = (config.text_map_weight, config.image_map_weight)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
                                base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()

@@ -4,7 +4,7 @@ share of each phrase's attention (text maps) and of each reference's image-token
 (image maps) inside its own object's mask, and the denoising loss.
 
     python -m bench.attention_constraint                  # CPU, tiny SD1.5 UNet + tiny adapter
-    python -m bench.attention_constraint --steps 60 --every 10 --text-weight 1 --image-weight 1
+    python -m bench.attention_constraint --steps 40 --every 10 --text-weight 4 --image-weight 4
 
 Prints one line per measurement (step, both runs' shares and denoising loss) and a summary.
 Held-out samples: another draw of the same generator (other object positions, colors, pairs).
@@ -52,12 +52,12 @@ def curves(pack, folder, train_data, held_out, args, text_weight, image_weight):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=10, help="measure every N steps")
-    parser.add_argument("--groups", type=int, default=16, help="training groups")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--every", type=int, default=20, help="measure every N steps")
+    parser.add_argument("--groups", type=int, default=32, help="training groups")
     parser.add_argument("--held-out", type=int, default=8, help="held-out groups")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--text-weight", type=float, default=1.0)
     parser.add_argument("--image-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

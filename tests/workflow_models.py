@@ -6,7 +6,8 @@ graph unchanged:
   * adapter files are written, under the exact names the workflow uses, as tiny checkpoints with
     the published key layout of that file (tests/tiny_checkpoints.py), and loaded by the real
     MultiRefAdapterLoader;
-  * a training node gets a tiny generated dataset and a temporary run folder.
+  * a training node gets a tiny generated dataset (two objects per image when it constrains
+    attention maps) and a temporary run folder.
 Pictures are left alone: Load Image reads the shipped example pictures that the pack copied
 into the host's input folder when it loaded, as on a user's machine.
 Sizes and step counts shrink so a CPU runs every workflow in seconds."""
@@ -79,8 +80,10 @@ def swap_in_tiny_models(prompt, host, tmp_path):
         elif kind == "MultiRefAdapterLoader":
             _adapter_file(str(adapters), args["adapter_name"])
         elif kind == "MultiRefTrain":
-            args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
-                                                                 groups=2, refs=1)
+            constrained = args.get("text_map_weight") or args.get("image_map_weight")
+            args["dataset"] = training_data.write_two_object_dataset(
+                str(tmp_path / "dataset"), groups=2) if constrained else \
+                training_data.write_object_dataset(str(tmp_path / "dataset"), groups=2, refs=1)
             # Inside the host's output folder (the node refuses any other place), one per test.
             args["output_dir"] = f"workflow_tests/{tmp_path.name}/run"
             args["save_every"] = 2

@@ -167,7 +167,7 @@ def test_map_loss_gradients_are_the_same_with_checkpointing(two_objects, tmp_pat
             loop._unload(run.patcher)
         grads[checkpointing, weight] = [p.grad.clone() for p in run.step_module.parameters()]
         if weight:
-            text, image = (t for t in loop.attention_constraint.pass_losses(run.step_module.last_maps))
+            text, image = loop.attention_constraint.pass_losses(run.step_module.last_maps)
             assert text is not None and image is not None
             assert len(run.step_module.last_maps.collected) == 7  # every cross-attention
     for a, b in zip(grads[False, 1.0], grads[True, 1.0]):

@@ -1,4 +1,4 @@
-"""Cross-attention map constraints in training (MM-Diff; the loss is kernels/attention_constraint.py).
+"""Cross-attention map constraints in training (MM-Diff; the loss: kernels/attention_constraint.py).
 
 At the constrained layers of the target pass, each object's attention map is pulled into the
 object's mask in the target image:
@@ -64,22 +64,19 @@ def settings_of(config):
 
 
 def row_targets(group, refs, drop_text, drop_image):
-    """One batch row's entries of BATCH_KEYS for an encoding.EncodedGroup padded to `refs`
-    references."""
-    k, pad = len(group.ref_latents), refs - len(group.ref_latents)
-    masks = group.target_masks
+    """One batch row's entries of BATCH_KEYS for a dataset.EncodedGroup padded to `refs`
+    references (padding: empty masks, no tokens, never valid)."""
+    pad = refs - len(group.ref_latents)
+    masks, tokens = group.target_masks, group.phrase_tokens
     coverage = masks.flatten(1).mean(1)
     placed = (coverage > 0) & (coverage < 1)
-    found = group.phrase_tokens.sum(1) > 0
-    real = torch.zeros(refs, dtype=torch.bool)
-    real[:k] = True
+    found = tokens.sum(1) > 0
     pad_false = torch.zeros(pad, dtype=torch.bool)
     return {"target_masks": torch.cat([masks, masks.new_zeros(pad, *masks.shape[1:])]),
-            "phrase_tokens": torch.cat([group.phrase_tokens,
-                                        group.phrase_tokens.new_zeros(pad, group.phrase_tokens.shape[1])]),
-            "text_valid": torch.cat([placed & found, pad_false]) & (not drop_text) & real,
-            "image_valid": torch.cat([placed, pad_false]) & (not drop_image) & real
-            & (group.ref_tokens is not None)}
+            "phrase_tokens": torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])]),
+            "text_valid": torch.cat([placed & found, pad_false]) & (not drop_text),
+            "image_valid": torch.cat([placed, pad_false])
+            & (not drop_image and group.ref_tokens is not None)}
 
 
 @dataclass
@@ -162,7 +159,8 @@ def measure(config, models, trained=None, micro_batches=4):
                                  full_mask_probability=0.0)
     device, groups = loop.prepare(config)
     encoded = encoding.encode(config, models, groups)
-    run = loop.Run(config, models, device, encoded, None if trained is None else trained.lora_layers)
+    run = loop.Run(config, models, device, encoded,
+                   None if trained is None else trained.lora_layers)
     if trained is not None:
         for location, layer in run.adapter_layers.items():
             layer.load_state_dict(trained.adapter_layers[location].state_dict())

@@ -32,7 +32,7 @@ def curves(pack, folder, train_data, held_out, args, text_weight, image_weight):
     """[(step, measurement)] of one run: measured before training and every `every` steps (the
     run resumes from its own checkpoint, so the chunks are one straight run)."""
     tiny = pack("families.tiny_models")
-    loop, constraint = pack("training.loop"), pack("training.attention_constraint")
+    loop = pack("training.loop")
     config_cls = pack("training.config").TrainConfig
     unet = tiny.tiny_unet("sd15")
     models = loop.Models(unet, tiny.tiny_vae(), tiny.tiny_text_encoder("sd15"), "sd15",
@@ -43,10 +43,10 @@ def curves(pack, folder, train_data, held_out, args, text_weight, image_weight):
                     text_map_weight=text_weight, image_map_weight=image_weight)
     held = config_cls(**dict(settings, dataset=held_out, output_dir=os.path.join(folder, "held"),
                              batch_size=1))
-    out = [(0, constraint.measure(held, models, None, args.held_out))]
+    out = [(0, loop.map_shares(held, models, None, args.held_out))]
     for step in range(args.every, args.steps + 1, args.every):
         result = loop.train(config_cls(**dict(settings, steps=step)), models)
-        out.append((step, constraint.measure(held, models, result, args.held_out)))
+        out.append((step, loop.map_shares(held, models, result, args.held_out)))
     return out
 
 

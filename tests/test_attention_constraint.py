@@ -181,7 +181,7 @@ def test_constraint_moves_the_maps_into_the_masks(two_objects, tmp_path):
     the references' image-token share rises on the training samples (on held-out samples the
     tiny random UNet's queries barely tell the objects apart; bench/RESULTS.md); the denoising
     loss drops in both runs."""
-    from multiref.training import attention_constraint, loop
+    from multiref.training import loop
     from multiref.training.config import TrainConfig
     train, held_out = two_objects
     runs = {}
@@ -193,9 +193,9 @@ def test_constraint_moves_the_maps_into_the_masks(two_objects, tmp_path):
                                               output_dir=str(tmp_path / name / "held"))),
                    "train": TrainConfig(**dict(cfg.to_dict(), batch_size=1,
                                                output_dir=str(tmp_path / name / "seen")))}
-        before = {k: attention_constraint.measure(c, models, None, 8) for k, c in measure.items()}
+        before = {k: loop.map_shares(c, models, None, 8) for k, c in measure.items()}
         result = loop.train(cfg, models)
-        after = {k: attention_constraint.measure(c, models, result, 8) for k, c in measure.items()}
+        after = {k: loop.map_shares(c, models, result, 8) for k, c in measure.items()}
         runs[name] = before, after
     (before, with_), (_, without) = runs["with"], runs["without"]
     # Seeded, so the same figures every run; the margins are a fraction of the measured gains

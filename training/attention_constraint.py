@@ -24,26 +24,23 @@ LAYER_GROUPS = ("input", "middle", "output")
 BATCH_KEYS = ("target_masks", "phrase_tokens", "text_valid", "image_valid")
 
 
-def check_settings(config):
-    """A clear error for unusable constraint settings (config.TrainConfigError)."""
-    from .config import TrainConfigError
+def settings_problem(config):
+    """What is wrong with the constraint settings (the message of a config.TrainConfigError),
+    or None."""
     for name in ("text_map_weight", "image_map_weight"):
         value = getattr(config, name)
         if not isinstance(value, (int, float)) or value < 0:
-            raise TrainConfigError(f"{name} must be a number >= 0 (0 = off), got {value!r}")
+            return f"{name} must be a number >= 0 (0 = off), got {value!r}"
     layers = config.map_layers
     if not isinstance(layers, (list, tuple)) or not layers or \
             any(layer not in LAYER_GROUPS for layer in layers):
-        raise TrainConfigError(f"map_layers must be a non-empty list of layer groups out of "
-                               f"{list(LAYER_GROUPS)}, got {layers!r}")
+        return (f"map_layers must be a non-empty list of layer groups out of "
+                f"{list(LAYER_GROUPS)}, got {layers!r}")
+    return None
 
 
-def check_adapter(config, has_adapter):
-    """The image maps are the adapter's: a clear error without one."""
-    from .config import TrainConfigError
-    if config.image_map_weight > 0 and not has_adapter:
-        raise TrainConfigError("image_map_weight > 0 constrains the adapter's image attention: "
-                               "give an adapter to train (and its clip_vision), or set it to 0")
+ADAPTER_NEEDED = ("image_map_weight > 0 constrains the adapter's image attention: give an "
+                  "adapter to train (and its clip_vision), or set it to 0")
 
 
 @dataclass(frozen=True)
@@ -144,41 +141,4 @@ def pass_shares(maps):
         if shares:
             mean = torch.stack(shares).mean(0)
             out[kind] = (float((mean * valid).sum()), int(valid.sum()))
-    return out
-
-
-def measure(config, models, trained=None, micro_batches=4):
-    """On the dataset of `config` (held-out groups), no gradient, the run's fixed draws without
-    condition dropout: {"denoise": mean denoising loss, "text": mean share of the phrases'
-    attention inside their own masks, "image": the same of the references' image tokens (with
-    an adapter)} over the first `micro_batches` micro-batches at the config's map_layers.
-    trained: a loop.TrainResult (its LoRA and adapter layers), or None for the untrained model."""
-    import dataclasses
-    from . import encoding, loop
-    config = dataclasses.replace(config, text_dropout=0.0, image_dropout=0.0, both_dropout=0.0,
-                                 full_mask_probability=0.0)
-    device, groups = loop.prepare(config)
-    encoded = encoding.encode(config, models, groups)
-    run = loop.Run(config, models, device, encoded,
-                   None if trained is None else trained.lora_layers)
-    if trained is not None:
-        for location, layer in run.adapter_layers.items():
-            layer.load_state_dict(trained.adapter_layers[location].state_dict())
-    step = run.step_module
-    step.map_settings = MapSettings(frozenset(config.map_layers), True, models.adapter is not None)
-    step.map_weights = (0.0, 0.0)
-    rows = list(range(config.batch_size))
-    denoise, sums = 0.0, {}
-    with torch.no_grad():
-        loop._load(run.patcher, device)
-        try:
-            for micro in range(micro_batches):
-                denoise += float(step(run.batch(micro, rows)))
-                for kind, (total, count) in pass_shares(step.last_maps).items():
-                    previous = sums.get(kind, (0.0, 0))
-                    sums[kind] = (previous[0] + total, previous[1] + count)
-        finally:
-            loop._unload(run.patcher)
-    out = {"denoise": denoise / micro_batches}
-    out.update({kind: total / max(count, 1) for kind, (total, count) in sums.items()})
     return out

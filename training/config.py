@@ -163,8 +163,10 @@ def validate(config):
             c.text_dropout + c.image_dropout + c.both_dropout > 1:
         raise TrainConfigError("text_dropout, image_dropout and both_dropout must be >= 0 and sum "
                                "to at most 1")
-    from .attention_constraint import check_settings
-    check_settings(c)
+    from .attention_constraint import settings_problem
+    problem = settings_problem(c)
+    if problem:
+        raise TrainConfigError(problem)
     device = resolve_device(c)
     check_writable(c.output_dir)
     return device

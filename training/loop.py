@@ -6,6 +6,7 @@ What each micro-batch holds and its random draws: training/batches.py; the one-t
 the dataset: training/encoding.py.
 """
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -142,7 +143,8 @@ class Run:
                                       config.reference_conditioning)
         self.patcher = blocks.install(models.patcher.clone(), self.state)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state)
-        attention_constraint.check_adapter(config, models.adapter is not None)
+        if config.image_map_weight > 0 and models.adapter is None:
+            raise config_mod.TrainConfigError(attention_constraint.ADAPTER_NEEDED)
         self.step_module.map_settings = attention_constraint.settings_of(config)
         self.step_module.map_weights = (config.text_map_weight, config.image_map_weight)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
@@ -196,6 +198,42 @@ def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
                        for m in range(micro_batches)) / micro_batches
         finally:
             _unload(run.patcher)
+
+
+def map_shares(config, models, trained=None, micro_batches=4):
+    """On the dataset of `config` (held-out groups), no gradient, the run's fixed draws without
+    condition dropout: {"denoise": mean denoising loss, "text": mean share of the phrases'
+    attention inside their own masks, "image": the same of the references' image tokens (with
+    an adapter)} over the first `micro_batches` micro-batches at the config's map_layers.
+    trained: a TrainResult (its LoRA and adapter layers), or None for the untrained model."""
+    config = dataclasses.replace(config, text_dropout=0.0, image_dropout=0.0, both_dropout=0.0,
+                                 full_mask_probability=0.0)
+    device, groups = prepare(config)
+    encoded = encoding.encode(config, models, groups)
+    run = Run(config, models, device, encoded, None if trained is None else trained.lora_layers)
+    if trained is not None:
+        for location, layer in run.adapter_layers.items():
+            layer.load_state_dict(trained.adapter_layers[location].state_dict())
+    step = run.step_module
+    step.map_settings = attention_constraint.MapSettings(frozenset(config.map_layers), True,
+                                                         models.adapter is not None)
+    step.map_weights = (0.0, 0.0)
+    rows = list(range(config.batch_size))
+    denoise, sums = 0.0, {}
+    with torch.no_grad():
+        _load(run.patcher, device)
+        try:
+            for micro in range(micro_batches):
+                denoise += float(step(run.batch(micro, rows)))
+                shares = attention_constraint.pass_shares(step.last_maps)
+                for kind, (total, count) in shares.items():
+                    previous = sums.get(kind, (0.0, 0))
+                    sums[kind] = (previous[0] + total, previous[1] + count)
+        finally:
+            _unload(run.patcher)
+    out = {"denoise": denoise / micro_batches}
+    out.update({kind: total / max(count, 1) for kind, (total, count) in sums.items()})
+    return out
 
 
 def train(config, models, on_step=None, check_interrupt=None):

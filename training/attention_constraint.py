@@ -62,9 +62,14 @@ def settings_of(config):
 
 def row_targets(group, refs, drop_text, drop_image):
     """One batch row's entries of BATCH_KEYS for a dataset.EncodedGroup padded to `refs`
-    references (padding: empty masks, no tokens, never valid)."""
-    pad = refs - len(group.ref_latents)
+    references (padding: empty masks, no tokens, never valid). A group encoded without target
+    masks or phrase positions (built in memory, e.g. by a benchmark) has no valid object."""
+    k, pad = len(group.ref_latents), refs - len(group.ref_latents)
     masks, tokens = group.target_masks, group.phrase_tokens
+    if masks is None:
+        masks = group.ref_masks.new_zeros(k, *group.latent.shape[1:])
+    if tokens is None:
+        tokens = group.context.new_zeros(k, group.context.shape[0])
     coverage = masks.flatten(1).mean(1)
     placed = (coverage > 0) & (coverage < 1)
     found = tokens.sum(1) > 0

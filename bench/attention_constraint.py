@@ -8,8 +8,12 @@ share of each phrase's attention (text maps) and of each reference's image-token
 
 Prints one line per measurement (step, both runs' shares and denoising loss) and a summary.
 Held-out samples: another draw of the same generator (other object positions, colors, pairs).
+At the end, the shares inside the OTHER object's mask too (the held-out set with the two masks
+of each sample swapped): a map that only learned where objects are, not which is which, gains
+as much there as inside its own mask.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -28,9 +32,23 @@ def two_object_dataset(folder, groups, seed):
     return training_data.write_two_object_dataset(folder, groups=groups, seed=seed)
 
 
+def swapped_masks(manifest):
+    """A copy of a two-object manifest with each sample's two object masks swapped."""
+    with open(manifest) as f:
+        data = json.load(f)
+    for sample in data["samples"]:
+        first, second = sample["objects"]
+        first["mask"], second["mask"] = second["mask"], first["mask"]
+    path = os.path.join(os.path.dirname(manifest), "swapped_masks.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
 def curves(pack, folder, train_data, held_out, args, text_weight, image_weight):
-    """[(step, measurement)] of one run: measured before training and every `every` steps (the
-    run resumes from its own checkpoint, so the chunks are one straight run)."""
+    """([(step, measurement)], the last measurement with the masks swapped) of one run:
+    measured before training and every `every` steps (the run resumes from its own
+    checkpoint, so the chunks are one straight run)."""
     tiny = pack("families.tiny_models")
     loop = pack("training.loop")
     config_cls = pack("training.config").TrainConfig
@@ -47,7 +65,9 @@ def curves(pack, folder, train_data, held_out, args, text_weight, image_weight):
     for step in range(args.every, args.steps + 1, args.every):
         result = loop.train(config_cls(**dict(settings, steps=step)), models)
         out.append((step, loop.map_shares(held, models, result, args.held_out)))
-    return out
+    other = config_cls(**dict(held.to_dict(), dataset=swapped_masks(held_out),
+                              output_dir=os.path.join(folder, "other")))
+    return out, loop.map_shares(other, models, result, args.held_out)
 
 
 def main(argv=None):
@@ -81,14 +101,16 @@ def main(argv=None):
           "tokens); denoising loss on held-out samples")
     print(f"{'step':>5} | {'text w/o':>8} {'text with':>9} | {'image w/o':>9} {'image with':>10} "
           f"| {'loss w/o':>8} {'loss with':>9}")
-    for (step, a), (_, b) in zip(runs["without"], runs["with"]):
+    for (step, a), (_, b) in zip(runs["without"][0], runs["with"][0]):
         print(f"{step:>5} | {a['text']:>8.4f} {b['text']:>9.4f} | {a['image']:>9.4f} "
               f"{b['image']:>10.4f} | {a['denoise']:>8.4f} {b['denoise']:>9.4f}")
-    first, last = runs["with"][0][1], runs["with"][-1][1]
-    plain = runs["without"][-1][1]
+    first, last = runs["with"][0][0][1], runs["with"][0][-1][1]
+    plain = runs["without"][0][-1][1]
     for kind in ("text", "image"):
         print(f"{kind}: share inside {first[kind]:.4f} before; after {args.steps} steps "
-              f"{last[kind]:.4f} with the constraint, {plain[kind]:.4f} without")
+              f"{last[kind]:.4f} with the constraint, {plain[kind]:.4f} without; inside the "
+              f"other object's mask {runs['with'][1][kind]:.4f} with, "
+              f"{runs['without'][1][kind]:.4f} without")
     print(f"denoising loss: {first['denoise']:.4f} before; after {args.steps} steps "
           f"{last['denoise']:.4f} with the constraint, {plain['denoise']:.4f} without")
 

@@ -231,3 +231,25 @@ def test_phrase_positions_are_the_phrase_tokens_in_the_caption():
     positions = phrase_positions(clip, caption, "red frog")
     assert [ids[p] for p in positions] == frog and len(positions) == 2
     assert phrase_positions(clip, caption, "app") == []  # not a whole word of the caption
+
+
+def test_a_constrained_run_resumes_exactly(two_objects, tmp_path):
+    """Interrupted and resumed with the constraint on (routing, MSA, checkpointing): the same
+    weights as a straight run (float rounding: stated tolerance 1e-6)."""
+    from multiref.training import loop
+    data = two_objects[0]
+    settings = dict(steps=4, text_map_weight=1.0, image_map_weight=1.0)
+    straight = loop.train(_config(data, tmp_path / "straight", **settings), _models())
+    calls = []
+
+    def stop_at_2():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(data, tmp_path / "split", **settings), _models(),
+                   check_interrupt=stop_at_2)
+    resumed = loop.train(_config(data, tmp_path / "split", **settings), _models())
+    assert resumed.steps == 4
+    for a, b in zip(_trained(straight), _trained(resumed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

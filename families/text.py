@@ -49,3 +49,20 @@ def phrase_positions(clip, prompt, phrase, what, encoder="t5xxl"):
         raise ValueError(f"{what}: phrase {phrase!r} is not in the prompt {prompt!r}; write the "
                          "phrase exactly as the prompt has it, or add the words to the prompt")
     return list(range(start, start + len(phrase_ids)))
+
+
+def caption_phrase_rows(clip, caption, phrase):
+    """The rows of the caption's encoding (chunk c, token t -> row 77 c + t) that hold the
+    phrase's tokens, first occurrence; [] when the caption does not contain them as whole
+    words (CLIP's tokenizer splits every word on its own, so a word's tokens are the same
+    alone and in a sentence)."""
+    key = next(iter(clip.tokenize("")))
+    end_token = clip.tokenize("")[key][0][1][0]
+    words = [t[0] for t in clip.tokenize(phrase)[key][0]]
+    words = words[1:words.index(end_token, 1)]
+    chunks = clip.tokenize(caption)[key]
+    ids = [t[0] for chunk in chunks for t in chunk]
+    for start in range(len(ids) - len(words) + 1):
+        if words and ids[start:start + len(words)] == words:
+            return list(range(start, start + len(words)))
+    return []

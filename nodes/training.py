@@ -107,13 +107,26 @@ class MultiRefTrain:
                          "embedding fused into its word in the caption; needs an adapter and "
                          "clip_vision). Saved as multiref_cls_text.safetensors in the output "
                          "folder, for MultiRef CLS Fusion Loader (copy it to models/multiref)."}),
+            "text_map_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                "tooltip": "Cross-attention map constraint (MM-Diff): weight of "
+                                "the loss pulling each object's phrase-token attention into the "
+                                "object's mask in the target, so subjects separate without a "
+                                "layout at inference. Needs multi-object samples with masks; "
+                                "0 = off."}),
+            "image_map_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                 "tooltip": "The same for each reference's image tokens in the "
+                                 "adapter's image attention (needs an adapter); 0 = off."}),
+            "map_layers": ("STRING", {"default": "input,middle,output", "tooltip":
+                           "Layer groups whose maps are constrained, comma-separated, out of "
+                           "input, middle, output."}),
         }}
 
     def train(self, model, clip, vae, dataset, output_dir, steps, batch_size, grad_accumulation,
               learning_rate, lora_rank, resolution, save_every, keep_last, seed,
               gradient_checkpointing, resume, preview_every=0, preview_prompt="",
               quality_threshold=0.0, adapter=None, clip_vision=None, train_fusion=False,
-              cls_text=False):
+              cls_text=False, text_map_weight=0.0, image_map_weight=0.0,
+              map_layers="input,middle,output"):
         folder = inside_output(output_dir, "output_dir", TrainConfigError, "multiref_training/run1")
         config = TrainConfig(dataset=dataset, output_dir=folder, steps=steps,
                              batch_size=batch_size, grad_accumulation=grad_accumulation,
@@ -122,7 +135,9 @@ class MultiRefTrain:
                              seed=seed, gradient_checkpointing=gradient_checkpointing,
                              resume=resume, quality_threshold=quality_threshold,
                              preview_every=preview_every, preview_prompt=preview_prompt,
-                             train_fusion=bool(train_fusion), cls_text=bool(cls_text))
+                             train_fusion=bool(train_fusion), cls_text=bool(cls_text),
+                             text_map_weight=text_map_weight, image_map_weight=image_map_weight,
+                             map_layers=[g.strip() for g in map_layers.split(",") if g.strip()])
         bar = comfy.utils.ProgressBar(steps)
         # The trainer patches and moves the model itself: nothing the host holds loaded (the
         # same weights with another clone's patches merged in) may stay patched under it.

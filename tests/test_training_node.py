@@ -134,3 +134,18 @@ def test_cancel_saves_a_resumable_state_and_the_next_run_resumes(tmp_path, outpu
     assert checkpoint.saved_steps(str(output_folder / "r")) == [1, 4]
     import json
     assert [s for s, _ in json.loads((output_folder / "r" / "loss.json").read_text())] == [1, 2, 3, 4]
+
+
+def test_map_constraint_inputs_reach_the_run(tmp_path, output_folder):
+    """The node's optional map-constraint inputs become the run's settings (config.json), and
+    the run trains with them on a two-object dataset."""
+    import json
+    data = training_data.write_two_object_dataset(str(tmp_path / "data"), groups=2)
+    with torch.inference_mode():
+        model, clip, vae = (tiny_models.tiny_unet("sd15"), tiny_models.tiny_text_encoder("sd15"),
+                            tiny_models.tiny_vae())
+        MultiRefTrain().train(model, clip, vae, **_inputs(data, "m", steps=2),
+                              text_map_weight=0.5, map_layers=" middle, output ")
+    saved = json.loads((output_folder / "m" / "config.json").read_text())
+    assert (saved["text_map_weight"], saved["image_map_weight"], saved["map_layers"]) == \
+        (0.5, 0.0, ["middle", "output"])

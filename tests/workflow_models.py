@@ -9,7 +9,8 @@ graph unchanged:
     MultiRefAdapterLoader;
   * a CLS text fusion file is written, under the name the workflow uses, for the tiny text
     encoders of the workflow's checkpoint family, every weight random (a trained-like fusion);
-  * a training node gets a tiny generated dataset and a temporary run folder.
+  * a training node gets a tiny generated dataset (two objects per image when it constrains
+    attention maps) and a temporary run folder.
 Pictures are left alone: Load Image reads the shipped example pictures that the pack copied
 into the host's input folder when it loaded, as on a user's machine.
 Sizes and step counts shrink so a CPU runs every workflow in seconds."""
@@ -113,8 +114,10 @@ def swap_in_tiny_models(prompt, host, tmp_path):
                                                      "CheckpointLoaderSimpleForTests"))
             _cls_fusion_file(str(adapters), args["fusion_name"], _family(checkpoint))
         elif kind == "MultiRefTrain":
-            args["dataset"] = training_data.write_object_dataset(str(tmp_path / "dataset"),
-                                                                 groups=2, refs=1)
+            constrained = args.get("text_map_weight") or args.get("image_map_weight")
+            args["dataset"] = training_data.write_two_object_dataset(
+                str(tmp_path / "dataset"), groups=2) if constrained else \
+                training_data.write_object_dataset(str(tmp_path / "dataset"), groups=2, refs=1)
             # Inside the host's output folder (the node refuses any other place), one per test.
             args["output_dir"] = f"workflow_tests/{tmp_path.name}/run"
             args["save_every"] = 2

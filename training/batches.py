@@ -8,6 +8,7 @@ over N processes or interrupted and resumed computes exactly what one straight r
 import torch
 
 from ..kernels.diffusion_objective import condition_dropout
+from .attention_constraint import BATCH_KEYS as MAP_KEYS, row_targets
 
 
 class Sampler:
@@ -39,7 +40,7 @@ class Sampler:
         refs = max(len(g.ref_latents) for g in picked)
         out = {k: [] for k in ("latent", "noise", "sigma", "context", "adm", "ref_latents",
                                "ref_noise", "ref_masks", "ref_tokens", "ref_weights",
-                               "ref_context", "ref_adm", "ref_hidden")}
+                               "ref_context", "ref_adm", "ref_hidden", *MAP_KEYS)}
         phrases, cls_text = [], []
         for r, group in zip(rows, picked):
             gen = torch.Generator().manual_seed((c.seed * 1_000_003 + micro) * 4099 + r)
@@ -75,6 +76,8 @@ class Sampler:
             cls_text.append(None if drop_text or drop_image else group.cls_text)
             context, adm = self.empty_text if drop_text else (group.context, group.adm)
             ref_context, ref_adm = self.reference_text(group, refs, context, adm, drop_text)
+            for key, value in row_targets(group, refs, drop_text, drop_image).items():
+                out[key].append(value)
             out["ref_context"].append(ref_context)
             out["ref_adm"].append(ref_adm)
             out["latent"].append(group.latent)

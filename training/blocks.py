@@ -29,6 +29,7 @@ from ..kernels.lora import deltas, new_self_attention_lora
 from ..techniques import msa as msa_technique
 from ..techniques import relevance
 from ..techniques import routing as routing_technique
+from . import attention_constraint
 
 
 class PassState:
@@ -48,13 +49,15 @@ class PassState:
         self.image = None                       # target pass: ImageCondition or None
         self.ref_tokens = None                  # reference pass: (B*K, T, C) own image tokens
         self.relevance = None                   # quality scoring: (RelevanceMaps, phrases) or None
+        self.maps = None                        # target pass: attention_constraint.PassMaps or None
 
     def begin_reference(self, ref_tokens=None):
         """ref_tokens: each reference row's own image tokens (syncd conditioning), or None."""
         self.mode, self.recorded, self.ref_tokens = "reference", {}, ref_tokens
 
-    def begin_target(self, ref_masks, image=None):
-        self.mode, self.ref_masks, self.image = "target", ref_masks, image
+    def begin_target(self, ref_masks, image=None, maps=None):
+        """maps: attention_constraint.PassMaps when the map constraints run, else None."""
+        self.mode, self.ref_masks, self.image, self.maps = "target", ref_masks, image, maps
 
     def begin_relevance(self, maps, phrases):
         """Record into `maps` (techniques.relevance.RelevanceMaps) each phrase's relevance at
@@ -63,21 +66,22 @@ class PassState:
 
     def end(self):
         self.mode, self.recorded, self.ref_masks, self.image = "plain", {}, None, None
-        self.relevance, self.ref_tokens = None, None
+        self.relevance, self.ref_tokens, self.maps = None, None, None
 
     def snapshot(self):
         """What a layer call needs of this state, frozen at call time: a checkpointed layer
         recomputes in backward, after the pass has ended."""
         return PassView(self.lora_layers, self.adapter_layers, self.ip_scale, self.mode,
-                        self.recorded, self.ref_masks, self.image, self.relevance, self.ref_tokens)
+                        self.recorded, self.ref_masks, self.image, self.relevance, self.ref_tokens,
+                        self.maps)
 
 
 class PassView:
     def __init__(self, lora_layers, adapter_layers, ip_scale, mode, recorded, ref_masks, image,
-                 relevance, ref_tokens=None):
+                 relevance, ref_tokens=None, maps=None):
         self.lora_layers, self.adapter_layers, self.ip_scale = lora_layers, adapter_layers, ip_scale
         self.mode, self.recorded, self.ref_masks, self.image = mode, recorded, ref_masks, image
-        self.relevance, self.ref_tokens = relevance, ref_tokens
+        self.relevance, self.ref_tokens, self.maps = relevance, ref_tokens, maps
 
 
 class ImageCondition:
@@ -153,10 +157,17 @@ class TrainingSpatialTransformer:
         options = dict(transformer_options)
         view = self.state.snapshot()
         if self.state.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._run, x, options, view, *contexts, use_reentrant=False)
-        return self._run(x, options, view, *contexts)
+            hidden, terms = checkpoint(self._run, x, options, view, *contexts, use_reentrant=False)
+        else:
+            hidden, terms = self._run(x, options, view, *contexts)
+        # The map terms leave as outputs, not through the state: a checkpointed layer's
+        # recompute in backward runs _run again and must not record them twice.
+        if view.maps is not None:
+            view.maps.collected.extend(terms)
+        return hidden
 
     def _run(self, x, options, view, *contexts):
+        """(the layer's output, attention_constraint.LayerTerms of its constrained blocks)."""
         st = self.module
         b, c, h, w = x.shape
         hidden = st.norm(x)
@@ -165,18 +176,20 @@ class TrainingSpatialTransformer:
         hidden = hidden.movedim(1, 3).flatten(1, 2)
         if st.use_linear:
             hidden = st.proj_in(hidden)
+        terms = []
         for index, block in enumerate(st.transformer_blocks):
             block_options = dict(options, block_index=index)
-            hidden = self._block(block, hidden, contexts[index], block_options, (h, w), view)
+            hidden = self._block(block, hidden, contexts[index], block_options, (h, w), view, terms)
         if st.use_linear:
             hidden = st.proj_out(hidden)
         hidden = hidden.reshape(b, h, w, hidden.shape[-1]).movedim(3, 1)
         if not st.use_linear:
             hidden = st.proj_out(hidden)
-        return hidden + x
+        return hidden + x, terms
 
-    def _block(self, block, x, context, options, hw, view):
-        """BasicTransformerBlock.forward of the host, with every residual out of place."""
+    def _block(self, block, x, context, options, hw, view, terms):
+        """BasicTransformerBlock.forward of the host, with every residual out of place; a
+        constrained layer appends its map terms to `terms`."""
         patches = options.get("patches", {})
         replaces = options.get("patches_replace", {})
         extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
@@ -207,6 +220,10 @@ class TrainingSpatialTransformer:
                     block.attn2.to_q(n), block.attn2.to_k, phrases, block.n_heads))
             for patch in patches.get("attn2_patch", ()):
                 n, ctx, value = patch(n, ctx, value, extra)
+            if view.maps is not None and location[0] in view.maps.settings.layers:
+                terms.append(attention_constraint.layer_terms(
+                    view.maps, block.attn2, n, ctx, hw, block.n_heads,
+                    view.adapter_layers.get(location), view.image))
             attn2 = replaces.get("attn2", {})
             key = location if location in attn2 else location[:2]
             if view.image is not None and location in view.adapter_layers:

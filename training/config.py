@@ -65,6 +65,11 @@ class TrainConfig:
                                          # layers (training/fusion.py; needs a Plus adapter)
     cls_text: bool = False               # also train MM-Diff's CLS text fusion (kernels/
                                          # cls_text.py; needs an adapter and its clip_vision)
+    text_map_weight: float = 0.0         # cross-attention map constraints (MM-Diff; training/
+    image_map_weight: float = 0.0        # attention_constraint.py): weights of the phrase-token
+                                         # and reference-token map losses (0 = off)
+    map_layers: list = field(default_factory=lambda: ["input", "middle", "output"])
+                                         # the layer groups whose maps are constrained
 
     @classmethod
     def from_dict(cls, data, base_dir="."):
@@ -92,6 +97,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("output_dir", "steps", "save_every", "keep_last", "resume",
                      "gradient_checkpointing", "mixed_precision", "device", "preview_every",
                      "preview_prompt")
+MAP_SETTINGS = ("text_map_weight", "image_map_weight", "map_layers")
 
 
 # Settings added after runs were saved: at this default they stay out of a run's identity, so
@@ -104,6 +110,10 @@ def run_identity(config, family, adapter_fingerprint):
     base model family and the adapter trained (its weights' fingerprint)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES
                 and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    if not (config.text_map_weight or config.image_map_weight):
+        # Off, they change nothing: runs saved before these settings existed still resume.
+        for key in MAP_SETTINGS:
+            identity.pop(key, None)
     identity.update(base_family=family, adapter_weights=adapter_fingerprint)
     return identity
 
@@ -168,6 +178,10 @@ def validate(config):
                                "to at most 1")
     if not isinstance(c.cls_text, bool):
         raise TrainConfigError(f"cls_text must be true or false, got {c.cls_text!r}")
+    from .attention_constraint import settings_problem
+    problem = settings_problem(c)
+    if problem:
+        raise TrainConfigError(problem)
     device = resolve_device(c)
     check_writable(c.output_dir)
     return device

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..families.text import caption_phrase_rows
 from ..kernels.msa import reference_prompt
 
 log = logging.getLogger("multiref")
@@ -33,10 +34,13 @@ class EncodedGroup:
     # CLS-augmented text (cls_text on): {"caption": str, "phrases": [str] (one per reference),
     # "class_embeddings": (K, D) CLIP vision's class embedding of each reference view}
     cls_text: Optional[dict] = None
+    target_masks: Optional[torch.Tensor] = None  # (K, h, w) each reference's object in the target
+    phrase_tokens: Optional[torch.Tensor] = None  # (K, L) 1 on the rows of `context` holding the
+                                                 # reference's phrase (all 0: not found)
 
 
 FIELDS = ("latent", "context", "adm", "ref_latents", "ref_masks", "ref_tokens", "phrases",
-          "ref_context", "ref_adm", "ref_hidden", "cls_text")
+          "ref_context", "ref_adm", "ref_hidden", "cls_text", "target_masks", "phrase_tokens")
 
 
 def to_tensors(encoded):
@@ -140,6 +144,12 @@ def encode_groups(groups, resolution, vae, clip, base_model, clip_vision=None, a
             prompts = [text(reference_prompt(ref.phrase)) for ref in group.references]
             item.ref_context = torch.stack([c for c, _ in prompts])
             item.ref_adm = None if adm is None else torch.stack([a for _, a in prompts])
+            # Where each object is, in the target and in the caption (the map constraints).
+            item.target_masks = torch.stack([latent_mask(load_mask(
+                ref.target_mask or group.target.mask, resolution), hw) for ref in group.references])
+            item.phrase_tokens = torch.zeros(len(group.references), context.shape[0])
+            for k, ref in enumerate(group.references):
+                item.phrase_tokens[k, caption_phrase_rows(clip, group.caption, ref.phrase)] = 1.0
             if adapter is not None:
                 vision = None
                 if fusion_levels:

@@ -53,9 +53,10 @@ def cache_key(config, models, groups):
     if models.adapter is not None:
         encoders += [models.adapter.fingerprint, models.adapter.uncond_convention,
                      fingerprint_of(models.clip_vision.model.state_dict())]
-    # "reference prompts": caches of an older layout lack them and must not be read.
+    # "reference prompts", "object places": caches of an older layout lack them and must not
+    # be read.
     text = json.dumps([repr(groups), stats, config.resolution, config.seed, encoders,
-                       "reference prompts"] + (  # a fusion run's cache holds hidden states too
+                       "reference prompts", "object places"] + (  # a fusion run's cache holds hidden states too
         [["fusion levels", list(fusion.levels(models))]] if config.train_fusion else []) + (
         ["cls_text"] if config.cls_text else []))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ What each micro-batch holds and its random draws: training/batches.py; the one-t
 the dataset: training/encoding.py.
 """
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,8 +19,8 @@ from torch import nn
 
 from ..kernels.diffusion_objective import (euler_sample, output_scale_of,
                                            parameterization_loss)
-from . import (batches, blocks, checkpoint, cls_text, config as config_mod, dataset, encoding,
-               fusion, manifest, plots, quality)
+from . import (attention_constraint, batches, blocks, checkpoint, cls_text, config as config_mod,
+               dataset, encoding, fusion, manifest, plots, quality)
 
 log = logging.getLogger("multiref")
 
@@ -65,6 +66,9 @@ class TrainStep(nn.Module):
         if cls_fusion is not None:  # only then: a run without it keeps its parameter names
             self.cls_fusion = cls_fusion
         self._cls_rows = cls_rows  # cls_text.ClsTextRows (holds a frozen text encoder copy)
+        # The cross-attention map constraints (training/attention_constraint.py): None = off.
+        self.map_settings, self.map_weights = None, (0.0, 0.0)
+        self.last_maps, self.last_denoise = None, None  # of the last call, for measuring
 
     def forward(self, batch):
         patcher, state = self._frozen
@@ -76,7 +80,7 @@ class TrainStep(nn.Module):
         sigma = batch["sigma"]
         x = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), batch["noise"], batch["latent"])
         extra = {} if batch["adm"] is None else {"y": batch["adm"]}
-        refs = batch["ref_latents"]
+        refs, maps = batch["ref_latents"], None
         ref_tokens = batch["ref_tokens"]
         if self.fusion is not None and ref_tokens is not None:
             ref_tokens = fusion.fused_tokens(self.fusion, ref_tokens, batch["ref_hidden"])
@@ -93,14 +97,23 @@ class TrainStep(nn.Module):
                                  transformer_options=dict(options, sigmas=ref_sigma), **ref_extra)
             image = None if ref_tokens is None else blocks.ImageCondition(
                 ref_tokens, batch["ref_weights"], batch["phrases"])
-            state.begin_target(batch["ref_masks"], image)
+            maps = None if self.map_settings is None else \
+                attention_constraint.PassMaps.of_batch(self.map_settings, batch)
+            state.begin_target(batch["ref_masks"], image, maps)
         try:
             denoised = base.apply_model(x, sigma, c_crossattn=batch["context"],
                                         transformer_options=dict(options, sigmas=sigma), **extra)
         finally:
             state.end()
         scale = output_scale_of(sampling.calculate_denoised, sigma, batch["latent"])
-        return parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
+        loss = parameterization_loss(denoised.float(), batch["latent"].float(), scale).mean()
+        if self.map_settings is None:
+            return loss
+        self.last_maps, self.last_denoise = maps, loss.detach()
+        for weight, term in zip(self.map_weights, attention_constraint.pass_losses(maps)):
+            if weight and term is not None:
+                loss = loss + weight * term
+        return loss
 
 
 def distributed_context():
@@ -154,6 +167,10 @@ class Run:
             cls_rows = cls_text.ClsTextRows(models.clip, base, config.resolution, device)
         self.step_module = TrainStep(self.lora_layers, self.adapter_layers, self.patcher, self.state,
                                      self.fusion, self.cls_fusion, cls_rows)
+        if config.image_map_weight > 0 and models.adapter is None:
+            raise config_mod.TrainConfigError(attention_constraint.ADAPTER_NEEDED)
+        self.step_module.map_settings = attention_constraint.settings_of(config)
+        self.step_module.map_weights = (config.text_map_weight, config.image_map_weight)
         self.sampler = batches.Sampler(config, self.encoded, self.empty_text,
                                base.model_sampling.sigmas.detach().cpu(), uncond_tokens)
         self.model_dtype = base.get_dtype()
@@ -205,6 +222,42 @@ def evaluation_loss(config, models, lora_layers=None, micro_batches=4):
                        for m in range(micro_batches)) / micro_batches
         finally:
             _unload(run.patcher)
+
+
+def map_shares(config, models, trained=None, micro_batches=4):
+    """On the dataset of `config` (held-out groups), no gradient, the run's fixed draws without
+    condition dropout: {"denoise": mean denoising loss, "text": mean share of the phrases'
+    attention inside their own masks, "image": the same of the references' image tokens (with
+    an adapter)} over the first `micro_batches` micro-batches at the config's map_layers.
+    trained: a TrainResult (its LoRA and adapter layers), or None for the untrained model."""
+    config = dataclasses.replace(config, text_dropout=0.0, image_dropout=0.0, both_dropout=0.0,
+                                 full_mask_probability=0.0)
+    device, groups = prepare(config)
+    encoded = encoding.encode(config, models, groups)
+    run = Run(config, models, device, encoded, None if trained is None else trained.lora_layers)
+    if trained is not None:
+        for location, layer in run.adapter_layers.items():
+            layer.load_state_dict(trained.adapter_layers[location].state_dict())
+    step = run.step_module
+    step.map_settings = attention_constraint.MapSettings(frozenset(config.map_layers), True,
+                                                         models.adapter is not None)
+    step.map_weights = (0.0, 0.0)
+    rows = list(range(config.batch_size))
+    denoise, sums = 0.0, {}
+    with torch.no_grad():
+        _load(run.patcher, device)
+        try:
+            for micro in range(micro_batches):
+                denoise += float(step(run.batch(micro, rows)))
+                shares = attention_constraint.pass_shares(step.last_maps)
+                for kind, (total, count) in shares.items():
+                    previous = sums.get(kind, (0.0, 0))
+                    sums[kind] = (previous[0] + total, previous[1] + count)
+        finally:
+            _unload(run.patcher)
+    out = {"denoise": denoise / micro_batches}
+    out.update({kind: total / max(count, 1) for kind, (total, count) in sums.items()})
+    return out
 
 
 def train(config, models, on_step=None, check_interrupt=None):

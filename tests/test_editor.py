@@ -369,16 +369,25 @@ BROWSE_TEMPLATES_JS = """(async (module, names) => {
   const dialog = () => document.querySelector(".p-dialog");
   const shown = () => names.filter(n => dialog()?.innerText.split("\\n").includes(n));
   for (let i = 0; i < 100 && !shown().length; i++) await new Promise(r => setTimeout(r, 100));
-  const titles = dialog().innerText.split("\\n");
-  const images = [...dialog().querySelectorAll("img")];
-  const drawn = [];
-  for (const img of images) {  // a thumbnail loads while its card is in view
-    img.scrollIntoView();
-    for (let i = 0; i < 50 && !(img.src && img.complete && img.naturalWidth); i++)
-      await new Promise(r => setTimeout(r, 100));
-    drawn.push([img.alt, img.naturalWidth]);
+  // The browser shows a first page of cards and adds more as its list scrolls to the bottom.
+  const titles = new Set(), drawn = new Map();
+  const list = () => dialog().querySelector(".p-dataview-content") || dialog();
+  for (let i = 0; i < 100 && names.some(n => !titles.has(n)); i++) {
+    dialog().innerText.split("\\n").forEach(t => titles.add(t));
+    // Up, then down again: the bottom must come into view anew to load the next page.
+    list().scrollTop = i %% 2 ? list().scrollHeight : 0;
+    await new Promise(r => setTimeout(r, 150));
   }
-  const result = {titles, drawn, module: titles.includes(module)};
+  list().scrollTop = 0;
+  const card = name => [...dialog().querySelectorAll("img")].find(i => i.alt === name);
+  for (const name of names) {  // a thumbnail loads once its card has stayed in view a moment
+    for (let i = 0; i < 50 && !(card(name)?.complete && card(name)?.naturalWidth); i++) {
+      card(name)?.closest(".p-card")?.scrollIntoView({block: "center"});
+      await new Promise(r => setTimeout(r, 100));
+    }
+    drawn.set(name, card(name)?.naturalWidth || 0);
+  }
+  const result = {titles: [...titles], drawn: [...drawn], module: titles.has(module)};
   document.querySelectorAll(".p-dialog-close-button").forEach(b => b.click());
   return result;
 })(%s, %s)"""

@@ -39,6 +39,9 @@ SCALES = {
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,
                 fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64, steps=30),
 }
+# every scale's base: an average of the weights for sampling, single objects first (chosen by
+# equal-CPU-time comparisons: `python -m bench.quality.tune`, bench/RESULTS.md)
+BASE_RECIPE = dict(ema=0.995, ramp=True)
 log = logging.getLogger("multiref.quality")
 
 
@@ -60,7 +63,7 @@ def run(scale, cache, pictures=None, host=None):
     if not os.path.isfile(os.path.join(base_folder, "base_unet.safetensors")):
         steps, batch, lr, pool = s["base"]
         patcher, curve = base.train(host, steps, batch, lr, pool, unet_config=unet_config(scale),
-                                    log_every=max(steps // 20, 1))
+                                    log_every=max(steps // 20, 1), **BASE_RECIPE)
         base.save(patcher, base_folder, curve, unet_config(scale))
     times["base training"] = time.time() - start
     curve = base.load(base_folder)[1]

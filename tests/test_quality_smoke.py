@@ -94,3 +94,24 @@ def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_pa
     for p in pictures:
         assert p.shape == (world.SIZE, world.SIZE, 3) and np.isfinite(p).all()
         detector.objects(p)  # the detector reads generated pictures too
+
+
+def test_weight_average_and_cpu_budget(host, one_thread):
+    """The returned base carries the moving average of the weights, checked against its closed
+    form over the plain runs' weights (training is unchanged by the average); a CPU-time budget
+    stops training and is recorded in the curve."""
+    def weights(patcher):
+        return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    w0 = weights(base.build_unet(seed=0))
+    w1 = weights(base.train(host, steps=1, batch=2, lr=1e-3, pool_size=4)[0])
+    w2 = weights(base.train(host, steps=2, batch=2, lr=1e-3, pool_size=4)[0])
+    decay = 0.9
+    d1, d2 = min(decay, 2 / 11), min(decay, 3 / 12)
+    averaged = weights(base.train(host, steps=2, batch=2, lr=1e-3, pool_size=4, ema=decay)[0])
+    for key in w0:
+        expected = d1 * d2 * w0[key] + (1 - d1) * d2 * w1[key] + (1 - d2) * w2[key]
+        assert torch.allclose(averaged[key], expected, atol=1e-6), key
+    assert not torch.equal(averaged["out.2.weight"], w2["out.2.weight"])
+    _, curve = base.train(host, None, batch=2, lr=1e-3, pool_size=4, cpu_seconds=0.5, ramp=True,
+                          min_snr=5.0, log_every=1000)
+    assert curve[-1][3] >= 0.5 and np.isfinite(curve[-1][1])

@@ -26,19 +26,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # base: steps, batch, learning rate, scene pool; adapter: steps, groups, batch, learning rate;
 # evaluation: samples per base prompt, fidelity scenes x samples, confusion scenes x samples,
 # guidance scenes x samples, sampling steps. `tiny` is what a 2-core machine shared with other
-# work manages in about 40 minutes (its figures have wide intervals).
+# work manages in about 40 minutes (its figures have wide intervals). Base steps were doubled when
+# attention at 16x16 was dropped (a step costs half the CPU time: same minutes per scale).
 SCALES = {
     "smoke": dict(base=(2, 4, 1e-3, 16), adapter=(1, 2, 2, 1e-4), base_eval=1, fidelity=(1, 1),
                   confusion=(1, 1), guidance=(1, 1), channels=32, steps=2),
-    "tiny": dict(base=(200, 16, 2e-3, 1024), adapter=(60, 128, 2, 3e-4), base_eval=4,
+    "tiny": dict(base=(400, 16, 2e-3, 1024), adapter=(60, 128, 2, 3e-4), base_eval=4,
                  fidelity=(4, 3), confusion=(4, 3), guidance=(2, 3), channels=32, steps=10),
-    "quick": dict(base=(800, 32, 2e-3, 4096), adapter=(150, 256, 4, 3e-4), base_eval=8,
+    "quick": dict(base=(1600, 32, 2e-3, 4096), adapter=(150, 256, 4, 3e-4), base_eval=8,
                   fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32, steps=20),
-    "full": dict(base=(4000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
+    "full": dict(base=(8000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
                  fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32, steps=20),
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,
                 fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64, steps=30),
 }
+# every scale's base is sampled from an average of its weights (the best of the equal-CPU-time
+# comparisons of `python -m bench.quality.tune`, bench/RESULTS.md)
+BASE_RECIPE = dict(ema=0.995)
 log = logging.getLogger("multiref.quality")
 
 
@@ -60,7 +64,7 @@ def run(scale, cache, pictures=None, host=None):
     if not os.path.isfile(os.path.join(base_folder, "base_unet.safetensors")):
         steps, batch, lr, pool = s["base"]
         patcher, curve = base.train(host, steps, batch, lr, pool, unet_config=unet_config(scale),
-                                    log_every=max(steps // 20, 1))
+                                    log_every=max(steps // 20, 1), **BASE_RECIPE)
         base.save(patcher, base_folder, curve, unet_config(scale))
     times["base training"] = time.time() - start
     curve = base.load(base_folder)[1]

@@ -1,7 +1,8 @@
 """The base text-to-image model, trained from scratch on the world with the host's own classes.
 
 - UNet: the host's UNetModel (in the host's SD1.5 model class, v-prediction) with a small
-  config: 32 latent pixels, channels 32 x (1, 2, 2), attention only at the two coarse levels.
+  config: 32 latent pixels, channels 32 x (1, 2, 2), attention only at the coarsest level (8x8)
+  and the middle: attention at 16x16 as well cost half of a training step on CPU.
 - Text encoder: the host's SD1.5 CLIP text model at width 16 (MultiRef Tiny Demo Models, fixed
   seed), frozen with its random weights: captions differ in their shape words, and the UNet's
   cross-attention learns to read them.
@@ -26,8 +27,8 @@ log = logging.getLogger("multiref.quality")
 SD15_LATENT_SCALE = 0.18215  # the SD1.5 latent format's scale factor (the model sees latent * it)
 UNET_CONFIG = {
     "in_channels": 4, "out_channels": 4, "image_size": 32, "model_channels": 32,
-    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [0, 1, 1],
-    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [0, 0, 1],
+    "transformer_depth_output": [0, 0, 0, 0, 1, 1], "transformer_depth_middle": 1,
     "num_head_channels": 16, "num_heads": -1, "use_spatial_transformer": True,
     "use_temporal_attention": False, "use_temporal_resblock": False, "context_dim": 16,
     "use_linear_in_transformer": False, "adm_in_channels": None,
@@ -134,59 +135,99 @@ def scene_pool(n, seed, two_object_share):
     return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1), captions
 
 
-def v_loss(model, x0, context, generator):
+def v_loss(model, x0, context, generator, min_snr=None):
     """Loss of one batch in the model's v-parameterisation, computed on its denoised output:
-    |x0 - x0_hat|^2 (1 + sigma^2) / sigma^2 equals |v - v_hat|^2 (x_t = x0 + sigma * noise)."""
+    |x0 - x0_hat|^2 (1 + sigma^2) / sigma^2 equals |v - v_hat|^2 (x_t = x0 + sigma * noise).
+    min_snr=gamma weights it by min(SNR, gamma) / (SNR + 1) (Min-SNR-gamma for v, SNR =
+    1 / sigma^2): the low-noise steps, which only polish, count less."""
     ms = model.model_sampling
     t = torch.randint(0, len(ms.sigmas), (x0.shape[0],), generator=generator)
     sigma = ms.sigmas[t.to(ms.sigmas.device)].float()
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
     denoised = model.apply_model(x0 + s * noise, sigma, c_crossattn=context)
-    return (((denoised - x0) ** 2).mean(dim=(1, 2, 3)) * (1 + sigma ** 2) / sigma ** 2).mean()
+    per_row = ((denoised - x0) ** 2).mean(dim=(1, 2, 3)) * (1 + sigma ** 2) / sigma ** 2
+    if min_snr is not None:
+        snr = 1 / sigma ** 2
+        per_row = per_row * torch.clamp(snr, max=min_snr) / (snr + 1)
+    return per_row.mean()
 
 
 def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
-          unet_config=None):
+          unet_config=None, ema=None, min_snr=None, ramp=False, cpu_seconds=None):
     """Train the base from scratch (on the host's torch device: a GPU when there is one).
-    Returns (patcher, curve: list of (step, mean loss, seconds))."""
+    ema: decay of an exponential moving average of the weights, which the returned model
+    carries (sampling from an average of the last few hundred steps is much less noisy than
+    from the last one). min_snr: see v_loss. ramp: the share of two-object scenes grows from 0
+    to two_object_share over the first half (single objects first). cpu_seconds: stop when
+    this process has used that much CPU time (equal-cost comparisons on shared cores), the
+    schedule counted in CPU time instead of steps.
+    Returns (patcher, curve: list of (step, mean loss, seconds, CPU seconds))."""
     patcher = build_unet(unet_config, seed=seed)
     model = patcher.model
     device = patcher.load_device
     model.to(device)
     clip, _ = demo_encoders(host)
     pool, captions = scene_pool(pool_size, seed, two_object_share)
+    pairs = torch.tensor([" and " in c for c in captions])
+    singles_idx, pairs_idx = torch.nonzero(~pairs)[:, 0], torch.nonzero(pairs)[:, 0]
     contexts = encode_captions(clip, sorted(set(captions)) + [""])
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.diffusion_model.parameters(), lr=lr, weight_decay=0.0)
+    params = list(model.diffusion_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    averaged = [p.detach().clone() for p in params] if ema else None
     handles = out_of_place_residuals(model.diffusion_model)
-    curve, losses, start = [], [], time.time()
+    curve, losses, start, cpu_start = [], [], time.time(), time.process_time()
     model.train()
     try:
-        for step in range(1, steps + 1):
-            idx = torch.randint(0, pool_size, (batch,), generator=gen)
-            x0 = pool[idx].to(device)
+        step = 0
+        while True:
+            step += 1
+            cpu = time.process_time() - cpu_start
+            progress = cpu / cpu_seconds if cpu_seconds else (step - 1) / steps
+            if progress >= 1:
+                break
+            share = two_object_share * min(1.0, 2 * progress) if ramp else two_object_share
+            pick_pair = torch.rand(batch, generator=gen) < share
+            pick = torch.where(pick_pair, pairs_idx[torch.randint(0, len(pairs_idx), (batch,), generator=gen)],
+                               singles_idx[torch.randint(0, len(singles_idx), (batch,), generator=gen)]) \
+                if len(pairs_idx) and len(singles_idx) else torch.randint(0, pool_size, (batch,), generator=gen)
+            x0 = pool[pick].to(device)
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
             context = torch.stack([contexts["" if d else captions[i]]
-                                   for i, d in zip(idx.tolist(), drop)]).to(device)
+                                   for i, d in zip(pick.tolist(), drop)]).to(device)
             lr_now = lr * min(1.0, step / 100)  # short warm-up
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            loss = v_loss(model, x0, context, gen)
+            loss = v_loss(model, x0, context, gen, min_snr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.diffusion_model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            if averaged is not None:
+                decay = min(ema, (1 + step) / (10 + step))  # short memory while the weights move fast
+                with torch.no_grad():
+                    torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
-            if step % log_every == 0 or step == steps:
-                curve.append((step, float(np.mean(losses[-log_every:])), time.time() - start))
-                log.info("base step %d/%d loss %.4f (%.0fs)", step, steps, curve[-1][1], curve[-1][2])
+            if step % log_every == 0:
+                _log(curve, step, losses, log_every, start, cpu_start, steps)
+        if losses and (not curve or curve[-1][0] != len(losses)):
+            _log(curve, len(losses), losses, log_every, start, cpu_start, steps)
     finally:
         for h in handles:
             h.remove()
+        if averaged is not None:
+            with torch.no_grad():
+                for p, a in zip(params, averaged):
+                    p.copy_(a)
         model.eval()
         model.to(patcher.offload_device)
     return patcher, curve
+
+
+def _log(curve, step, losses, every, start, cpu_start, steps):
+    curve.append((step, float(np.mean(losses[-every:])), time.time() - start, time.process_time() - cpu_start))
+    log.info("base step %d/%s loss %.4f (%.0fs, CPU %.0fs)", step, steps, curve[-1][1], curve[-1][2], curve[-1][3])
 
 
 def save(patcher, folder, curve, unet_config=None):

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import torch
 

@@ -375,6 +375,16 @@ class MultiRefApplyAdapter:
         if (weight_type, block_weights.strip(), embeds_scaling) != ("linear", "", "V only"):
             raise ValueError("weight_type / block_weights / embeds_scaling: per-layer weights are "
                              "not available on Flux yet; leave them at linear, empty and V only")
+        for n, ref in enumerate(references, 1):
+            unapplied = [what for what, value in (
+                ("an attention_mask", ref.attention_mask), ("views 'one per batch image'",
+                                                            ref.tokens_per_view),
+                ("crop 'tiles on their regions'", ref.tile_regions)) if value is not None]
+            if unapplied:
+                raise ValueError(
+                    f"references: reference {n} ('{ref.phrase}') has {' and '.join(unapplied)}, "
+                    "which routing on Flux does not apply yet; take it off (MultiRef Reference, "
+                    "MultiRef Encode References) or use an SD1.5 / SDXL model")
         positions = None
         if mode == "weighted" and len(references) > 1:
             if not prompt.strip():

@@ -338,6 +338,21 @@ def test_a_phrase_not_in_the_prompt_is_refused_by_name(flux_models, tmp_path):
 
 
 @needs_flux
+def test_reference_options_flux_routing_does_not_apply_are_refused_by_name(flux_models,
+                                                                           tmp_path):
+    adapter, _ = _adapter(tmp_path, "instantx")
+    encoded = _encode(flux_models, adapter)
+    masked = dataclasses.replace(encoded[1], attention_mask=torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match=r"references: reference 2 \('red hat'\) has an "
+                                         "attention_mask, which routing on Flux does not apply"):
+        _apply(flux_models, adapter, (encoded[0], masked))
+    per_image = dataclasses.replace(encoded[0], tokens_per_view=encoded[0].image_tokens.shape[1])
+    with pytest.raises(ValueError, match=r"reference 1 \('dog'\) has views 'one per batch "
+                                         "image'"):
+        _apply(flux_models, adapter, (per_image, encoded[1]))
+
+
+@needs_flux
 def test_an_adapter_of_another_family_is_refused_by_name(flux_models, tmp_path):
     from multiref.families import tiny_models
     from multiref.nodes import references as reference_nodes

@@ -98,3 +98,11 @@ def output_folder(host, tmp_path):
     host.folder_paths.set_output_directory(str(folder))
     yield folder
     host.folder_paths.set_output_directory(saved)
+
+
+@pytest.fixture(scope="session")
+def one_reference_dataset(tmp_path_factory):
+    """A tiny training dataset of 2 groups with 1 reference each (tests/training_data.py)."""
+    import training_data
+    return training_data.write_object_dataset(str(tmp_path_factory.mktemp("data")), groups=2,
+                                              refs=1)

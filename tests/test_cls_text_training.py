@@ -20,9 +20,9 @@ import training_data  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return training_data.write_object_dataset(str(tmp_path_factory.mktemp("data")), groups=2, refs=1)
+@pytest.fixture
+def data(one_reference_dataset):
+    return one_reference_dataset
 
 
 @pytest.fixture(scope="module")

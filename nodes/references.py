@@ -197,14 +197,17 @@ class MultiRefEncodeReferences:
         if ref.masks is not None:  # first, so a bad mask fails before any encoding
             cropped = center_crop(ref.masks, grid[0] * LATENT_DOWNSCALE, grid[1] * LATENT_DOWNSCALE)
             masks = latent_masks(cropped, views, grid, mask_dilation, mask_values)
-        tokens = image_tokens(adapter, clip_vision, ref.images, combine, crop, weights)
+        output = encode_views(adapter, clip_vision, ref.images, crop)
+        tokens = image_tokens(adapter, output, views, combine, weights)
         per_view = tokens.shape[1] // views  # tokens of one view (of its tiles, or the combined)
         if ref.negative_images is None:
             uncond = unconditional_tokens(adapter, clip_vision, weights)
             uncond = uncond.repeat(1, views * per_view // uncond.shape[1], 1)
         else:
-            negative = image_tokens(adapter, clip_vision, ref.negative_images, weights=weights)[0]
-            negative = negative.reshape(ref.negative_images.shape[0], -1, negative.shape[-1])
+            negatives = ref.negative_images
+            negative = image_tokens(adapter, encode_views(adapter, clip_vision, negatives),
+                                    negatives.shape[0], weights=weights)[0]
+            negative = negative.reshape(negatives.shape[0], -1, negative.shape[-1])
             # One negative per view (or the one for all); combined views read the first, as
             # IPAdapter does; each tile of a view reads its view's negative.
             negative = negative[:1] if combine != "concat" else negative
@@ -220,7 +223,8 @@ class MultiRefEncodeReferences:
             latents=latents, masks=masks, phrase=ref.phrase, weight=ref.weight,
             start_percent=ref.start_percent, end_percent=ref.end_percent,
             adapter_fingerprint=adapter.fingerprint, attention_mask=ref.attention_mask,
-            class_embedding=class_embeddings(clip_vision, ref.images),
+            class_embedding=class_embeddings(clip_vision, ref.images,
+                                             output if crop == "center" else None),
             tokens_per_view=per_view if ref.one_view_per_image else None,
             **(tiles_on_regions(ref.images, tokens.shape[1] // views) if crop == CROPS[2] else {}))
 
@@ -263,16 +267,20 @@ def with_pooling_head(adapter, clip_vision, name):
         path, layers[0].self_attn.heads))
 
 
-def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", weights=None):
-    """(1, V * n, C) the adapter's tokens of V views, view after view (n per view: its tokens, or
-    those of each of its tiles). Combined views give one set of tokens, repeated for every view:
-    attention over V copies of a set of keys and values gives what one copy gives, so the
-    combination acts as IPAdapter's, and each view keeps tokens of its own (Masked Shared
-    Attention's SynCD conditioning reads them view by view). weights: a feature fusion's
-    override (None = its router)."""
-    views = images.shape[0]
-    output = encode_image(adapter, clip_vision,
-                          images if crop == "center" else square_tiles(images))
+def encode_views(adapter, clip_vision, images, crop="center"):
+    """The host's CLIP vision output of the views (or of their square tiles), with what the
+    adapter's feature fusion reads."""
+    return encode_image(adapter, clip_vision,
+                        images if crop == "center" else square_tiles(images))
+
+
+def image_tokens(adapter, output, views, combine="concat", weights=None):
+    """(1, V * n, C) the adapter's tokens of V views from their encoding `output`, view after view
+    (n per view: its tokens, or those of each of its tiles). Combined views give one set of
+    tokens, repeated for every view: attention over V copies of a set of keys and values gives
+    what one copy gives, so the combination acts as IPAdapter's, and each view keeps tokens of its
+    own (Masked Shared Attention's SynCD conditioning reads them view by view). weights: a
+    feature fusion's override (None = its router)."""
     if combine != "concat":
         try:
             combined = {adapter.clip_input: combine_views(output[adapter.clip_input], combine)}
@@ -288,11 +296,14 @@ def image_tokens(adapter, clip_vision, images, combine="concat", crop="center", 
     return tokens.reshape(1, -1, tokens.shape[-1])
 
 
-def class_embeddings(clip_vision, images):
-    """(V, D) CLIP vision's class embedding of each whole view (CLS-augmented text). Its own
-    encoding: the tokens' may be of tiles or of combined views."""
-    embeds = clip_vision.encode_image(images)["image_embeds"]
-    return embeds.float().cpu() if embeds.ndim == 2 else None  # SigLIP: no pooled embedding
+def class_embeddings(clip_vision, images, output=None):
+    """(V, D) CLIP vision's class embedding of each whole view (CLS-augmented text), or None
+    when the encoder gives no pooled embedding (SigLIP). output: the views' encoding when the
+    tokens were made from the whole views (else they are of tiles: the views are encoded here)."""
+    if output is None:
+        output = clip_vision.encode_image(images)
+    embeds = output["image_embeds"]
+    return embeds.float().cpu() if embeds.ndim == 2 else None
 
 
 def tiles_on_regions(images, tokens_per_view):

@@ -62,7 +62,5 @@ def caption_phrase_rows(clip, caption, phrase):
     words = words[1:words.index(end_token, 1)]
     chunks = clip.tokenize(caption)[key]
     ids = [t[0] for chunk in chunks for t in chunk]
-    for start in range(len(ids) - len(words) + 1):
-        if words and ids[start:start + len(words)] == words:
-            return list(range(start, start + len(words)))
-    return []
+    start = routing.locate_phrase(ids, words) if words else None
+    return [] if start is None else list(range(start, start + len(words)))

@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+from .text import phrase_ids
+
 
 class PhraseNotInPrompt(ValueError):
     """A reference's phrase does not occur in the prompt's tokens."""
@@ -31,14 +33,6 @@ def text_encoders(clip):
 def text_widths(clip):
     return {key: encoder.transformer.get_input_embeddings().weight.shape[1]
             for key, encoder in text_encoders(clip).items()}
-
-
-def phrase_ids(clip, key, phrase):
-    """The phrase's token ids for one encoder (between BOS and EOS)."""
-    chunk = clip.tokenize(phrase)[key][0]
-    end = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
-    ids = [t[0] for t in chunk]
-    return ids[1:ids.index(end, 1)]
 
 
 def entity_positions(chunks, ids):

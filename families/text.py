@@ -51,15 +51,21 @@ def phrase_positions(clip, prompt, phrase, what, encoder="t5xxl"):
     return list(range(start, start + len(phrase_ids)))
 
 
+def phrase_ids(clip, key, phrase):
+    """The phrase's token ids for one text encoder `key` (between BOS and EOS)."""
+    chunk = clip.tokenize(phrase)[key][0]
+    end = clip.tokenize("")[key][0][1][0]  # "" tokenizes to [BOS, EOS, padding...]
+    ids = [t[0] for t in chunk]
+    return ids[1:ids.index(end, 1)]
+
+
 def caption_phrase_rows(clip, caption, phrase):
     """The rows of the caption's encoding (chunk c, token t -> row 77 c + t) that hold the
     phrase's tokens, first occurrence; [] when the caption does not contain them as whole
     words (CLIP's tokenizer splits every word on its own, so a word's tokens are the same
     alone and in a sentence)."""
     key = next(iter(clip.tokenize("")))
-    end_token = clip.tokenize("")[key][0][1][0]
-    words = [t[0] for t in clip.tokenize(phrase)[key][0]]
-    words = words[1:words.index(end_token, 1)]
+    words = phrase_ids(clip, key, phrase)
     chunks = clip.tokenize(caption)[key]
     ids = [t[0] for chunk in chunks for t in chunk]
     start = routing.locate_phrase(ids, words) if words else None

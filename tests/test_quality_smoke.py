@@ -2,11 +2,13 @@
 ground truth read back by the detector, the exact pixel latent, one training step of the base
 with the host's classes, the adapter's training prompt (one step of MultiRef Train), and a few
 samples drawn through the shipped nodes and scored."""
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bench.quality import adapter, base, detector, evaluate, world
 
@@ -53,22 +55,66 @@ def test_pixel_latent_is_exact_on_world_pictures():
 
 @pytest.fixture
 def trained_base(host, tmp_path, one_thread):
-    patcher, curve = base.train(host, steps=1, batch=2, lr=1e-3, pool_size=4, log_every=1)
+    # two steps: the first moves only the zero-initialised output layer (nothing upstream of it
+    # has a gradient yet)
+    patcher, curve, text_weights = base.train(host, steps=2, batch=2, lr=1e-3, pool_size=4, log_every=2,
+                                              text_encoder=True)
     folder = str(tmp_path / "base")
-    base.save(patcher, folder, curve)
-    return folder, patcher, curve
+    base.save(patcher, folder, curve, text_weights=text_weights, recipe="two steps")
+    return folder, patcher, curve, text_weights
 
 
-def test_one_base_step_trains_and_reloads(host, trained_base):
-    folder, patcher, curve = trained_base
+def test_base_steps_train_and_reload(host, trained_base, tmp_path):
+    """Two steps move the UNet and the text encoder (trained together, the text encoder from
+    the demo's random weights); the loader node gives back both, and the recipe they were
+    trained with (the benchmark's cache key)."""
+    folder, patcher, curve, text_weights = trained_base
     assert len(curve) == 1 and np.isfinite(curve[0][1])
     out = patcher.model.diffusion_model.out[-1].weight
-    assert out.abs().sum() > 0  # zero-initialised output layer moved after one step
+    assert out.abs().sum() > 0  # the zero-initialised output layer moved
     base.register(host)
     model, clip, vae, clip_vision = base.QualityModels().load(folder)
     reloaded = model.model.diffusion_model.state_dict()
     for key, value in patcher.model.diffusion_model.state_dict().items():
         assert torch.equal(reloaded[key], value), key
+    random_clip, _ = base.demo_encoders(host)
+    random_weights = random_clip.cond_stage_model.state_dict()
+    loaded = clip.cond_stage_model.state_dict()
+    moved = [k for k, v in text_weights.items() if not torch.equal(v, random_weights[k].to(v.dtype))]
+    assert any("token_embedding" in k for k in moved) and any("layers.0.self_attn" in k for k in moved)
+    for key, value in text_weights.items():  # the host keeps the text encoder in its own dtype
+        assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+    caption = world.caption(["circle"])
+    trained_cond = clip.encode_from_tokens(clip.tokenize(caption))
+    random_cond = random_clip.encode_from_tokens(clip.tokenize(caption))
+    assert not torch.equal(trained_cond, random_cond)
+    assert base.saved_recipe(folder) == "two steps" and base.saved_recipe(str(tmp_path / "none")) is None
+
+
+def test_two_object_dataset_is_read_by_the_trainer(tmp_path):
+    """The world's two-object scenes in the trainer's multi-object kind: each object's mask, its
+    shape as phrase (in the caption), a reference of the same identity; held-out identities
+    when asked."""
+    from multiref.training import manifest
+    path = adapter.write_dataset(str(tmp_path / "pairs"), groups=3, seed=2, objects=2,
+                                 identities=world.HELD_OUT)
+    groups = manifest.load(path)
+    assert len(groups) == 3
+    with open(path) as f:
+        samples = json.load(f)["samples"]
+    for sample in samples:
+        assert sample["kind"] == "multi_object" and len(sample["objects"]) == 2
+        masks = []
+        for obj in sample["objects"]:
+            assert obj["phrase"] in sample["caption"].split()
+            masks.append(np.asarray(Image.open(tmp_path / "pairs" / obj["mask"])) > 127)
+            reference = world.downscale(np.asarray(Image.open(tmp_path / "pairs" / obj["reference"]),
+                                                   np.float32) / 255)
+            found = detector.objects(reference)
+            assert found and found[0]["shape"] == obj["phrase"]
+            assert any(detector.matches(found[0]["histogram"], detector.identity_histogram(i))
+                       for i in world.HELD_OUT)
+        assert masks[0].any() and masks[1].any() and not (masks[0] & masks[1]).any()
 
 
 def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_path, output_folder):
@@ -112,6 +158,6 @@ def test_weight_average_and_cpu_budget(host, one_thread):
         expected = d1 * d2 * w0[key] + (1 - d1) * d2 * w1[key] + (1 - d2) * w2[key]
         assert torch.allclose(averaged[key], expected, atol=1e-6), key
     assert not torch.equal(averaged["out.2.weight"], w2["out.2.weight"])
-    _, curve = base.train(host, None, batch=2, lr=1e-3, pool_size=4, cpu_seconds=0.5, ramp=True,
-                          min_snr=5.0, log_every=1000)
+    _, curve, _ = base.train(host, None, batch=2, lr=1e-3, pool_size=4, cpu_seconds=0.5, ramp=True,
+                             min_snr=5.0, log_every=1000)
     assert curve[-1][3] >= 0.5 and np.isfinite(curve[-1][1])

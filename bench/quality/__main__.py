@@ -33,16 +33,17 @@ SCALES = {
                   confusion=(1, 1), guidance=(1, 1), channels=32, steps=2),
     "tiny": dict(base=(400, 16, 2e-3, 1024), adapter=(60, 128, 2, 3e-4), base_eval=4,
                  fidelity=(4, 3), confusion=(4, 3), guidance=(2, 3), channels=32, steps=10),
-    "quick": dict(base=(1600, 32, 2e-3, 4096), adapter=(150, 256, 4, 3e-4), base_eval=8,
+    "quick": dict(base=(1600, 32, 2e-3, 4096), adapter=(3000, 1024, 4, 1e-3), base_eval=8,
                   fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32, steps=20),
-    "full": dict(base=(8000, 48, 2e-3, 16384), adapter=(800, 2000, 8, 3e-4), base_eval=32,
+    "full": dict(base=(8000, 48, 2e-3, 16384), adapter=(8000, 4000, 8, 1e-3), base_eval=32,
                  fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32, steps=20),
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,
                 fidelity=(32, 16), confusion=(48, 16), guidance=(16, 16), channels=64, steps=30),
 }
 # every scale's base is sampled from an average of its weights (the best of the equal-CPU-time
-# comparisons of `python -m bench.quality.tune`, bench/RESULTS.md)
-BASE_RECIPE = dict(ema=0.995)
+# comparisons of `python -m bench.quality.tune`, bench/RESULTS.md), and its text encoder is
+# trained with it (its captions then differ where the UNet reads them)
+BASE_RECIPE = dict(ema=0.995, text_encoder=True)
 log = logging.getLogger("multiref.quality")
 
 
@@ -61,19 +62,21 @@ def run(scale, cache, pictures=None, host=None):
     evaluate.register(host)
     times, base_folder = {}, os.path.join(work, "base")
     start = time.time()
-    if not os.path.isfile(os.path.join(base_folder, "base_unet.safetensors")):
+    base_recipe = json.dumps({"base": s["base"], "unet": unet_config(scale), **BASE_RECIPE}, sort_keys=True)
+    if base.saved_recipe(base_folder) != base_recipe:  # not trained yet, or with other settings
         steps, batch, lr, pool = s["base"]
-        patcher, curve = base.train(host, steps, batch, lr, pool, unet_config=unet_config(scale),
-                                    log_every=max(steps // 20, 1), **BASE_RECIPE)
-        base.save(patcher, base_folder, curve, unet_config(scale))
+        patcher, curve, text_weights = base.train(host, steps, batch, lr, pool, unet_config=unet_config(scale),
+                                                  log_every=max(steps // 20, 1), **BASE_RECIPE)
+        base.save(patcher, base_folder, curve, unet_config(scale), text_weights, base_recipe)
     times["base training"] = time.time() - start
     curve = base.load(base_folder)[1]
     start = time.time()
     models = os.path.join(work, "multiref")
     host.folder_paths.add_model_folder_path("multiref", models)
-    if not os.path.isfile(os.path.join(models, adapter.ADAPTER_NAME)):
+    adapter_recipe = json.dumps({"adapter": s["adapter"], "base": base_recipe}, sort_keys=True)
+    if adapter.saved_recipe(models) != adapter_recipe:
         steps, groups, batch, lr = s["adapter"]
-        adapter.train(host, base_folder, work, steps, groups, batch, lr)
+        adapter.train(host, base_folder, work, steps, groups, batch, lr, adapter_recipe)
     times["adapter training"] = time.time() - start
     figures, grids = {"text_scale": evaluate.TEXT_SCALE, "base_curve": curve}, {}
     start = time.time()

@@ -74,23 +74,36 @@ def save_mask(path, mask):
     Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
 
 
-def write_dataset(folder, groups, seed=1):
-    """PNG files (256x256) + a manifest of `groups` single-object groups; returns its path."""
+def write_dataset(folder, groups, seed=1, objects=1, identities=world.TRAIN_IDENTITIES):
+    """PNG files (256x256) + a manifest of `groups` groups; returns its path. objects=1: the
+    adapter's training data (a target scene and one reference); objects=2: two-object scenes
+    (the trainer's multi-object kind: each object's mask in the target, its shape as its phrase,
+    a reference view of it with its mask)."""
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.makedirs(folder)
     rng = np.random.default_rng(seed)
     samples = []
     for g in range(groups):
-        s = world.random_scene(rng, 1)
-        shape, identity = s["shapes"][0], s["identities"][0]
-        ref_image, ref_mask = world.reference_view(rng, shape, identity)
-        for name, image, mask in (("t", s["image"], s["masks"][0]), ("r", ref_image, ref_mask)):
-            save_png(os.path.join(folder, f"{g}_{name}.png"), world.upscale(image))
-            save_mask(os.path.join(folder, f"{g}_{name}_mask.png"), mask)
-        samples.append({"kind": "object", "caption": s["caption"], "phrase": shape,
-                        "target": {"image": f"{g}_t.png", "mask": f"{g}_t_mask.png"},
-                        "references": [{"image": f"{g}_r.png", "mask": f"{g}_r_mask.png"}]})
+        s = world.random_scene(rng, objects, identities)
+        save_png(os.path.join(folder, f"{g}_t.png"), world.upscale(s["image"]))
+        views = []
+        for k, (shape, identity, mask) in enumerate(zip(s["shapes"], s["identities"], s["masks"])):
+            ref_image, ref_mask = world.reference_view(rng, shape, identity)
+            files = {"mask": f"{g}_t{k}_mask.png", "reference": f"{g}_r{k}.png",
+                     "reference_mask": f"{g}_r{k}_mask.png"}
+            save_mask(os.path.join(folder, files["mask"]), mask)
+            save_png(os.path.join(folder, files["reference"]), world.upscale(ref_image))
+            save_mask(os.path.join(folder, files["reference_mask"]), ref_mask)
+            views.append(dict(files, phrase=shape))
+        if objects == 1:
+            v = views[0]
+            samples.append({"kind": "object", "caption": s["caption"], "phrase": v["phrase"],
+                            "target": {"image": f"{g}_t.png", "mask": v["mask"]},
+                            "references": [{"image": v["reference"], "mask": v["reference_mask"]}]})
+        else:
+            samples.append({"kind": "multi_object", "caption": s["caption"], "image": f"{g}_t.png",
+                            "objects": views})
     path = os.path.join(folder, "manifest.json")
     with open(path, "w") as f:
         json.dump({"format": "multiref-dataset", "version": 1, "samples": samples}, f)
@@ -117,8 +130,18 @@ def training_prompt(base_folder, dataset, output_dir, steps, batch_size, learnin
     }
 
 
-def train(host, base_folder, work, steps, groups, batch_size, learning_rate):
-    """Train through the host; returns the trained adapter's path (in the `multiref` folder)."""
+def saved_recipe(models):
+    """The settings the cached adapter in `models` was trained with (None when there is none)."""
+    path = os.path.join(models, ADAPTER_NAME + ".recipe.json")
+    if not os.path.isfile(os.path.join(models, ADAPTER_NAME)) or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def train(host, base_folder, work, steps, groups, batch_size, learning_rate, recipe=""):
+    """Train through the host; returns the trained adapter's path (in the `multiref` folder),
+    with `recipe` written beside it (saved_recipe)."""
     from . import base as base_mod
     models = os.path.join(work, "multiref")
     unet = base_mod.load(base_folder)[0].model.diffusion_model.state_dict()
@@ -128,9 +151,13 @@ def train(host, base_folder, work, steps, groups, batch_size, learning_rate):
         host.folder_paths.invalidate_cache("multiref")
     dataset = write_dataset(os.path.join(work, "adapter_data"), groups)
     run = "quality_adapter_run"
+    # a cached run of other settings is not resumed: the trainer starts from the initial file
+    shutil.rmtree(os.path.join(host.folder_paths.get_output_directory(), run), ignore_errors=True)
     host.execute(training_prompt(base_folder, dataset, run, steps, batch_size, learning_rate))
     trained = os.path.join(host.folder_paths.get_output_directory(), run, "multiref_adapter.safetensors")
     shutil.copyfile(trained, os.path.join(models, ADAPTER_NAME))
+    with open(os.path.join(models, ADAPTER_NAME + ".recipe.json"), "w") as f:
+        f.write(recipe)
     with open(os.path.join(host.folder_paths.get_output_directory(), run, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(host.folder_paths.get_output_directory(), run, "loss.json")) as f:

@@ -4,8 +4,11 @@
   config: 32 latent pixels, channels 32 x (1, 2, 2), attention only at the coarsest level (8x8)
   and the middle: attention at 16x16 as well cost half of a training step on CPU.
 - Text encoder: the host's SD1.5 CLIP text model at width 16 (MultiRef Tiny Demo Models, fixed
-  seed), frozen with its random weights: captions differ in their shape words, and the UNet's
-  cross-attention learns to read them.
+  seed), trained with the UNet from its random weights (`text_encoder=True`, every scale). Frozen
+  at random weights, the four single-object captions differed from their mean by only 7.5% of
+  their norm and the base hardly read them (bench/RESULTS.md); trained, the shape words are set
+  apart where the UNet's cross-attention looks. Its weights are saved beside the UNet's
+  (`text_encoder.` keys) and loaded into the demo text encoder by `QualityModels`.
 - Latent: an exact pixel latent (PixelLatentVAE): 8x8 block means of the 256x256 stored pictures,
   RGB in the first three channels scaled so that the model sees -1..1, the fourth channel 0.
 - CLIP vision (for the adapter): the host's ClipVisionModel of the demo node, frozen, random.
@@ -102,23 +105,31 @@ def demo_encoders(host):
 
 
 def encode_captions(clip, captions):
-    out = {}
-    with torch.no_grad():
-        for text in captions:
-            cond, _ = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-            out[text] = cond[0].float()
-    return out
+    """{caption: (77, width) encoding}; differentiable when the text encoder's weights require
+    gradients (the host's encoder has no no_grad of its own)."""
+    model = clip.cond_stage_model
+    return {text: model.encode_token_weights(clip.tokenize(text))[0][0].float() for text in captions}
 
 
-def out_of_place_residuals(unet):
-    """The installable host's transformer block adds its residuals in place (x += n) after a
-    LayerNorm saved x for backward; feeding every norm of the block a copy keeps autograd valid
-    (same values). Returns the hook handles (remove them after training)."""
+TEXT_PREFIX = "text_encoder."  # keys of the trained text encoder in base_unet.safetensors
+
+
+# blocks that add their residuals in place (x += f(norm(x))) after a norm saved x for backward,
+# and those norms: the UNet's transformer blocks and the CLIP text model's layers
+IN_PLACE_RESIDUAL_NORMS = {"BasicTransformerBlock": ("norm1", "norm2", "norm3"),
+                           "CLIPLayer": ("layer_norm1", "layer_norm2")}
+
+
+def out_of_place_residuals(*modules):
+    """The host's transformer blocks add their residuals in place after a norm saved their input
+    for backward; feeding each of those norms a copy keeps autograd valid (same values). Returns
+    the hook handles (remove them after training)."""
     handles = []
-    for module in unet.modules():
-        if type(module).__name__ == "BasicTransformerBlock":
-            for norm in (module.norm1, module.norm2, module.norm3):
-                handles.append(norm.register_forward_pre_hook(lambda m, args: (args[0].clone(),) + args[1:]))
+    for root in modules:
+        for module in root.modules():
+            for name in IN_PLACE_RESIDUAL_NORMS.get(type(module).__name__, ()):
+                handles.append(getattr(module, name).register_forward_pre_hook(
+                    lambda m, args: (args[0].clone(),) + args[1:]))
     return handles
 
 
@@ -154,15 +165,17 @@ def v_loss(model, x0, context, generator, min_snr=None):
 
 
 def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
-          unet_config=None, ema=None, min_snr=None, ramp=False, cpu_seconds=None):
+          unet_config=None, ema=None, min_snr=None, ramp=False, cpu_seconds=None, text_encoder=False):
     """Train the base from scratch (on the host's torch device: a GPU when there is one).
     ema: decay of an exponential moving average of the weights, which the returned model
     carries (sampling from an average of the last few hundred steps is much less noisy than
     from the last one). min_snr: see v_loss. ramp: the share of two-object scenes grows from 0
     to two_object_share over the first half (single objects first). cpu_seconds: stop when
     this process has used that much CPU time (equal-cost comparisons on shared cores), the
-    schedule counted in CPU time instead of steps.
-    Returns (patcher, curve: list of (step, mean loss, seconds, CPU seconds))."""
+    schedule counted in CPU time instead of steps. text_encoder: train the demo text encoder's
+    weights with the UNet's (same optimizer and average) instead of keeping them frozen.
+    Returns (patcher, curve: list of (step, mean loss, seconds, CPU seconds), text weights:
+    the trained text encoder's state dict, or None when it stayed frozen)."""
     patcher = build_unet(unet_config, seed=seed)
     model = patcher.model
     device = patcher.load_device
@@ -171,12 +184,19 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     pool, captions = scene_pool(pool_size, seed, two_object_share)
     pairs = torch.tensor([" and " in c for c in captions])
     singles_idx, pairs_idx = torch.nonzero(~pairs)[:, 0], torch.nonzero(pairs)[:, 0]
-    contexts = encode_captions(clip, sorted(set(captions)) + [""])
+    text_model = clip.cond_stage_model
+    if text_encoder:  # the host keeps text encoders in float16: Adam's moments need float32
+        text_model.to(torch.float32)
+    text_params = [p for p in text_model.parameters() if p.ndim > 0] if text_encoder else []
+    for p in text_params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        frozen_contexts = encode_captions(clip, sorted(set(captions)) + [""])
     gen = torch.Generator().manual_seed(seed)
-    params = list(model.diffusion_model.parameters())
+    params = list(model.diffusion_model.parameters()) + text_params
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     averaged = [p.detach().clone() for p in params] if ema else None
-    handles = out_of_place_residuals(model.diffusion_model)
+    handles = out_of_place_residuals(model.diffusion_model, text_model)
     curve, losses, start, cpu_start = [], [], time.time(), time.process_time()
     model.train()
     try:
@@ -194,8 +214,9 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
                 if len(pairs_idx) and len(singles_idx) else torch.randint(0, pool_size, (batch,), generator=gen)
             x0 = pool[pick].to(device)
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
-            context = torch.stack([contexts["" if d else captions[i]]
-                                   for i, d in zip(pick.tolist(), drop)]).to(device)
+            texts = ["" if d else captions[i] for i, d in zip(pick.tolist(), drop)]
+            contexts = encode_captions(clip, sorted(set(texts))) if text_params else frozen_contexts
+            context = torch.stack([contexts[t] for t in texts]).to(device)
             lr_now = lr * min(1.0, step / 100)  # short warm-up
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
@@ -222,7 +243,10 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
                     p.copy_(a)
         model.eval()
         model.to(patcher.offload_device)
-    return patcher, curve
+        for p in text_params:
+            p.requires_grad_(False)
+    text_weights = {k: v.detach().clone() for k, v in text_model.state_dict().items()} if text_params else None
+    return patcher, curve, text_weights
 
 
 def _log(curve, step, losses, every, start, cpu_start, steps):
@@ -230,24 +254,38 @@ def _log(curve, step, losses, every, start, cpu_start, steps):
     log.info("base step %d/%s loss %.4f (%.0fs, CPU %.0fs)", step, steps, curve[-1][1], curve[-1][2], curve[-1][3])
 
 
-def save(patcher, folder, curve, unet_config=None):
+def save(patcher, folder, curve, unet_config=None, text_weights=None, recipe=""):
     os.makedirs(folder, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    weights.update({TEXT_PREFIX + k: v.cpu().contiguous() for k, v in (text_weights or {}).items()})
     meta = {"unet_config": json.dumps(unet_config or UNET_CONFIG), "curve": json.dumps(curve),
-            "parameterization": "v", "demo_seed": str(DEMO_SEED)}
+            "parameterization": "v", "demo_seed": str(DEMO_SEED), "recipe": recipe}
     tmp = os.path.join(folder, ".base_unet.safetensors.tmp")
     save_file(weights, tmp, metadata=meta)
     os.replace(tmp, os.path.join(folder, "base_unet.safetensors"))
 
 
+def saved_recipe(folder):
+    """The settings a saved base was trained with (None when there is none): the benchmark's
+    cache retrains when they differ from the scale's."""
+    from safetensors import safe_open
+    path = os.path.join(folder, "base_unet.safetensors")
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        return f.metadata().get("recipe")
+
+
 def load(folder):
-    """(patcher, curve) from a saved base."""
+    """(patcher, curve, text weights or None) from a saved base."""
     from safetensors import safe_open
     path = os.path.join(folder, "base_unet.safetensors")
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    patcher = build_unet(json.loads(meta["unet_config"]), weights=load_file(path))
-    return patcher, [tuple(c) for c in json.loads(meta["curve"])]
+    weights = load_file(path)
+    text = {k[len(TEXT_PREFIX):]: weights.pop(k) for k in list(weights) if k.startswith(TEXT_PREFIX)}
+    patcher = build_unet(json.loads(meta["unet_config"]), weights=weights)
+    return patcher, [tuple(c) for c in json.loads(meta["curve"])], text or None
 
 
 class QualityModels:
@@ -263,8 +301,10 @@ class QualityModels:
         return {"required": {"folder": ("STRING", {})}}
 
     def load(self, folder):
-        patcher, _ = load(folder)
+        patcher, _, text_weights = load(folder)
         clip, clip_vision = demo_encoders(self.HOST[0])
+        if text_weights is not None:
+            clip.cond_stage_model.load_state_dict(text_weights)
         return patcher, clip, PixelLatentVAE(), clip_vision
 
 

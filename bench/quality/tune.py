@@ -27,6 +27,7 @@ RECIPES = {
     "attn8_ema_ramp": (ATTENTION_COARSE, dict(batch=32, ema=0.995, ramp=True)),
     "attn8_ema_ramp_b16": (ATTENTION_COARSE, dict(batch=16, ema=0.995, ramp=True)),
     "attn8_ema_ramp_minsnr": (ATTENTION_COARSE, dict(batch=32, ema=0.995, ramp=True, min_snr=5.0)),
+    "attn8_ema_text": (ATTENTION_COARSE, dict(batch=32, ema=0.995, text_encoder=True)),
 }
 
 
@@ -45,10 +46,10 @@ def main(argv=None):
     changes, keywords = RECIPES[args.recipe]
     config = dict(base.UNET_CONFIG, **changes)
     start = time.time()
-    patcher, curve = base.train(host, None, lr=2e-3, pool_size=4096, unet_config=config, log_every=25,
-                                cpu_seconds=args.cpu_seconds, **keywords)
+    patcher, curve, text_weights = base.train(host, None, lr=2e-3, pool_size=4096, unet_config=config,
+                                              log_every=25, cpu_seconds=args.cpu_seconds, **keywords)
     folder = os.path.join(work, "base")
-    base.save(patcher, folder, curve, config)
+    base.save(patcher, folder, curve, config, text_weights)
     trained = time.time() - start
     figures, _ = evaluate.base_shapes(host, folder, args.per_prompt, args.sampling_steps)
     print(json.dumps({

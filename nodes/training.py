@@ -112,7 +112,8 @@ class MultiRefTrain:
                                 "the loss pulling each object's phrase-token attention into the "
                                 "object's mask in the target, so subjects separate without a "
                                 "layout at inference. Needs multi-object samples with masks; "
-                                "0 = off."}),
+                                "0 = off; start around 0.02-0.05 (larger ones cost denoising "
+                                "quality, README)."}),
             "image_map_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
                                  "tooltip": "The same for each reference's image tokens in the "
                                  "adapter's image attention (needs an adapter); 0 = off."}),

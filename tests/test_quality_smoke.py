@@ -43,6 +43,22 @@ def test_identities_without_a_common_colour_do_not_match():
     assert not set(world.HELD_OUT) & set(world.TRAIN_IDENTITIES)
 
 
+def test_colour_captions_name_each_objects_colours():
+    """The base's training captions with colours: each object's colour words (once for a plain
+    object) before its shape; without them, the benchmark's own caption."""
+    rng = np.random.default_rng(9)
+    for n in (1, 2, 2, 2):
+        s = world.random_scene(rng, n)
+        named = world.caption(s["shapes"], s["identities"])
+        parts = named[len("a "):].split(" and a ")
+        assert len(parts) == n
+        for part, shape, identity in zip(parts, s["shapes"], s["identities"]):
+            *colours, last = part.split(" ")
+            assert last == shape and sorted(colours) == sorted({world.COLOUR_NAMES[c] for c in identity})
+        plain = [w for w in named.split(" ") if w not in world.COLOUR_NAMES]
+        assert " ".join(plain) == s["caption"]
+
+
 def test_pixel_latent_is_exact_on_world_pictures():
     rng = np.random.default_rng(5)
     picture = world.upscale(world.random_scene(rng, 2)["image"])
@@ -159,5 +175,5 @@ def test_weight_average_and_cpu_budget(host, one_thread):
         assert torch.allclose(averaged[key], expected, atol=1e-6), key
     assert not torch.equal(averaged["out.2.weight"], w2["out.2.weight"])
     _, curve, _ = base.train(host, None, batch=2, lr=1e-3, pool_size=4, cpu_seconds=0.5, ramp=True,
-                             min_snr=5.0, log_every=1000)
+                             min_snr=5.0, log_every=1000, colour_captions=0.5)
     assert curve[-1][3] >= 0.5 and np.isfinite(curve[-1][1])

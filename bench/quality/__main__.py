@@ -42,8 +42,9 @@ SCALES = {
 }
 # every scale's base is sampled from an average of its weights (the best of the equal-CPU-time
 # comparisons of `python -m bench.quality.tune`, bench/RESULTS.md), and its text encoder is
-# trained with it (its captions then differ where the UNet reads them)
-BASE_RECIPE = dict(ema=0.995, text_encoder=True)
+# trained with it (its captions then differ where the UNet reads them); half of its training
+# captions name the objects' colours (base.train: the path an adapter steers identity through)
+BASE_RECIPE = dict(ema=0.995, text_encoder=True, colour_captions=0.5)
 log = logging.getLogger("multiref.quality")
 
 
@@ -73,7 +74,8 @@ def run(scale, cache, pictures=None, host=None):
     start = time.time()
     models = os.path.join(work, "multiref")
     host.folder_paths.add_model_folder_path("multiref", models)
-    adapter_recipe = json.dumps({"adapter": s["adapter"], "base": base_recipe}, sort_keys=True)
+    adapter_recipe = json.dumps({"adapter": s["adapter"], "base": base_recipe, **adapter.TRAIN_SETTINGS},
+                                sort_keys=True)
     if adapter.saved_recipe(models) != adapter_recipe:
         steps, groups, batch, lr = s["adapter"]
         adapter.train(host, base_folder, work, steps, groups, batch, lr, adapter_recipe)

@@ -22,6 +22,11 @@ from . import world
 RESAMPLER = {"dim": 128, "depth": 2, "queries": 16, "ff_mult": 4}
 CLIP_VISION_HIDDEN = 32  # the demo CLIP vision model's width (penultimate hidden states)
 ADAPTER_NAME = "quality_adapter.safetensors"
+# MultiRef Train settings beyond the scale's steps, groups, batch and learning rate. train_fusion:
+# the Resampler reads random CLIP vision features and trains only as the fusion's experts (the
+# trainer keeps the adapter's own projection frozen); without it the projection stayed random
+# and no identity reached the samples (bench/RESULTS.md).
+TRAIN_SETTINGS = {"train_fusion": True}
 
 
 def cross_attention_layers(unet_state):
@@ -123,7 +128,7 @@ def training_prompt(base_folder, dataset, output_dir, steps, batch_size, learnin
             "grad_accumulation": 1, "learning_rate": learning_rate, "lora_rank": lora_rank,
             "resolution": world.SIZE * world.UPSCALE, "save_every": max(steps // 2, 1),
             "keep_last": 1, "seed": seed,
-            "gradient_checkpointing": False, "resume": True,
+            "gradient_checkpointing": False, "resume": True, **TRAIN_SETTINGS,
             "adapter": ["2", 0], "clip_vision": ["1", 3]}},
         "4": {"class_type": "SaveImage",
               "inputs": {"images": ["3", 2], "filename_prefix": "quality_adapter_loss"}},

@@ -105,10 +105,19 @@ def demo_encoders(host):
 
 
 def encode_captions(clip, captions):
-    """{caption: (77, width) encoding}; differentiable when the text encoder's weights require
-    gradients (the host's encoder has no no_grad of its own)."""
-    model = clip.cond_stage_model
-    return {text: model.encode_token_weights(clip.tokenize(text))[0][0].float() for text in captions}
+    """{caption: (77, width) encoding} in one batched call of the text encoder (the host encodes
+    a prompt's 77-token sections as one batch and joins them: one section per caption here);
+    differentiable when the text encoder's weights require gradients (the host's encoder has no
+    no_grad of its own)."""
+    captions = list(captions)
+    sections = {}
+    for text in captions:
+        for key, chunks in clip.tokenize(text).items():
+            if len(chunks) != 1:
+                raise ValueError(f"caption {text!r} is longer than one 77-token section")
+            sections.setdefault(key, []).append(chunks[0])
+    joined = clip.cond_stage_model.encode_token_weights(sections)[0][0].float()
+    return dict(zip(captions, joined.reshape(len(captions), -1, joined.shape[-1])))
 
 
 TEXT_PREFIX = "text_encoder."  # keys of the trained text encoder in base_unet.safetensors
@@ -135,15 +144,17 @@ def out_of_place_residuals(*modules):
 
 def scene_pool(n, seed, two_object_share):
     """n training scenes from the training identities: (N, 4, 32, 32) in the sampler's space
-    (latent x 0.18215 = pixels in -1..1, fourth channel 0), and their captions."""
+    (latent x 0.18215 = pixels in -1..1, fourth channel 0), their captions, and the same
+    captions with the objects' colours named."""
     rng = np.random.default_rng(seed)
-    images, captions = [], []
+    images, captions, named = [], [], []
     for i in range(n):
         s = world.random_scene(rng, 2 if rng.random() < two_object_share else 1)
         images.append(s["image"])
         captions.append(s["caption"])
+        named.append(world.caption(s["shapes"], s["identities"]))
     x = torch.from_numpy(np.stack(images)).movedim(-1, 1) * 2 - 1
-    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1), captions
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1), captions, named
 
 
 def v_loss(model, x0, context, generator, min_snr=None):
@@ -165,7 +176,8 @@ def v_loss(model, x0, context, generator, min_snr=None):
 
 
 def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_every=50,
-          unet_config=None, ema=None, min_snr=None, ramp=False, cpu_seconds=None, text_encoder=False):
+          unet_config=None, ema=None, min_snr=None, ramp=False, cpu_seconds=None, text_encoder=False,
+          colour_captions=0.0):
     """Train the base from scratch (on the host's torch device: a GPU when there is one).
     ema: decay of an exponential moving average of the weights, which the returned model
     carries (sampling from an average of the last few hundred steps is much less noisy than
@@ -174,6 +186,11 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     this process has used that much CPU time (equal-cost comparisons on shared cores), the
     schedule counted in CPU time instead of steps. text_encoder: train the demo text encoder's
     weights with the UNet's (same optimizer and average) instead of keeping them frozen.
+    colour_captions: the share of rows whose caption names their objects' colours. The
+    benchmark's prompts never do; but a base that never saw a colour conditioned on anything
+    has no path by which an adapter could steer colours (an identity token table trained into
+    the frozen base's context changed its loss by < 0.1%, bench/RESULTS.md), whereas real
+    bases learn colours from their captions and IP-Adapter reuses that path.
     Returns (patcher, curve: list of (step, mean loss, seconds, CPU seconds), text weights:
     the trained text encoder's state dict, or None when it stayed frozen)."""
     patcher = build_unet(unet_config, seed=seed)
@@ -181,7 +198,7 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     device = patcher.load_device
     model.to(device)
     clip, _ = demo_encoders(host)
-    pool, captions = scene_pool(pool_size, seed, two_object_share)
+    pool, captions, named = scene_pool(pool_size, seed, two_object_share)
     pairs = torch.tensor([" and " in c for c in captions])
     singles_idx, pairs_idx = torch.nonzero(~pairs)[:, 0], torch.nonzero(pairs)[:, 0]
     text_model = clip.cond_stage_model
@@ -191,7 +208,7 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     for p in text_params:
         p.requires_grad_(True)
     with torch.no_grad():
-        frozen_contexts = encode_captions(clip, sorted(set(captions)) + [""])
+        frozen_contexts = encode_captions(clip, sorted(set(captions + (named if colour_captions else []))) + [""])
     gen = torch.Generator().manual_seed(seed)
     params = list(model.diffusion_model.parameters()) + text_params
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -214,7 +231,8 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
                 if len(pairs_idx) and len(singles_idx) else torch.randint(0, pool_size, (batch,), generator=gen)
             x0 = pool[pick].to(device)
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
-            texts = ["" if d else captions[i] for i, d in zip(pick.tolist(), drop)]
+            name = (torch.rand(batch, generator=gen) < colour_captions).tolist() if colour_captions else [False] * batch
+            texts = ["" if d else (named if n else captions)[i] for i, d, n in zip(pick.tolist(), drop, name)]
             contexts = encode_captions(clip, sorted(set(texts))) if text_params else frozen_contexts
             context = torch.stack([contexts[t] for t in texts]).to(device)
             lr_now = lr * min(1.0, step / 100)  # short warm-up

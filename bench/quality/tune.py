@@ -28,6 +28,7 @@ RECIPES = {
     "attn8_ema_ramp_b16": (ATTENTION_COARSE, dict(batch=16, ema=0.995, ramp=True)),
     "attn8_ema_ramp_minsnr": (ATTENTION_COARSE, dict(batch=32, ema=0.995, ramp=True, min_snr=5.0)),
     "attn8_ema_text": (ATTENTION_COARSE, dict(batch=32, ema=0.995, text_encoder=True)),
+    "attn16+8_ema_text": (ATTENTION_16_AND_8, dict(batch=32, ema=0.995, text_encoder=True)),
 }
 
 

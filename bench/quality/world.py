@@ -76,8 +76,18 @@ def draw(rng, objects, size=SIZE):
     return canvas, masks
 
 
-def caption(shapes):
-    return "a " + " and a ".join(shapes)
+COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")  # PALETTE's, in order
+
+
+def caption(shapes, identities=None):
+    """"a circle and a square"; with identities the colours are named before each shape ("a red
+    blue circle", "a green square" for a plain one): only the base's training uses those (the
+    benchmark's prompts never name an identity)."""
+    if identities is None:
+        return "a " + " and a ".join(shapes)
+    named = [" ".join(COLOUR_NAMES[c] for c in sorted(set(identity))) + " " + shape
+             for shape, identity in zip(shapes, identities)]
+    return "a " + " and a ".join(named)
 
 
 def scene(rng, shapes, identities):

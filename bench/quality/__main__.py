@@ -42,9 +42,10 @@ SCALES = {
 }
 # every scale's base is sampled from an average of its weights (the best of the equal-CPU-time
 # comparisons of `python -m bench.quality.tune`, bench/RESULTS.md), and its text encoder is
-# trained with it (its captions then differ where the UNet reads them); half of its training
-# captions name the objects' colours (base.train: the path an adapter steers identity through)
-BASE_RECIPE = dict(ema=0.995, text_encoder=True, colour_captions=0.5)
+# trained with it (its captions then differ where the UNet reads them). Captions naming the
+# colours (base.train's colour_captions) gave the base a path to steer identity through but
+# cost it the shape criterion at this budget (bench/RESULTS.md): off.
+BASE_RECIPE = dict(ema=0.995, text_encoder=True)
 log = logging.getLogger("multiref.quality")
 
 

@@ -207,8 +207,6 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
     text_params = [p for p in text_model.parameters() if p.ndim > 0] if text_encoder else []
     for p in text_params:
         p.requires_grad_(True)
-    with torch.no_grad():
-        frozen_contexts = encode_captions(clip, sorted(set(captions + (named if colour_captions else []))) + [""])
     gen = torch.Generator().manual_seed(seed)
     params = list(model.diffusion_model.parameters()) + text_params
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -233,7 +231,8 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
             name = (torch.rand(batch, generator=gen) < colour_captions).tolist() if colour_captions else [False] * batch
             texts = ["" if d else (named if n else captions)[i] for i, d, n in zip(pick.tolist(), drop, name)]
-            contexts = encode_captions(clip, sorted(set(texts))) if text_params else frozen_contexts
+            with torch.set_grad_enabled(bool(text_params)):
+                contexts = encode_captions(clip, sorted(set(texts)))
             context = torch.stack([contexts[t] for t in texts]).to(device)
             lr_now = lr * min(1.0, step / 100)  # short warm-up
             for group in optimizer.param_groups:

@@ -2,7 +2,8 @@
 (the MultiRef Train node, executed through the host) on single-object data.
 
 Starting file (h94 Plus layout, flat safetensors): a Resampler with random weights (64-wide heads
-as every published one; it stays frozen in training, like the CLIP vision model it reads) and,
+as every published one; the trainer keeps it frozen, like the CLIP vision model it reads, and
+trains copies of it as the feature fusion's experts: TRAIN_SETTINGS) and,
 per cross-attention layer, to_k_ip / to_v_ip copied from that layer's own text to_k / to_v
 (IP-Adapter's initialisation), in the published order: down blocks, up blocks, middle.
 Training data: one object per group; the target is a scene of the object, the reference another
@@ -23,9 +24,9 @@ RESAMPLER = {"dim": 128, "depth": 2, "queries": 16, "ff_mult": 4}
 CLIP_VISION_HIDDEN = 32  # the demo CLIP vision model's width (penultimate hidden states)
 ADAPTER_NAME = "quality_adapter.safetensors"
 # MultiRef Train settings beyond the scale's steps, groups, batch and learning rate. train_fusion:
-# the Resampler reads random CLIP vision features and trains only as the fusion's experts (the
-# trainer keeps the adapter's own projection frozen); without it the projection stayed random
-# and no identity reached the samples (bench/RESULTS.md).
+# the trainer keeps the adapter's own projection frozen, so the Resampler over the random CLIP
+# vision features trains only as the fusion's experts (identity still did not reach the samples
+# with it; bench/RESULTS.md says why).
 TRAIN_SETTINGS = {"train_fusion": True}
 
 

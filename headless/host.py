@@ -140,7 +140,9 @@ def _custom_nodes_dir(workdir):
     folder = os.path.join(workdir, "custom_nodes")
     os.makedirs(folder, exist_ok=True)
     link = os.path.join(folder, PACK_FOLDER_NAME)
-    if not os.path.exists(link):
+    if os.path.islink(link) and os.path.realpath(link) != os.path.realpath(PACK_ROOT):
+        os.remove(link)  # a workdir kept from another copy of the pack (moved, or a dangling link)
+    if not os.path.lexists(link):
         os.symlink(PACK_ROOT, link, target_is_directory=True)
     return folder
 

@@ -270,3 +270,15 @@ def test_demo_runs_in_process_and_reports_progress(host):
     assert any(ui.get("images") for ui in outputs.values())
     steps = [data for event, data in progress.events if event == "progress"]
     assert steps and steps[-1]["value"] == steps[-1]["max"] == 4
+
+
+def test_a_workdir_kept_from_another_copy_of_the_pack_links_this_one(tmp_path):
+    """A workdir (e.g. a benchmark's cache) whose pack link points at a moved or deleted copy:
+    the link is replaced by one to this copy instead of failing to boot; a right link stays."""
+    link = tmp_path / "custom_nodes" / headless_host.PACK_FOLDER_NAME
+    link.parent.mkdir()
+    os.symlink(tmp_path / "gone", link, target_is_directory=True)
+    for _ in range(2):
+        folder = headless_host._custom_nodes_dir(str(tmp_path))
+        assert folder == str(link.parent)
+        assert os.path.realpath(link) == os.path.realpath(headless_host.PACK_ROOT)

@@ -111,7 +111,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.resolution = 64
     if args.world:
-        from bench.quality import world
+        from bench.quality import adapter, world
         args.world_cache = os.path.join(args.quality_cache, args.world)
         args.resolution = world.SIZE * world.UPSCALE
         if not os.path.isdir(os.path.join(args.world_cache, "multiref")):
@@ -122,7 +122,6 @@ def main(argv=None):
     pack = boot_pack(args.comfyui)
     with tempfile.TemporaryDirectory(prefix="multiref_bench_") as folder:
         if args.world:
-            from bench.quality import adapter, world
             train_data = adapter.write_dataset(os.path.join(folder, "train"), args.groups, args.seed, 2)
             held_out = adapter.write_dataset(os.path.join(folder, "held_out"), args.held_out,
                                              args.seed + 1000, 2, world.HELD_OUT)

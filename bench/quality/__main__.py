@@ -71,7 +71,7 @@ def run(scale, cache, pictures=None, host=None):
                                                   log_every=max(steps // 20, 1), **BASE_RECIPE)
         base.save(patcher, base_folder, curve, unet_config(scale), text_weights, base_recipe)
     times["base training"] = time.time() - start
-    curve = base.load(base_folder)[1]
+    curve = base.saved_curve(base_folder)  # the metadata alone, not the weights
     start = time.time()
     models = os.path.join(work, "multiref")
     host.folder_paths.add_model_folder_path("multiref", models)

@@ -229,6 +229,7 @@ def train(host, steps, batch, lr, pool_size, seed=0, two_object_share=0.4, log_e
                 if len(pairs_idx) and len(singles_idx) else torch.randint(0, pool_size, (batch,), generator=gen)
             x0 = pool[pick].to(device)
             drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows, for guidance
+            # drawn only when used: without colour captions the random stream is the one it was
             name = (torch.rand(batch, generator=gen) < colour_captions).tolist() if colour_captions else [False] * batch
             texts = ["" if d else (named if n else captions)[i] for i, d, n in zip(pick.tolist(), drop, name)]
             with torch.set_grad_enabled(bool(text_params)):
@@ -282,27 +283,33 @@ def save(patcher, folder, curve, unet_config=None, text_weights=None, recipe="")
     os.replace(tmp, os.path.join(folder, "base_unet.safetensors"))
 
 
-def saved_recipe(folder):
-    """The settings a saved base was trained with (None when there is none): the benchmark's
-    cache retrains when they differ from the scale's."""
+def saved_metadata(folder):
+    """The metadata of a saved base ({} when there is none)."""
     from safetensors import safe_open
     path = os.path.join(folder, "base_unet.safetensors")
     if not os.path.isfile(path):
-        return None
+        return {}
     with safe_open(path, "pt") as f:
-        return f.metadata().get("recipe")
+        return f.metadata()
+
+
+def saved_recipe(folder):
+    """The settings a saved base was trained with (None when there is none): the benchmark's
+    cache retrains when they differ from the scale's."""
+    return saved_metadata(folder).get("recipe")
+
+
+def saved_curve(folder):
+    """A saved base's training curve: [(step, mean loss, seconds, CPU seconds)]."""
+    return [tuple(c) for c in json.loads(saved_metadata(folder)["curve"])]
 
 
 def load(folder):
     """(patcher, curve, text weights or None) from a saved base."""
-    from safetensors import safe_open
-    path = os.path.join(folder, "base_unet.safetensors")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    weights = load_file(path)
+    weights = load_file(os.path.join(folder, "base_unet.safetensors"))
     text = {k[len(TEXT_PREFIX):]: weights.pop(k) for k in list(weights) if k.startswith(TEXT_PREFIX)}
-    patcher = build_unet(json.loads(meta["unet_config"]), weights=weights)
-    return patcher, [tuple(c) for c in json.loads(meta["curve"])], text or None
+    patcher = build_unet(json.loads(saved_metadata(folder)["unet_config"]), weights=weights)
+    return patcher, saved_curve(folder), text or None
 
 
 class QualityModels:

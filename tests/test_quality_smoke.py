@@ -146,6 +146,7 @@ def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_pa
         rng = np.random.default_rng(0)
         refs = [evaluate.write_reference(host, f"r{j}", rng, shape, identity)
                 for j, (shape, identity) in enumerate((("circle", (0, 0)), ("square", (2, 4))))]
+        evaluate.RoutingShare.SHARES.clear()
         pictures = evaluate.run(host, evaluate.prompt(
             folder, "a circle and a square", 1, 2, "smoke",
             [(i, m, phrase) for (i, m, _), phrase in zip(refs, ("circle", "square"))], "mask", True,
@@ -153,6 +154,24 @@ def test_adapter_trains_and_samples_through_the_nodes(host, trained_base, tmp_pa
     finally:
         host.folder_paths.set_input_directory(saved_input)
     assert len(pictures) == 2
+    # the routing weight inside each reference's own half: exactly the halves under `mask`
+    # routing with the halves as regions, everywhere under `sum`, in between under `weighted`
+    assert evaluate.RoutingShare.SHARES == pytest.approx([1.0, 1.0], abs=1e-5)
+    for mode, expected in (("sum", 0.5), ("weighted", None)):
+        evaluate.RoutingShare.SHARES.clear()
+        host.folder_paths.set_input_directory(str(tmp_path))
+        try:
+            evaluate.run(host, evaluate.prompt(
+                folder, "a circle and a square", 1, 1, "smoke",
+                [(i, m, phrase) for (i, m, _), phrase in zip(refs, ("circle", "square"))], mode,
+                steps=2))
+        finally:
+            host.folder_paths.set_input_directory(saved_input)
+        (share,) = evaluate.RoutingShare.SHARES
+        if expected is None:
+            assert 0 < share < 1
+        else:
+            assert share == pytest.approx(expected, abs=1e-5)
     for p in pictures:
         assert p.shape == (world.SIZE, world.SIZE, 3) and np.isfinite(p).all()
         detector.objects(p)  # the detector reads generated pictures too

@@ -9,7 +9,10 @@ are, which shape each is, and which identity it carries.
 - Identity: the component's colour histogram over the palette (each pixel to its nearest palette
   colour). Two histograms MATCH when their intersection (sum of per-bin minima) is at least 0.6:
   the same identity scores about 1, a plain object against a stripe pair sharing its colour 0.5,
-  identities without a common colour about 0.
+  identities without a common colour about 0. Softer figures use the intersection itself: its
+  mean against the reference's identity (with vs without the reference), and whether an object
+  is closer to one reference's identity than to the other's (the base draws stripes of three or
+  four colours, which no strict match accepts).
 """
 import numpy as np
 from scipy import ndimage

@@ -3,6 +3,7 @@ sampler (API prompts: MultiRef Reference / Encode References / Apply Adapter / A
 MultiRef Sampler, or the core KSampler without references), read back from the PNGs SaveImage
 wrote, and scored by the detector. Every scene and seed is fixed."""
 import os
+import sys
 
 import numpy as np
 import torch
@@ -34,8 +35,38 @@ class Halves:
         return (m,)
 
 
+class RoutingShare:
+    """Test-bench output node: after a sampling run with two references, each generated
+    picture's routing weight of reference j inside half j, as a share of reference j's weight
+    over the picture (mean over the references, the recorded steps and layers: 0.5 = the halves
+    get equal weight, as `sum` gives; 1 = each reference only in its own half, as `mask` with
+    the halves gives). Appends one number per picture to SHARES."""
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "measure"
+    CATEGORY = "testing"
+    SHARES = []
+    RECORDER_KEY = None  # set by register, from the pack's routing module
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "samples": ("LATENT",)}}
+
+    def measure(self, model, samples):
+        recorder = model.model_options["transformer_options"][self.RECORDER_KEY]
+        halves = Halves().masks(world.SIZE)[0]
+        for row in range(samples["samples"].shape[0]):
+            inside = recorder.mass_inside(halves, row)
+            everywhere = recorder.mass_inside(torch.ones_like(halves), row)
+            self.SHARES.append(float((inside / everywhere).mean()))
+        return {}
+
+
 def register(host):
     host.nodes["MultiRefQualityHalves"] = Halves
+    host.nodes["MultiRefQualityRoutingShare"] = RoutingShare
+    routing_module = sys.modules[host.nodes["MultiRefRoutingMaps"].__module__]
+    RoutingShare.RECORDER_KEY = routing_module.RECORDER_KEY
 
 
 class Graph:
@@ -88,6 +119,8 @@ def prompt(base_folder, text, seed, batch, prefix, references=(), mode="sum", ms
                         latent_image=[latent, 0], text_scale=text_scale, image_scale=image_scale,
                         image_scale_ramp=0.0, normalize=normalize, mode="three-branch", denoise=1.0,
                         model=[model, 0])
+    if len(references) == 2:  # the two-object scenes: reference j's object is in half j
+        g.add("MultiRefQualityRoutingShare", model=[model, 0], samples=[samples, 0])
     decoded = g.add("VAEDecode", samples=[samples, 0], vae=[models, 2])
     g.add("SaveImage", images=[decoded, 0], filename_prefix=prefix)
     return g.nodes
@@ -147,6 +180,7 @@ def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
     prompt and seed: the chance level)."""
     rng = np.random.default_rng(7)
     with_ref, without, shape_ok, grid = [], [], [], []
+    similarity = {True: [], False: []}  # with / without the reference
     for k in range(scenes):
         shape, identity = world.SHAPES[k % 4], world.HELD_OUT[k % len(world.HELD_OUT)]
         image, mask, ref = write_reference(host, f"q_fid{k}", rng, shape, identity)
@@ -157,12 +191,13 @@ def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
             for p in pics:
                 found = detector.objects(p)
                 out.append(bool(found) and detector.matches(found[0]["histogram"], want))
+                similarity[bool(refs)].append(detector.similarity(found[0]["histogram"], want) if found else 0.0)
                 if refs:
                     shape_ok.append(detector.find_shape(found, shape) is not None)
             if refs and k < 6:
                 grid.append([ref] + pics[:3])
-    return {"with_reference": with_ref, "without_reference": without,
-            "shape_with_reference": shape_ok}, grid
+    return {"with_reference": with_ref, "without_reference": without, "shape_with_reference": shape_ok,
+            "similarity_with": similarity[True], "similarity_without": similarity[False]}, grid
 
 
 SETTINGS = [(mode, msa) for mode in ("sum", "weighted", "mask") for msa in (False, True)]
@@ -171,7 +206,10 @@ SETTINGS = [(mode, msa) for mode in ("sum", "weighted", "mask") for msa in (Fals
 def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
     """Two objects, two references (phrases = their shapes; identities share no colour). Per
     setting: share of scenes (samples) where an object carries the OTHER reference's identity
-    (matches it, and better than its own), and share where both carry their own."""
+    (matches it, and better than its own), share where both carry their own, and the softer
+    per-object figure: share of drawn objects whose colours are closer to the other reference's
+    identity than to their own (strictly, by histogram intersection; the same share with the
+    roles swapped is `closer_own`)."""
     rng = np.random.default_rng(11)
     specs = []
     for k in range(scenes):
@@ -181,7 +219,8 @@ def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
         specs.append((s, refs))
     results, grids = {}, {}
     for mode, msa in SETTINGS:
-        swapped, both_own = [], []
+        swapped, both_own, closer_other, closer_own = [], [], [], []
+        RoutingShare.SHARES.clear()
         for k, (s, refs) in enumerate(specs):
             pics = run(host, prompt(base_folder, s["caption"], 400 + k, per_scene, "q_conf",
                                     [(i, m, ph) for (i, m, _), ph in zip(refs, s["shapes"])],
@@ -194,11 +233,18 @@ def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
                     inside = [o for o in found if region[0] <= o["centroid"][0] < region[1]]
                     carries.append(_carries(inside[0]["histogram"], hists[j], hists[1 - j])
                                    if inside else None)
+                    if inside:
+                        own = detector.similarity(inside[0]["histogram"], hists[j])
+                        other = detector.similarity(inside[0]["histogram"], hists[1 - j])
+                        closer_other.append(other > own)
+                        closer_own.append(own > other)
                 swapped.append("other" in carries)
                 both_own.append(carries == ["own", "own"])
             if k < 4:
                 grids.setdefault((mode, msa), []).append([r[2] for r in refs] + pics[:2])
-        results[(mode, msa)] = {"swapped": swapped, "both_own": both_own}
+        results[(mode, msa)] = {"swapped": swapped, "both_own": both_own,
+                                "closer_other": closer_other, "closer_own": closer_own,
+                                "routing_in_own_half": list(RoutingShare.SHARES)}
     return results, grids
 
 

@@ -43,6 +43,10 @@ def table(figures):
                  f"{share(fid['with_reference'])} |")
     lines.append(f"| identity matches the reference (chance level) | base alone, same prompt/seed | "
                  f"{share(fid['without_reference'])} |")
+    lines.append(f"| colour similarity to the reference's identity (histogram intersection, 0-1) | "
+                 f"adapter, one reference | {mean_ci(fid['similarity_with'])} |")
+    lines.append(f"| colour similarity to the reference's identity (chance level) | base alone, same "
+                 f"prompt/seed | {mean_ci(fid['similarity_without'])} |")
     lines.append(f"| prompted shape drawn, with the reference | adapter, one reference | "
                  f"{share(fid['shape_with_reference'])} |")
     for (mode, msa), r in figures["confusion"].items():
@@ -51,6 +55,11 @@ def table(figures):
                      f"{share(r['swapped'])} |")
         lines.append(f"| two references: both objects carry their own identity | {name} | "
                      f"{share(r['both_own'])} |")
+        lines.append(f"| two references: a drawn object's colours closer to the OTHER reference / to "
+                     f"its own | {name} | {share(r['closer_other'])} / {share(r['closer_own'])} |")
+        if r.get("routing_in_own_half"):
+            lines.append(f"| two references: routing weight inside the reference's own half (0.5 = "
+                         f"none) | {name} | {mean_ci(r['routing_in_own_half'])} |")
     for (normalize, scale), r in figures["guidance"].items():
         name = f"{'normalized' if normalize else 'plain'} three-branch, image scale {scale:g}"
         lines.append(f"| clipped-pixel share (saturation) | {name} | {mean_ci(r['clipped'])} |")

@@ -43,6 +43,17 @@ def test_identities_without_a_common_colour_do_not_match():
     assert not set(world.HELD_OUT) & set(world.TRAIN_IDENTITIES)
 
 
+def test_nearest_identity_names_clean_renders_and_refuses_ties():
+    rng = np.random.default_rng(17)
+    for identity in world.HELD_OUT:
+        image, mask = world.reference_view(rng, "square", identity)
+        assert detector.nearest_identity(detector.histogram(image, mask), world.HELD_OUT) == identity
+    # half red, half blue: (red, blue) is nearest; against plain red and plain blue alone, a tie
+    red_blue = detector.identity_histogram((0, 4))
+    assert detector.nearest_identity(red_blue, [(0, 0), (0, 4), (4, 4)]) == (0, 4)
+    assert detector.nearest_identity(red_blue, [(0, 0), (4, 4)]) is None
+
+
 def test_colour_captions_name_each_objects_colours():
     """The base's training captions with colours: each object's colour words (once for a plain
     object) before its shape; without them, the benchmark's own caption."""

@@ -11,8 +11,8 @@ are, which shape each is, and which identity it carries.
   the same identity scores about 1, a plain object against a stripe pair sharing its colour 0.5,
   identities without a common colour about 0. Softer figures use the intersection itself: its
   mean against the reference's identity (with vs without the reference), and whether an object
-  is closer to one reference's identity than to the other's (the base draws stripes of three or
-  four colours, which no strict match accepts).
+  is closer to one reference's identity than to the other's, or which held-out identity it is
+  closest to (the base draws stripes of three or four colours, which no strict match accepts).
 """
 import numpy as np
 from scipy import ndimage
@@ -78,6 +78,14 @@ def identity_histogram(identity):
 
 def similarity(h1, h2):
     return float(np.minimum(h1, h2).sum())
+
+
+def nearest_identity(h, candidates):
+    """The candidate identity whose histogram is most similar to h; None on a tie for the
+    best (a tie is no answer)."""
+    scores = [similarity(h, identity_histogram(c)) for c in candidates]
+    best = max(scores)
+    return None if scores.count(best) > 1 else candidates[scores.index(best)]
 
 
 def matches(h1, h2):

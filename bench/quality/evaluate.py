@@ -181,6 +181,7 @@ def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
     rng = np.random.default_rng(7)
     with_ref, without, shape_ok, grid = [], [], [], []
     similarity = {True: [], False: []}  # with / without the reference
+    nearest = {True: [], False: []}
     for k in range(scenes):
         shape, identity = world.SHAPES[k % 4], world.HELD_OUT[k % len(world.HELD_OUT)]
         image, mask, ref = write_reference(host, f"q_fid{k}", rng, shape, identity)
@@ -192,12 +193,15 @@ def identity_fidelity(host, base_folder, scenes, per_scene, steps=STEPS):
                 found = detector.objects(p)
                 out.append(bool(found) and detector.matches(found[0]["histogram"], want))
                 similarity[bool(refs)].append(detector.similarity(found[0]["histogram"], want) if found else 0.0)
+                nearest[bool(refs)].append(bool(found) and detector.nearest_identity(
+                    found[0]["histogram"], world.HELD_OUT) == identity)
                 if refs:
                     shape_ok.append(detector.find_shape(found, shape) is not None)
             if refs and k < 6:
                 grid.append([ref] + pics[:3])
     return {"with_reference": with_ref, "without_reference": without, "shape_with_reference": shape_ok,
-            "similarity_with": similarity[True], "similarity_without": similarity[False]}, grid
+            "similarity_with": similarity[True], "similarity_without": similarity[False],
+            "nearest_with": nearest[True], "nearest_without": nearest[False]}, grid
 
 
 SETTINGS = [(mode, msa) for mode in ("sum", "weighted", "mask") for msa in (False, True)]

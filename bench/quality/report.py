@@ -5,6 +5,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from . import world
+
 
 def wilson(successes, n, z=1.96):
     """(share, low, high): the Wilson score interval of a binomial share."""
@@ -17,7 +19,9 @@ def wilson(successes, n, z=1.96):
 
 
 def share(flags):
-    """'62% [48-74] (n=50)' for a list of booleans."""
+    """'62% [48-74] (n=50)' for a list of booleans ('none (n=0)' for an empty one)."""
+    if not flags:
+        return "none (n=0)"
     p, lo, hi = wilson(int(sum(flags)), len(flags))
     return f"{100 * p:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}] (n={len(flags)})"
 
@@ -47,6 +51,10 @@ def table(figures):
                  f"adapter, one reference | {mean_ci(fid['similarity_with'])} |")
     lines.append(f"| colour similarity to the reference's identity (chance level) | base alone, same "
                  f"prompt/seed | {mean_ci(fid['similarity_without'])} |")
+    lines.append(f"| the closest of the {len(world.HELD_OUT)} held-out identities is the reference's | "
+                 f"adapter, one reference | {share(fid['nearest_with'])} |")
+    lines.append(f"| the closest of the {len(world.HELD_OUT)} held-out identities is the reference's (chance "
+                 f"level) | base alone, same prompt/seed | {share(fid['nearest_without'])} |")
     lines.append(f"| prompted shape drawn, with the reference | adapter, one reference | "
                  f"{share(fid['shape_with_reference'])} |")
     for (mode, msa), r in figures["confusion"].items():

@@ -25,8 +25,8 @@ CLIP_VISION_HIDDEN = 32  # the demo CLIP vision model's width (penultimate hidde
 ADAPTER_NAME = "quality_adapter.safetensors"
 # MultiRef Train settings beyond the scale's steps, groups, batch and learning rate. train_fusion:
 # the trainer keeps the adapter's own projection frozen, so the Resampler over the random CLIP
-# vision features trains only as the fusion's experts (identity still did not reach the samples
-# with it; bench/RESULTS.md says why).
+# vision features trains only as the fusion's experts (on the base with a colour path, identity
+# reaches the samples with it: bench/RESULTS.md).
 TRAIN_SETTINGS = {"train_fusion": True}
 
 

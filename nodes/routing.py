@@ -270,7 +270,9 @@ class MultiRefApplyAdapter:
             "mode": (list(routing.MODES), {"default": "weighted", "tooltip":
                      "weighted: each reference goes where its phrase is (MIP-Adapter); mask: "
                      "each reference goes where its region mask is; sum: every reference "
-                     "everywhere (plain IP-Adapter with the references added)."}),
+                     "everywhere (plain IP-Adapter with the references added). weighted is "
+                     "only as sharp as the model's phrase maps: if MultiRef Routing Maps shows "
+                     "a reference over both subjects, use mask."}),
             "scale": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
                       "Strength of the image attention (IP-Adapter weight); 0.6-0.8 is typical."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,

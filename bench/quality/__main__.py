@@ -36,7 +36,7 @@ SCALES = {
     "tiny": dict(base=(400, 16, 2e-3, 1024), adapter=(60, 128, 2, 3e-4), base_eval=4,
                  fidelity=(4, 3), confusion=(4, 3), guidance=(2, 3), channels=32, steps=10),
     "quick": dict(base=(4800, 32, 2e-3, 4096), adapter=(6000, 1024, 4, 1e-3), base_eval=8,
-                  fidelity=(8, 4), confusion=(8, 3), guidance=(4, 3), channels=32, steps=20),
+                  fidelity=(16, 4), confusion=(16, 3), guidance=(4, 3), channels=32, steps=20),
     "full": dict(base=(8000, 48, 2e-3, 16384), adapter=(6000, 4000, 8, 1e-3), base_eval=32,
                  fidelity=(16, 8), confusion=(24, 6), guidance=(8, 6), channels=32, steps=20),
     "gpu": dict(base=(60000, 128, 1e-3, 65536), adapter=(6000, 8000, 16, 2e-4), base_eval=64,

@@ -235,13 +235,14 @@ def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
                 carries = []
                 for j, region in enumerate(((0, world.SIZE / 2), (world.SIZE / 2, world.SIZE))):
                     inside = [o for o in found if region[0] <= o["centroid"][0] < region[1]]
-                    carries.append(_carries(inside[0]["histogram"], hists[j], hists[1 - j])
-                                   if inside else None)
-                    if inside:
-                        own = detector.similarity(inside[0]["histogram"], hists[j])
-                        other = detector.similarity(inside[0]["histogram"], hists[1 - j])
-                        closer_other.append(other > own)
-                        closer_own.append(own > other)
+                    if not inside:
+                        carries.append(None)
+                        continue
+                    own = detector.similarity(inside[0]["histogram"], hists[j])
+                    other = detector.similarity(inside[0]["histogram"], hists[1 - j])
+                    carries.append(_carries(own, other))
+                    closer_other.append(other > own)
+                    closer_own.append(own > other)
                 swapped.append("other" in carries)
                 both_own.append(carries == ["own", "own"])
             if k < 4:
@@ -252,8 +253,8 @@ def confusion(host, base_folder, scenes, per_scene, steps=STEPS):
     return results, grids
 
 
-def _carries(h, own, other):
-    s_own, s_other = detector.similarity(h, own), detector.similarity(h, other)
+def _carries(s_own, s_other):
+    """From an object's similarity to its own and to the other reference's identity."""
     if s_other >= detector.MATCH and s_other > s_own:
         return "other"
     return "own" if s_own >= detector.MATCH else "neither"

@@ -65,9 +65,8 @@ def table(figures):
                      f"{share(r['both_own'])} |")
         lines.append(f"| two references: a drawn object's colours closer to the OTHER reference / to "
                      f"its own | {name} | {share(r['closer_other'])} / {share(r['closer_own'])} |")
-        if r.get("routing_in_own_half"):
-            lines.append(f"| two references: routing weight inside the reference's own half (0.5 = "
-                         f"none) | {name} | {mean_ci(r['routing_in_own_half'])} |")
+        lines.append(f"| two references: routing weight inside the reference's own half (0.5 = "
+                     f"none) | {name} | {mean_ci(r['routing_in_own_half'])} |")
     for (normalize, scale), r in figures["guidance"].items():
         name = f"{'normalized' if normalize else 'plain'} three-branch, image scale {scale:g}"
         lines.append(f"| clipped-pixel share (saturation) | {name} | {mean_ci(r['clipped'])} |")
